@@ -1,0 +1,1 @@
+"""agoq-ds: AGoQ activation and gradient quantization for DeepSpeed."""

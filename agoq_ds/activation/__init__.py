@@ -1,0 +1,1 @@
+"""Layer-aware activation quantization (LAAQ)."""

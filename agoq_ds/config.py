@@ -1,0 +1,242 @@
+"""The ``"agoq"`` block of ``ds_config.json``.
+
+Modelled like DeepSpeed's own sub-configs (``DeepSpeedConfigModel``: ``extra="forbid"``, ``"auto"``
+means "use the default", one docstring per field). ``parse_agoq_config`` turns pydantic's errors
+into messages that name the key path, the bad value and what is allowed, and suggests the nearest
+key for a misspelt one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import typing
+from typing import Any, Literal
+
+from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+from pydantic import ConfigDict, Field, ValidationError, model_validator
+
+from .activation.classes import DEFAULT_CLASS_BITS, LayerClass, resolve_class_bits
+from .quant.format import GROUP_SIZES
+
+CONFIG_KEY = "agoq"
+"""Top-level key of the block in ``ds_config.json``."""
+
+GroupSize = Literal[32, 64, 128, 256, 512, 1024, 2048, 4096]
+ActivationBits = Literal[2, 4, 8, 16]
+Rounding = Literal["nearest", "stochastic"]
+assert GroupSize.__args__ == GROUP_SIZES  # type: ignore[attr-defined]
+
+
+class AgoqConfigError(ValueError):
+    """An invalid ``"agoq"`` block; the message names every bad key path and what is allowed."""
+
+
+class _Model(DeepSpeedConfigModel):
+    model_config = ConfigDict(
+        validate_default=True,
+        validate_assignment=True,
+        use_enum_values=True,
+        populate_by_name=True,
+        extra="forbid",
+        arbitrary_types_allowed=True,
+        protected_namespaces=(),
+        use_attribute_docstrings=True,
+    )
+
+
+class ActivationRule(_Model):
+    """One override of the activation bit table; later rules win over earlier ones."""
+
+    layer_class: LayerClass | None = Field(None, alias="class")
+    """Layer class this rule applies to (``null``: any class)."""
+    module: str | None = None
+    """``fnmatch`` pattern over module names (e.g. ``"model.layers.0.*"``; ``null``: any module)."""
+    stage: int | None = Field(None, ge=0)
+    """Pipeline stage this rule applies to (``null``: every stage)."""
+    bits: ActivationBits
+    """Bits for matching tensors; 16 keeps them unquantized."""
+
+    @model_validator(mode="after")
+    def _needs_a_selector(self) -> ActivationRule:
+        if self.layer_class is None and self.module is None and self.stage is None:
+            raise ValueError("a rule needs at least one of 'class', 'module', 'stage'")
+        return self
+
+
+class PipelinePolicyConfig(_Model):
+    """How bit-widths depend on the pipeline stage (DeepSpeed 1F1B schedule)."""
+
+    mode: Literal["off", "stage_aware"] = "off"
+    """``off``: every stage uses the class table. ``stage_aware``: stages that hold more
+    micro-batches of activations (``max(2, min(S - s, M))`` under 1F1B) get lower bits so that the
+    per-stage peak of stored activation bytes is balanced."""
+    min_bits: Literal[2, 4, 8] = 2
+    """Lowest bit-width the stage-aware mode may assign."""
+    tolerance: float = Field(0.15, gt=0, le=1)
+    """Allowed relative spread of per-stage peak bytes before bits are lowered further."""
+
+
+class BudgetConfig(_Model):
+    """Budget mode: bits chosen per layer class from measured sensitivity (beyond the paper)."""
+
+    target_avg_bits: float | None = Field(None, ge=2, le=16)
+    """Average stored bits per activation element to aim for (scales included); ``null`` = off."""
+    stage_budget_bytes: int | None = Field(None, gt=0)
+    """Per-stage budget of stored activation bytes per micro-batch instead of an average; ``null`` = off."""
+    calibration_steps: int = Field(1, ge=1, le=100)
+    """Training steps measured (at 16 bits) before the table is fixed."""
+    candidate_bits: list[Literal[2, 4, 8, 16]] = [2, 4, 8]
+    """Bit-widths the allocator may choose from."""
+
+
+class ActivationConfig(_Model):
+    """Layer-aware quantization of the tensors autograd saves for backward (LAAQ)."""
+
+    enabled: bool = True
+    """Quantize saved activations."""
+    default_bits: ActivationBits = 4
+    """Bits for a layer class the ``class_bits`` table does not name."""
+    policy: Literal["agoq", "uniform"] = "agoq"
+    """``agoq``: attention-sensitive classes (``attn_core``), embeddings/head and unrecognised
+    tensors (``other``) at 8 bits, every other class at ``default_bits``. ``uniform``: every class at
+    ``default_bits``. ``class_bits`` and ``rules`` apply on top of either."""
+    class_bits: dict[LayerClass, ActivationBits] = {}
+    """Bits per layer class, overriding the policy's table for the classes named."""
+    rules: list[ActivationRule] = []
+    """Overrides by class, module-name pattern and/or stage, applied in order after ``class_bits``."""
+    exclude: list[str] = []
+    """``fnmatch`` patterns of module names whose saved tensors are never quantized."""
+    group_size: GroupSize = 128
+    """Elements per quantization group (one scale each)."""
+    scale_dtype: Literal["fp32", "bf16"] = "bf16"
+    """Storage type of the per-group scales; bf16 halves their overhead."""
+    rounding: Rounding = "nearest"
+    """Rounding of activation codes."""
+    min_numel: int = Field(4096, ge=0)
+    """Saved tensors with fewer elements are kept as they are."""
+    checkpointing: bool = True
+    """Also quantize the block inputs kept by activation checkpointing."""
+    pipeline: PipelinePolicyConfig = PipelinePolicyConfig()
+    """Pipeline-stage policy."""
+    budget: BudgetConfig = BudgetConfig()
+    """Budget mode."""
+
+    def class_table(self) -> dict[str, int]:
+        """The resolved class -> bits table (before rules and pipeline policy)."""
+        base = DEFAULT_CLASS_BITS if self.policy == "agoq" else {}
+        return resolve_class_bits(self.default_bits, {**base, **self.class_bits})
+
+
+class GradientConfig(_Model):
+    """8-bit gradients for ZeRO stage 0/1/2 (QuanGrad)."""
+
+    enabled: bool = True
+    """Use the 8-bit gradient path."""
+    communication_bits: Literal[8, 32] = 8
+    """Bits on the wire for gradient reduction; 32 keeps DeepSpeed's own collective."""
+    storage_bits: Literal[8, 32] = 8
+    """Bits of the gradient accumulation buffer between backward and ``step()``; 32 keeps fp32."""
+    group_size: GroupSize = 128
+    """Elements per quantization group (one fp32 scale each)."""
+    rounding: Rounding = "nearest"
+    """Rounding of gradient codes (communication and storage)."""
+    error_feedback: bool = True
+    """Carry each rank's storage quantization residual (held in 8 bits) into the next accumulation."""
+
+
+class AgoqConfig(_Model):
+    """The whole ``"agoq"`` block."""
+
+    enabled: bool = True
+    """Master switch; ``false`` gives stock DeepSpeed behaviour."""
+    kernel_backend: Literal["auto", "cuda", "triton", "cpp", "torch"] = "auto"
+    """Quantization kernels: ``auto`` picks CUDA, then Triton on GPUs, C++ on CPUs, else pure torch."""
+    activation: ActivationConfig = ActivationConfig()
+    """Activation quantization settings."""
+    gradient: GradientConfig = GradientConfig()
+    """Gradient quantization settings."""
+    seed: int = Field(1234, ge=0)
+    """Seed of stochastic rounding (combined with rank and step)."""
+    log_summary: bool = True
+    """Print the start-up summary on rank 0."""
+
+
+def _submodel(annotation: Any) -> type[_Model] | None:
+    """The config model inside an annotation such as ``X``, ``list[X]`` or ``X | None``."""
+    if isinstance(annotation, type) and issubclass(annotation, _Model):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _submodel(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _model_for(loc: tuple[Any, ...]) -> type[_Model]:
+    """The config model that owns the last key of ``loc`` (list indices are skipped)."""
+    model: type[_Model] = AgoqConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        inner = _submodel(field.annotation) if field is not None else None
+        model = inner or model
+    return model
+
+
+def _allowed(err: dict[str, Any]) -> str:
+    ctx = err.get("ctx") or {}
+    if "expected" in ctx:
+        return "must be one of " + str(ctx["expected"]).replace("'", "")
+    msg = err["msg"].removeprefix("Value error, ")
+    return msg[0].lower() + msg[1:]
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    loc = tuple(p for p in err["loc"] if p != "[key]")
+    path = CONFIG_KEY + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
+    if err["type"] == "extra_forbidden":
+        model = _model_for(loc)
+        keys = sorted(f.alias or name for name, f in model.model_fields.items())
+        close = difflib.get_close_matches(str(loc[-1]), keys, n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return f"{path}: unknown key{hint} Allowed keys: {', '.join(keys)}"
+    if err["type"] == "enum":
+        return f"{path}={json.dumps(err['input'])}: must be one of {', '.join(c.value for c in LayerClass)}"
+    value = err.get("input")
+    shown = json.dumps(value) if isinstance(value, str | int | float | bool | None) else repr(value)
+    if err["type"] == "missing":
+        return f"{path}: required key is missing"
+    return f"{path}={shown}: {_allowed(err)}"
+
+
+def parse_agoq_config(block: Any) -> AgoqConfig:
+    """Validate the ``"agoq"`` block (a dict, ``True``/``None`` for all defaults) into ``AgoqConfig``.
+
+    Raises ``AgoqConfigError`` listing every problem, each with its key path and the allowed values.
+    """
+    if block is None or block is True:
+        block = {}
+    if block is False:
+        block = {"enabled": False}
+    if not isinstance(block, dict):
+        raise AgoqConfigError(f"{CONFIG_KEY}={block!r}: must be an object (a JSON dict), true or false")
+    try:
+        return AgoqConfig(**block)
+    except ValidationError as exc:
+        lines = [_format_error(e) for e in exc.errors()]
+        raise AgoqConfigError('invalid "agoq" config:\n  ' + "\n  ".join(lines)) from None
+
+
+def agoq_block(ds_config: dict[str, Any] | None) -> Any:
+    """The raw ``"agoq"`` block of a DeepSpeed config dict, or ``None`` when there is none."""
+    if not isinstance(ds_config, dict):
+        return None
+    return ds_config.get(CONFIG_KEY)
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of the ``"agoq"`` block (for editors and docs)."""
+    schema = AgoqConfig.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = 'agoq-ds "agoq" block of ds_config.json'
+    return schema
