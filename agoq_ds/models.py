@@ -1,0 +1,68 @@
+"""Small LLaMA-architecture HF models built from a config (no download), for examples and tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .data import VOCAB_SIZE
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """The dimensions of a LLaMA-architecture model."""
+
+    hidden: int = 256
+    """Hidden size."""
+    layers: int = 4
+    """Decoder blocks."""
+    heads: int = 8
+    """Attention heads."""
+    kv_heads: int = 4
+    """Key/value heads (grouped-query attention when fewer than ``heads``)."""
+    intermediate: int = 688
+    """MLP width."""
+    vocab: int = VOCAB_SIZE
+    """Vocabulary size (byte-level by default)."""
+    max_positions: int = 2048
+    """Longest sequence."""
+
+
+SHAPES: dict[str, LlamaShape] = {
+    "tiny": LlamaShape(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=344),
+    "small": LlamaShape(),
+    "10m": LlamaShape(hidden=384, layers=6, heads=6, kv_heads=2, intermediate=1024),
+    "bench": LlamaShape(hidden=512, layers=4, heads=8, kv_heads=8, intermediate=1376),
+}
+"""Named shapes: ``tiny`` for tests, ``small`` for examples, ``10m`` (~10M parameters) for the
+convergence benchmark, ``bench`` for activation-memory benchmarks."""
+
+
+def llama_config(shape: LlamaShape | str = "small", **overrides):
+    """A ``transformers.LlamaConfig`` for ``shape`` (SDPA attention, untied embeddings)."""
+    from transformers import LlamaConfig
+
+    s = SHAPES[shape] if isinstance(shape, str) else shape
+    kwargs = dict(
+        vocab_size=s.vocab,
+        hidden_size=s.hidden,
+        intermediate_size=s.intermediate,
+        num_hidden_layers=s.layers,
+        num_attention_heads=s.heads,
+        num_key_value_heads=s.kv_heads,
+        max_position_embeddings=s.max_positions,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def build_llama(shape: LlamaShape | str = "small", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """A freshly initialised ``LlamaForCausalLM`` (deterministic for ``seed``)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(llama_config(shape, **overrides))
+    return model.to(dtype)
