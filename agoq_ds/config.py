@@ -17,10 +17,8 @@ from deepspeed.runtime.config_utils import DeepSpeedConfigModel
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from .activation.classes import DEFAULT_CLASS_BITS, LayerClass, resolve_class_bits
+from .constants import CONFIG_KEY
 from .quant.format import GROUP_SIZES
-
-CONFIG_KEY = "agoq"
-"""Top-level key of the block in ``ds_config.json``."""
 
 GroupSize = Literal[32, 64, 128, 256, 512, 1024, 2048, 4096]
 ActivationBits = Literal[2, 4, 8, 16]
@@ -96,7 +94,7 @@ class ActivationConfig(_Model):
     enabled: bool = True
     """Quantize saved activations."""
     default_bits: ActivationBits = 4
-    """Bits for a layer class the ``class_bits`` table does not name."""
+    """Bits of every layer class the policy does not single out (see ``policy``)."""
     policy: Literal["agoq", "uniform"] = "agoq"
     """``agoq``: attention-sensitive classes (``attn_core``), embeddings/head and unrecognised
     tensors (``other``) at 8 bits, every other class at ``default_bits``. ``uniform``: every class at
