@@ -66,3 +66,59 @@ def build_llama(shape: LlamaShape | str = "small", seed: int = 0, dtype: torch.d
     torch.manual_seed(seed)
     model = LlamaForCausalLM(llama_config(shape, **overrides))
     return model.to(dtype)
+
+
+class _EmbedPipe(torch.nn.Module):
+    """Pipeline stage entry: token ids -> hidden states."""
+
+    def __init__(self, embed_tokens: torch.nn.Embedding) -> None:
+        super().__init__()
+        self.embed_tokens = embed_tokens
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+
+class _DecoderLayerPipe(torch.nn.Module):
+    """One HF decoder layer taking and returning a single hidden-state tensor (causal, no cache)."""
+
+    def __init__(self, layer: torch.nn.Module, rotary_emb: torch.nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+        self.rotary_emb = rotary_emb
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        position_embeddings = self.rotary_emb(hidden, positions)
+        return self.layer(hidden, position_ids=positions, position_embeddings=position_embeddings)
+
+
+class _HeadPipe(torch.nn.Module):
+    """Pipeline stage exit: final norm + LM head -> logits."""
+
+    def __init__(self, norm: torch.nn.Module, lm_head: torch.nn.Linear) -> None:
+        super().__init__()
+        self.norm = norm
+        self.lm_head = lm_head
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(hidden))
+
+
+def llama_pipeline_layers(model) -> list[torch.nn.Module]:
+    """The layers of an HF ``LlamaForCausalLM`` (or Mistral/Qwen2) as a list for ``PipelineModule``."""
+    inner = model.model
+    import copy
+
+    return [
+        _EmbedPipe(inner.embed_tokens),
+        *[_DecoderLayerPipe(layer, copy.deepcopy(inner.rotary_emb)) for layer in inner.layers],
+        _HeadPipe(inner.norm, model.lm_head),
+    ]
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy, as HF causal LMs compute it (labels = input ids)."""
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1)
+    )
