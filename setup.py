@@ -13,6 +13,7 @@ from pathlib import Path
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
+from setuptools.command.editable_wheel import editable_wheel
 
 ROOT = Path(__file__).resolve().parent
 AUTOLOAD_PTH = "agoq_ds_autoload.pth"
@@ -27,6 +28,34 @@ class BuildPyWithAutoload(build_py):
 
     def get_outputs(self, include_bytecode: bool = True) -> list[str]:
         return [*super().get_outputs(include_bytecode), os.path.join(self.build_lib, AUTOLOAD_PTH)]
+
+
+class _AddAutoloadPth:
+    """Wraps setuptools' editable-install strategy so the editable wheel carries the .pth too."""
+
+    def __init__(self, strategy) -> None:
+        self._strategy = strategy
+
+    def __call__(self, wheel, files, mapping) -> None:
+        self._strategy(wheel, files, mapping)
+        wheel.writestr(AUTOLOAD_PTH, (ROOT / "agoq_ds" / AUTOLOAD_PTH).read_bytes())
+
+    def __enter__(self):
+        self._strategy.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._strategy.__exit__(*exc)
+
+
+class EditableWheelWithAutoload(editable_wheel):
+    """``pip install -e .`` installs ``agoq_ds_autoload.pth`` as a regular install does.
+
+    Uses setuptools' (private) strategy hook; pinned setuptools in requirements/dev.txt.
+    """
+
+    def _select_strategy(self, *args, **kwargs):
+        return _AddAutoloadPth(super()._select_strategy(*args, **kwargs))
 
 
 def _load_builders():
@@ -45,4 +74,7 @@ def _extensions() -> tuple[list, dict]:
 
 
 ext_modules, ext_cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass={"build_py": BuildPyWithAutoload, **ext_cmdclass})
+setup(
+    ext_modules=ext_modules,
+    cmdclass={"build_py": BuildPyWithAutoload, "editable_wheel": EditableWheelWithAutoload, **ext_cmdclass},
+)

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import deepspeed
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.utils import log_dist
 
 from . import quant
+from ._compat import check_deepspeed_version
 from .config import AgoqConfig, AgoqConfigError, parse_agoq_config
 from .constants import CHECKPOINT_KEY, CONFIG_KEY, MONITOR_PREFIX
 from .summary import startup_summary
+
+check_deepspeed_version(deepspeed.__version__)
 
 
 def _ds_config_dict(kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -96,12 +96,20 @@ def initialize(args: Any = None, **kwargs: Any):
 
 
 def patch_deepspeed(deepspeed_module: ModuleType) -> None:
-    """Wrap ``deepspeed.initialize`` so configs with an ``"agoq"`` block get the AGoQ engine (idempotent)."""
-    from ._compat import check_deepspeed_version
+    """Wrap ``deepspeed.initialize`` so configs with an ``"agoq"`` block get the AGoQ engine (idempotent).
+
+    On a DeepSpeed version agoq-ds was not tested with, stock configs keep working but a config
+    with an ``"agoq"`` block fails at ``initialize`` with ``UntestedDeepSpeedError``.
+    """
+    from ._compat import UntestedDeepSpeedError, check_deepspeed_version
 
     if getattr(deepspeed_module.initialize, _PATCHED_ATTR, False):
         return
-    check_deepspeed_version(deepspeed_module.__version__)
+    try:
+        check_deepspeed_version(deepspeed_module.__version__)
+        version_error = None
+    except UntestedDeepSpeedError as exc:
+        version_error = exc
     original = deepspeed_module.initialize
 
     @functools.wraps(original)
@@ -109,6 +117,8 @@ def patch_deepspeed(deepspeed_module: ModuleType) -> None:
         ds_config = find_ds_config(_call_args(args, kwargs), kwargs.get("config"), kwargs.get("config_params"))
         if not wants_agoq(ds_config):
             return original(*args, **kwargs)
+        if version_error is not None:
+            raise version_error
         with agoq_engines(deepspeed_module):
             return original(*args, **kwargs)
 
