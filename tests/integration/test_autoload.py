@@ -111,11 +111,13 @@ def test_engine_rebinding_is_call_scoped() -> None:
 
 def test_untested_version_only_blocks_agoq_configs() -> None:
     # A stock config must keep working on an untested DeepSpeed; an agoq config must fail loudly.
-    code = (
-        "import deepspeed, agoq_ds.integration as integ; from agoq_ds._compat import UntestedDeepSpeedError\\n"
-        "class Fake:\\n __version__ = '9.9.9'\\n @staticmethod\\n def initialize(*a, **k): return 'stock'\\n"
-        "integ.patch_deepspeed(Fake)\\n"
-        "assert Fake.initialize(config={'train_batch_size': 1}) == 'stock'\\n"
-        "try:\\n Fake.initialize(config={'agoq': {}})\\nexcept UntestedDeepSpeedError as e:\\n print('refused')\\n"
-    )
-    assert _python(code) == "refused"
+    import types
+
+    from agoq_ds._compat import UntestedDeepSpeedError
+    from agoq_ds.integration import patch_deepspeed
+
+    fake = types.SimpleNamespace(__version__="9.9.9", initialize=lambda *a, **k: "stock")
+    patch_deepspeed(fake)
+    assert fake.initialize(config={"train_batch_size": 1}) == "stock"
+    with pytest.raises(UntestedDeepSpeedError, match="9.9.9"):
+        fake.initialize(config={"agoq": {}})
