@@ -1,0 +1,90 @@
+"""The Triton quantization kernels against the pure-torch reference, in Triton's CPU interpreter.
+
+The kernels run in a subprocess with ``TRITON_INTERPRET=1`` set before Triton is imported (this
+process may import Triton normally for the compile checks). ``triton_interpret_cases.py`` holds
+the cases; each becomes one test here. Round-to-nearest must be bit-identical (one documented
+exception, see ``ZERO_SIGN``); stochastic rounding must be unbiased within 5 sigma.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+HELPER = HERE / "triton_interpret_cases.py"
+
+pytest.importorskip("triton")
+
+
+def _load_helper():
+    spec = importlib.util.spec_from_file_location("triton_interpret_cases", HELPER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CASES = _load_helper().CASES
+
+
+@pytest.fixture(scope="module")
+def interpret_results() -> dict[str, dict]:
+    """Run every case once in an interpreter subprocess; map case name -> result."""
+    env = dict(os.environ)
+    env["TRITON_INTERPRET"] = "1"
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    proc = subprocess.run(
+        [sys.executable, str(HELPER)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    if proc.returncode != 0 or not proc.stdout.strip():
+        pytest.fail(f"interpreter subprocess failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {r["case"]: r for r in results}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_interpreted_kernel(case: str, interpret_results: dict[str, dict]) -> None:
+    result = interpret_results.get(case)
+    assert result is not None, f"case {case} did not run"
+    assert result["ok"], result["detail"]
+
+
+def test_every_case_reported(interpret_results: dict[str, dict]) -> None:
+    assert sorted(interpret_results) == sorted(CASES)
+
+
+def test_unavailable_without_gpu() -> None:
+    from agoq_ds.quant import triton_backend
+
+    reason = triton_backend.unavailable_reason()
+    if torch.cuda.is_available():
+        assert reason is None
+    else:
+        assert reason is not None and "no GPU" in reason
+
+
+def test_registry_reports_triton_reason() -> None:
+    from agoq_ds.quant import backends
+
+    st = backends.status("triton")
+    assert st.device_types == ("cuda",)
+    if not torch.cuda.is_available():
+        assert not st.available and "GPU" in st.detail
+
+
+def test_tiling() -> None:
+    from agoq_ds.quant import triton_backend
+
+    assert triton_backend.rows_per_program(32, 4096) == 128
+    assert triton_backend.rows_per_program(4096, 4096) == 1
+    assert triton_backend.rows_per_program(4096, 1024) == 1
+    assert triton_backend.COMPILE_OPTIONS["enable_fp_fusion"] is False
