@@ -15,6 +15,7 @@ import deepspeed
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.utils import log_dist
+from deepspeed.utils.logging import print_dist
 
 from . import quant
 from ._compat import check_deepspeed_version
@@ -51,7 +52,7 @@ class AgoqEngineMixin:
         super().__init__(*args, **kwargs)
         self._agoq_install_activation()
         if self.agoq_config.log_summary:
-            log_dist(startup_summary(self), ranks=[0])
+            print_dist(startup_summary(self), ranks=[0])
 
     @staticmethod
     def _agoq_check_before_build(ds_config: dict[str, Any], agoq_config: AgoqConfig) -> None:
@@ -106,7 +107,7 @@ class AgoqEngineMixin:
             self.agoq_activation.on_step_end()
             if not self._agoq_summary_logged and self.agoq_config.log_summary:
                 object.__setattr__(self, "_agoq_summary_logged", True)
-                log_dist("agoq activation storage measured in step 1:\n" + self.agoq_activation.report(), ranks=[0])
+                print_dist("agoq activation storage measured in step 1:\n" + self.agoq_activation.report(), ranks=[0])
         every = self.steps_per_print()
         if every and self.global_steps % every == 0:
             self._agoq_publish()

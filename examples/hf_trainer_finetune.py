@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--output-dir", default="runs/hf_trainer")
     parser.add_argument("--out", type=Path, help="write engine type, agoq stats and losses as JSON (rank 0)")
+    parser.add_argument("--config-as-dict", action="store_true", help="pass the config to HF as a dict, not a path")
     parser.add_argument("--local_rank", type=int, default=-1)
     args = parser.parse_args()
 
@@ -78,7 +79,7 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(args.init_from) if args.init_from else build_llama(args.model)
     training_args = TrainingArguments(
         output_dir=args.output_dir,
-        deepspeed=args.deepspeed,
+        deepspeed=json.loads(Path(args.deepspeed).read_text()) if args.config_as_dict else args.deepspeed,
         max_steps=args.steps,
         per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum,

@@ -76,6 +76,7 @@ def main() -> None:
     record: dict = {
         "label": args.label or Path(args.deepspeed_config).stem,
         "agoq": is_agoq,
+        "engine": type(engine).__name__,
         "world_size": world,
         "model": args.model,
         "parameters": sum(p.numel() for p in model.parameters()),

@@ -1,0 +1,103 @@
+"""End to end: every launch path users take hands `deepspeed.initialize` the AGoQ engine, and the
+run's own statistics show quantized storage and communication (2 real CPU ranks, gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from distributed import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+PRETRAIN = ["examples/pretrain_llama.py", "--model", "tiny", "--steps", "3", "--eval-every", "3", "--seq-len", "64"]
+HF = ["examples/hf_trainer_finetune.py", "--model", "tiny", "--steps", "3", "--seq-len", "64"]
+
+pytestmark = pytest.mark.slow
+
+
+def _launch(cmd: list[str], out: Path) -> dict:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
+    proc = subprocess.run([*cmd, "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert out.is_file(), proc.stdout[-3000:]
+    return json.loads(out.read_text())
+
+
+def _assert_quantized(stats: dict) -> None:
+    assert stats["activation/compression"] > 2.5, stats
+    assert stats["gradient/comm_bytes_ratio_bf16"] <= 0.53, stats
+    assert stats["gradient/buffer_bytes_ratio_fp32"] <= 0.27, stats
+
+
+@pytest.mark.parametrize(
+    "launcher",
+    [
+        pytest.param(
+            lambda: [str(BIN / "deepspeed"), "--num_accelerators", "2", "--master_port", str(free_port())],
+            id="deepspeed",
+        ),
+        pytest.param(
+            lambda: [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())], id="torchrun"
+        ),
+    ],
+)
+def test_pretrain_script_gets_agoq_engine(launcher, tmp_path: Path) -> None:
+    run = _launch(launcher() + PRETRAIN + ["--deepspeed_config", "ds_configs/zero2_agoq.json"], tmp_path / "run.json")
+    assert run["engine"] == "AgoqEngine"
+    _assert_quantized(run["agoq_stats"])
+    assert run["activation_bytes_per_micro_batch"][-1] < 0.4 * run["activation_baseline_bytes_per_micro_batch"][-1]
+
+
+def test_config_without_block_gets_stock_engine(tmp_path: Path) -> None:
+    cmd = [str(BIN / "deepspeed"), "--num_accelerators", "2", "--master_port", str(free_port())]
+    run = _launch(cmd + PRETRAIN + ["--deepspeed_config", "ds_configs/zero2_baseline.json"], tmp_path / "run.json")
+    assert run["engine"] == "DeepSpeedEngine" and "agoq_stats" not in run
+
+
+@pytest.mark.parametrize(
+    "launcher",
+    [
+        pytest.param(
+            lambda: [
+                str(BIN / "accelerate"),
+                "launch",
+                "--use_deepspeed",
+                "--deepspeed_config_file",
+                "ds_configs/hf_zero2_agoq.json",
+                "--num_processes",
+                "2",
+                "--num_machines",
+                "1",
+                "--mixed_precision",
+                "no",
+                "--dynamo_backend",
+                "no",
+                "--main_process_port",
+                str(free_port()),
+            ],
+            id="accelerate",
+        ),
+        pytest.param(
+            lambda: [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())],
+            id="hf-trainer-torchrun",
+        ),
+    ],
+)
+def test_hf_trainer_gets_agoq_engine(launcher, tmp_path: Path) -> None:
+    run = _launch(launcher() + HF + ["--deepspeed", "ds_configs/hf_zero2_agoq.json"], tmp_path / "run.json")
+    assert run["engine"] == "AgoqEngine"
+    _assert_quantized(run["agoq_stats"])
+
+
+def test_hf_trainer_config_as_dict(tmp_path: Path) -> None:
+    cmd = [str(BIN / "deepspeed"), "--num_accelerators", "2", "--master_port", str(free_port())]
+    run = _launch(
+        cmd + HF + ["--deepspeed", "ds_configs/hf_zero2_agoq.json", "--config-as-dict"], tmp_path / "run.json"
+    )
+    assert run["engine"] == "AgoqEngine"
+    _assert_quantized(run["agoq_stats"])
