@@ -95,7 +95,7 @@ class AgoqEngineMixin:
             seed=cfg.seed,
         )
         quantizer.install()
-        if getattr(self.module, "is_gradient_checkpointing", False) and cfg.activation.checkpointing:
+        if _hf_checkpointing_on(self.module) and cfg.activation.checkpointing:
             quantizer.enable_hf_gradient_checkpointing(self.module)
         object.__setattr__(self, "agoq_activation", quantizer)
 
@@ -177,6 +177,14 @@ class AgoqEngineMixin:
         if isinstance(client_state, dict) and CHECKPOINT_KEY in client_state:
             self.agoq_load_state_dict(client_state.pop(CHECKPOINT_KEY))
         return load_path, client_state
+
+
+def _hf_checkpointing_on(module: Any) -> bool:
+    """Whether an HF model has gradient checkpointing switched on (either attribute name)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(module), name) or name in getattr(module, "__dict__", {}):
+            return bool(getattr(module, name))
+    return False
 
 
 _HEADLINE = (
