@@ -1,0 +1,291 @@
+"""Gradient accumulation buffers: int8 with per-block scales (plus an 8-bit error-feedback residual),
+and a plain fp32 one with the same interface.
+
+``Int8Accumulator`` holds a flat vector of ``numel`` elements as int8 codes with one fp32 scale per
+``group_size`` consecutive elements (groups aligned to element 0). ``add_(values, positions)``
+dequantizes the groups the pieces touch, adds the pieces (and the carried residual) in fp32 and
+quantizes those groups again. With error feedback, the rounding error of that requantization is
+kept (quantized to 8 bits itself) and added to the next accumulation, including the first one after
+an optimizer step, so the error does not grow with the number of micro-batches:
+
+    x_k = D(A_{k-1}) + D(R_{k-1}) + g_k,   A_k = Q(x_k),   r_k = x_k - D(A_k),   R_k = Q(r_k)
+    D(A_K) = sum_k g_k + D(R_0) - r_K - sum_{k<K} e_k,     e_k = r_k - D(R_k)
+
+so ``|D(A_K) - sum g - D(R_0)| <= bound(A_K) + sum_{k<K} bound(R_k)`` per element, where
+``bound(R_k) <= bound(A_k) / 127`` (``|r_k| <= bound(A_k)``). Without error feedback every
+requantization adds up to ``bound(A_k)``: the error grows linearly with K. Non-finite groups stay
+NaN (the overflow check must see them); their residual is dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+
+from ..quant import QuantizedTensor, dequantize, quantize
+from ..quant.format import num_groups
+
+Positions = Sequence[tuple[int, int]]
+"""``(offset, numel)`` pieces of the accumulator, in the order their values are concatenated."""
+
+
+class Accumulator(Protocol):
+    """What the ZeRO optimizer needs from a gradient accumulation buffer."""
+
+    numel: int
+    has_value: bool
+
+    def add_(self, values: torch.Tensor, positions: Positions | None = None, *, seed: int = 0) -> None:
+        """Add ``values`` (pieces concatenated in ``positions`` order) at their offsets."""
+
+    def dequantize(self) -> torch.Tensor:
+        """The accumulated value in fp32."""
+
+    def reset(self) -> None:
+        """Forget the accumulated value (an error-feedback residual is kept)."""
+
+    def reset_residual(self) -> None:
+        """Forget the error-feedback residual, if any."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held for the value."""
+
+    @property
+    def residual_nbytes(self) -> int:
+        """Bytes held for the error-feedback residual."""
+
+
+def _spans(positions: Positions, group_size: int, numel: int) -> list[tuple[int, int, list[int]]]:
+    """Group-aligned ``[start, end)`` spans covering the pieces, merging pieces at most one group
+    apart; each with the indices of its pieces."""
+    order = sorted((p for p in range(len(positions)) if positions[p][1] > 0), key=lambda p: positions[p][0])
+    spans: list[tuple[int, int, list[int]]] = []
+    for p in order:
+        off, n = positions[p]
+        lo = off // group_size * group_size
+        hi = min(-(-(off + n) // group_size) * group_size, numel)
+        if spans and lo <= spans[-1][1] + group_size:
+            start, end, members = spans[-1]
+            spans[-1] = (start, max(end, hi), [*members, p])
+        else:
+            spans.append((lo, hi, [p]))
+    return spans
+
+
+class Int8Accumulator:
+    """A flat fp32 accumulator stored as int8 codes + fp32 per-group scales (see module docstring)."""
+
+    def __init__(
+        self,
+        numel: int,
+        group_size: int = 128,
+        *,
+        stochastic: bool = False,
+        error_feedback: bool = True,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.numel = int(numel)
+        """Elements held."""
+        self.group_size = group_size
+        """Elements per scale."""
+        self.stochastic = stochastic
+        """Stochastic instead of round-to-nearest requantization."""
+        self.error_feedback = error_feedback
+        """Carry the requantization residual into the next accumulation."""
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.codes: torch.Tensor | None = None
+        self.scales: torch.Tensor | None = None
+        self.res_codes: torch.Tensor | None = None
+        self.res_scales: torch.Tensor | None = None
+        self.has_value = False
+        """True when something was added since the last ``reset``."""
+
+    # --- storage -------------------------------------------------------------------------------
+
+    def _allocate(self) -> None:
+        if self.codes is None:
+            g = num_groups(self.numel, self.group_size)
+            self.codes = torch.zeros(self.numel, dtype=torch.int8, device=self.device)
+            self.scales = torch.zeros(g, dtype=torch.float32, device=self.device)
+
+    def _allocate_residual(self) -> None:
+        if self.res_codes is None:
+            g = num_groups(self.numel, self.group_size)
+            self.res_codes = torch.zeros(self.numel, dtype=torch.int8, device=self.device)
+            self.res_scales = torch.zeros(g, dtype=torch.float32, device=self.device)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the accumulated value (codes + scales) currently allocated."""
+        if self.codes is None:
+            return 0
+        return self.codes.numel() + 4 * self.scales.numel()
+
+    @property
+    def residual_nbytes(self) -> int:
+        """Bytes of the error-feedback residual currently allocated."""
+        if self.res_codes is None:
+            return 0
+        return self.res_codes.numel() + 4 * self.res_scales.numel()
+
+    # --- arithmetic ----------------------------------------------------------------------------
+
+    def _view(self, codes: torch.Tensor, scales: torch.Tensor, lo: int, hi: int) -> QuantizedTensor:
+        g0, g1 = lo // self.group_size, num_groups(hi, self.group_size)
+        return QuantizedTensor(
+            codes[lo:hi], scales[g0:g1], None, torch.Size([hi - lo]), torch.float32, 8, self.group_size
+        )
+
+    def _store(self, codes: torch.Tensor, scales: torch.Tensor, lo: int, x: torch.Tensor, seed: int) -> torch.Tensor:
+        q = quantize(x, 8, self.group_size, stochastic=self.stochastic, seed=seed)
+        codes[lo : lo + x.numel()] = q.codes
+        g0 = lo // self.group_size
+        scales[g0 : g0 + q.scales.numel()] = q.scales
+        return dequantize(q)
+
+    def add_(self, values: torch.Tensor, positions: Positions | None = None, *, seed: int = 0) -> None:
+        """Add the pieces of ``values`` (1-D, concatenated in ``positions`` order) at their offsets.
+
+        ``positions`` defaults to the whole accumulator. ``seed`` drives stochastic rounding.
+        """
+        values = values.reshape(-1)
+        if positions is None:
+            positions = [(0, self.numel)]
+        if values.numel() != sum(n for _, n in positions):
+            raise ValueError(f"add_: {values.numel()} values for pieces totalling {sum(n for _, n in positions)}")
+        starts, acc = [], 0
+        for _, n in positions:
+            starts.append(acc)
+            acc += n
+        self._allocate()
+        if self.error_feedback:
+            self._allocate_residual()
+        for i, (lo, hi, members) in enumerate(_spans(positions, self.group_size, self.numel)):
+            if self.has_value:
+                x = dequantize(self._view(self.codes, self.scales, lo, hi)).clone()
+            else:
+                x = torch.zeros(hi - lo, dtype=torch.float32, device=self.device)
+            if self.error_feedback:
+                x += dequantize(self._view(self.res_codes, self.res_scales, lo, hi))
+            for p in members:
+                off, n = positions[p]
+                x[off - lo : off - lo + n] += values[starts[p] : starts[p] + n].float()
+            span_seed = (seed * 1000003 + i) % (2**31)
+            stored = self._store(self.codes, self.scales, lo, x, span_seed)
+            if self.error_feedback:
+                residual = torch.nan_to_num(x - stored, nan=0.0, posinf=0.0, neginf=0.0)
+                self._store(self.res_codes, self.res_scales, lo, residual, (span_seed + 7919) % (2**31))
+        self.has_value = True
+
+    def dequantize(self) -> torch.Tensor:
+        """The accumulated value as a new fp32 tensor (zeros when nothing was added)."""
+        if self.codes is None or not self.has_value:
+            return torch.zeros(self.numel, dtype=torch.float32, device=self.device)
+        return dequantize(self._view(self.codes, self.scales, 0, self.numel))
+
+    def residual(self) -> torch.Tensor:
+        """The carried error-feedback residual as fp32 (zeros when there is none)."""
+        if self.res_codes is None:
+            return torch.zeros(self.numel, dtype=torch.float32, device=self.device)
+        return dequantize(self._view(self.res_codes, self.res_scales, 0, self.numel))
+
+    def reset(self) -> None:
+        """Forget the accumulated value (storage is kept); the residual is carried on."""
+        if self.codes is not None and self.has_value:
+            self.codes.zero_()
+            self.scales.zero_()
+        self.has_value = False
+
+    def reset_residual(self) -> None:
+        """Forget the error-feedback residual."""
+        if self.res_codes is not None:
+            self.res_codes.zero_()
+            self.res_scales.zero_()
+
+    def release(self) -> None:
+        """Free the value's storage (allocated again on the next ``add_``); the residual is kept."""
+        self.codes = self.scales = None
+        self.has_value = False
+
+    # --- checkpointing -------------------------------------------------------------------------
+
+    def residual_state(self) -> dict[str, Any] | None:
+        """The residual as plain tensors (``None`` without one): ``{"codes", "scales", "group_size"}``."""
+        if self.res_codes is None:
+            return None
+        return {"codes": self.res_codes.clone(), "scales": self.res_scales.clone(), "group_size": self.group_size}
+
+    def load_residual_state(self, state: dict[str, Any] | None) -> bool:
+        """Restore ``residual_state()``'s result; returns False (residual reset) when it does not fit."""
+        if state is None or not self.error_feedback:
+            self.reset_residual()
+            return state is None
+        codes, scales = state["codes"], state["scales"]
+        fits = (
+            state.get("group_size") == self.group_size
+            and codes.numel() == self.numel
+            and scales.numel() == num_groups(self.numel, self.group_size)
+        )
+        if not fits:
+            self.reset_residual()
+            return False
+        self._allocate_residual()
+        self.res_codes.copy_(codes.to(self.res_codes.device, torch.int8))
+        self.res_scales.copy_(scales.to(self.res_scales.device, torch.float32))
+        return True
+
+
+class Fp32Accumulator:
+    """A plain fp32 flat accumulator with ``Int8Accumulator``'s interface (``storage_bits: 32``)."""
+
+    def __init__(self, numel: int, *, device: torch.device | str | None = None, release_on_reset: bool = False):
+        self.numel = int(numel)
+        """Elements held."""
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.release_on_reset = release_on_reset
+        """Free the buffer on ``reset`` (for transient use) instead of zeroing it."""
+        self.buffer: torch.Tensor | None = None
+        self.has_value = False
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes currently allocated."""
+        return 0 if self.buffer is None else 4 * self.buffer.numel()
+
+    @property
+    def residual_nbytes(self) -> int:
+        """Always 0: nothing is rounded."""
+        return 0
+
+    def add_(self, values: torch.Tensor, positions: Positions | None = None, *, seed: int = 0) -> None:
+        """Add the pieces of ``values`` at their offsets (see ``Int8Accumulator.add_``)."""
+        if self.buffer is None:
+            self.buffer = torch.zeros(self.numel, dtype=torch.float32, device=self.device)
+        values = values.reshape(-1)
+        if positions is None:
+            positions = [(0, self.numel)]
+        start = 0
+        for off, n in positions:
+            self.buffer[off : off + n] += values[start : start + n].float()
+            start += n
+        self.has_value = True
+
+    def dequantize(self) -> torch.Tensor:
+        """The buffer itself (not a copy); zeros when nothing was added."""
+        if self.buffer is None:
+            self.buffer = torch.zeros(self.numel, dtype=torch.float32, device=self.device)
+        return self.buffer
+
+    def reset(self) -> None:
+        """Zero (or free) the buffer."""
+        if self.release_on_reset:
+            self.buffer = None
+        elif self.buffer is not None and self.has_value:
+            self.buffer.zero_()
+        self.has_value = False
+
+    def reset_residual(self) -> None:
+        """Nothing to do."""

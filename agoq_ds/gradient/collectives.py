@@ -1,0 +1,285 @@
+"""8-bit gradient collectives: a true reduce-scatter and an all-reduce built on it.
+
+``reduce_scatter_8bit(flat, owner_map)``: ``owner_map[d]`` lists the ``(offset, numel)`` slices of
+``flat`` that rank ``d`` owns (DeepSpeed's bucket owner map). Every rank concatenates each
+destination's slices into one segment, quantizes it blockwise (int8 codes, one fp32 scale per
+``group_size`` consecutive elements of the segment), packs scales and codes into one byte buffer and
+sends all segments with a single ``all_to_all_single`` with uneven splits. The receiver dequantizes
+what each peer sent and sums in fp32, adding its own contribution unquantized. Nothing is summed in
+8 bits, so the error of the result is at most the sum over senders of their per-group quantization
+bound (``agoq_ds.quant.bound``) — unlike an int8 sum with a shared scale, whose codes overflow.
+
+``all_reduce_8bit(flat)``: that reduce-scatter over even chunks, then the owner quantizes its reduced
+chunk once more and an int8 all-gather gives every rank the same (bit-identical) full result.
+
+Byte accounting (``CommCounter``) counts what each rank puts on the wire: the non-self send splits
+of the all-to-all, and ``(N-1)`` chunks for a ring all-gather. Baselines use DeepSpeed's reduction,
+a ring all-reduce of the bucket: ``2 (N-1) / N * numel * element_size`` per rank.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from deepspeed import comm as dist
+
+from ..quant import QuantizedTensor, bound, dequantize, quantize
+from ..quant.format import num_groups
+
+OwnerMap = Sequence[Sequence[tuple[int, int]]]
+"""Per destination rank, the ``(offset, numel)`` slices of the flat bucket it owns."""
+
+_SCALE_BYTES = 4
+_ALIGN = 4  # codes are padded so that the next sender's fp32 scales stay 4-byte aligned
+
+
+def ring_allreduce_bytes(numel: int, world_size: int, element_size: int) -> float:
+    """Bytes one rank sends in a ring all-reduce of ``numel`` elements (DeepSpeed's baseline)."""
+    return 2.0 * (world_size - 1) / world_size * numel * element_size if world_size > 1 else 0.0
+
+
+def packed_segment_bytes(numel: int, group_size: int) -> int:
+    """Bytes of one quantized segment on the wire: fp32 scales, then int8 codes padded to 4 bytes."""
+    if numel == 0:
+        return 0
+    return _SCALE_BYTES * num_groups(numel, group_size) + _round_up(numel, _ALIGN)
+
+
+@dataclass
+class CommCounter:
+    """Running byte counts of the gradient collectives of one rank."""
+
+    sent_bytes: int = 0
+    """Bytes this rank handed to collectives for other ranks (its wire bytes)."""
+    received_bytes: int = 0
+    """Bytes this rank received from other ranks."""
+    elements: int = 0
+    """Gradient elements reduced (bucket sizes, summed)."""
+    baseline_fp32_bytes: float = 0.0
+    """What DeepSpeed's fp32 ring all-reduce of the same buckets would send."""
+    baseline_bf16_bytes: float = 0.0
+    """What DeepSpeed's bf16 ring all-reduce of the same buckets would send."""
+    calls: int = 0
+    """Collective launches."""
+    error_bound_sq: float = 0.0
+    """Sum of squared per-element error bounds of the reduce-scatter results (receiver side)."""
+    reduced_sq: float = 0.0
+    """Squared L2 norm of the reduce-scatter results (receiver side)."""
+
+    def add_baseline(self, numel: int, world_size: int) -> None:
+        """Record that a bucket of ``numel`` elements was reduced among ``world_size`` ranks."""
+        self.elements += numel
+        self.baseline_fp32_bytes += ring_allreduce_bytes(numel, world_size, 4)
+        self.baseline_bf16_bytes += ring_allreduce_bytes(numel, world_size, 2)
+
+    def reset(self) -> None:
+        """Zero every count."""
+        fresh = CommCounter()
+        self.__dict__.update(fresh.__dict__)
+
+
+@dataclass
+class ReduceScatterResult:
+    """What ``reduce_scatter_8bit`` returns on one rank."""
+
+    values: torch.Tensor
+    """This rank's reduced slices, concatenated in ``owner_map[rank]`` order, fp32."""
+    group_bound: torch.Tensor
+    """Per group of ``values`` (``group_size`` consecutive elements), the sum over the senders of their
+    round-to-nearest quantization bound, already multiplied by ``scale`` (fp32)."""
+    sent_bytes: int
+    """Bytes this rank sent to other ranks."""
+    received_bytes: int
+    """Bytes this rank received."""
+
+    def error_bound_l2(self, group_size: int) -> float:
+        """L2 norm of the per-element error bound of ``values``."""
+        n = self.values.numel()
+        if n == 0:
+            return 0.0
+        sizes = torch.full_like(self.group_bound, float(group_size))
+        sizes[-1] = n - group_size * (self.group_bound.numel() - 1)
+        return float(torch.sqrt((self.group_bound.double() ** 2 * sizes.double()).sum()))
+
+
+def _round_up(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
+def gather_slices(flat: torch.Tensor, slices: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """The ``(offset, numel)`` slices of a 1-D tensor, concatenated (a view when there is one)."""
+    if len(slices) == 1:
+        off, n = slices[0]
+        return flat.narrow(0, off, n)
+    if not slices:
+        return flat.new_empty(0)
+    return torch.cat([flat.narrow(0, off, n) for off, n in slices])
+
+
+def _pack(q: QuantizedTensor) -> torch.Tensor:
+    """Scales then codes (padded to 4 bytes) of one quantized segment, as uint8."""
+    codes = q.codes.view(torch.uint8)
+    pad = _round_up(codes.numel(), _ALIGN) - codes.numel()
+    parts = [q.scales.float().view(torch.uint8), codes]
+    if pad:
+        parts.append(codes.new_zeros(pad))
+    return torch.cat(parts)
+
+
+def _unpack(buf: torch.Tensor, numel: int, group_size: int, dtype: torch.dtype) -> QuantizedTensor:
+    g = num_groups(numel, group_size)
+    scales = buf.narrow(0, 0, _SCALE_BYTES * g).view(torch.float32)
+    codes = buf.narrow(0, _SCALE_BYTES * g, numel).view(torch.int8)
+    return QuantizedTensor(codes, scales, None, torch.Size([numel]), dtype, 8, group_size)
+
+
+def _check_owner_map(owner_map: OwnerMap, world_size: int, numel: int) -> None:
+    if len(owner_map) != world_size:
+        raise ValueError(f"owner_map has {len(owner_map)} entries for {world_size} ranks")
+    for dest, slices in enumerate(owner_map):
+        for off, n in slices:
+            if off < 0 or n < 0 or off + n > numel:
+                raise ValueError(f"owner_map[{dest}] slice ({off}, {n}) is outside the flat tensor of {numel}")
+
+
+def reduce_scatter_8bit(
+    flat: torch.Tensor,
+    owner_map: OwnerMap,
+    *,
+    group=None,
+    group_size: int = 128,
+    stochastic: bool = False,
+    seed: int = 0,
+    scale: float = 1.0,
+    counter: CommCounter | None = None,
+) -> ReduceScatterResult:
+    """Sum ``flat`` over the ranks of ``group``, each rank receiving only the slices it owns.
+
+    ``flat`` is 1-D (fp32, bf16 or fp16) with the same layout on every rank; ``owner_map`` must be
+    identical on every rank. Returns this rank's slices of ``scale * sum_r flat_r`` in fp32, in
+    ``owner_map[rank]`` order. Exactly one ``all_to_all_single`` is issued (none when ``flat`` is
+    empty), so every rank must call this with the same owner map.
+    """
+    world = dist.get_world_size(group=group)
+    rank = dist.get_rank(group=group)
+    if flat.dim() != 1:
+        raise ValueError(f"reduce_scatter_8bit: flat must be 1-D, got shape {tuple(flat.shape)}")
+    _check_owner_map(owner_map, world, flat.numel())
+    lengths = [sum(n for _, n in slices) for slices in owner_map]
+    mine = lengths[rank]
+    own = gather_slices(flat, owner_map[rank]).float()
+    if flat.numel() == 0 or world == 1:
+        values = own * scale if scale != 1.0 else own.clone()
+        return ReduceScatterResult(values, values.new_zeros(num_groups(mine, group_size)), 0, 0)
+
+    send_parts = []
+    send_splits = []
+    for dest in range(world):
+        if dest == rank or lengths[dest] == 0:
+            send_splits.append(0)
+            continue
+        segment = gather_slices(flat, owner_map[dest])
+        q = quantize(segment, 8, group_size, stochastic=stochastic, seed=(seed * 65599 + dest) % (2**31))
+        packed = _pack(q)
+        send_parts.append(packed)
+        send_splits.append(packed.numel())
+    recv_one = packed_segment_bytes(mine, group_size)
+    recv_splits = [0 if src == rank else recv_one for src in range(world)]
+    send = torch.cat(send_parts) if send_parts else flat.new_empty(0, dtype=torch.uint8)
+    recv = torch.empty(sum(recv_splits), dtype=torch.uint8, device=flat.device)
+    dist.all_to_all_single(recv, send, output_split_sizes=recv_splits, input_split_sizes=send_splits, group=group)
+
+    total = own
+    group_bound = own.new_zeros(num_groups(mine, group_size))
+    offset = 0
+    for src in range(world):  # fixed order: the result does not depend on arrival order
+        if recv_splits[src] == 0:
+            continue
+        q = _unpack(recv.narrow(0, offset, recv_splits[src]), mine, group_size, torch.float32)
+        total = total + dequantize(q)
+        group_bound += bound(q)
+        offset += recv_splits[src]
+    if scale != 1.0:
+        total = total * scale
+        group_bound *= abs(scale)
+    sent, received = int(send.numel()), int(recv.numel())
+    result = ReduceScatterResult(total, group_bound, sent, received)
+    if counter is not None:
+        counter.sent_bytes += sent
+        counter.received_bytes += received
+        counter.calls += 1
+        counter.error_bound_sq += result.error_bound_l2(group_size) ** 2
+        counter.reduced_sq += float(total.double().pow(2).sum())
+    return result
+
+
+def even_owner_map(numel: int, world_size: int) -> list[list[tuple[int, int]]]:
+    """Contiguous near-equal chunks, the first ``numel % world_size`` one element longer."""
+    base, extra = divmod(numel, world_size)
+    out, start = [], 0
+    for r in range(world_size):
+        n = base + (1 if r < extra else 0)
+        out.append([(start, n)] if n else [])
+        start += n
+    return out
+
+
+def all_reduce_8bit(
+    flat: torch.Tensor,
+    *,
+    group=None,
+    group_size: int = 128,
+    stochastic: bool = False,
+    seed: int = 0,
+    scale: float = 1.0,
+    counter: CommCounter | None = None,
+) -> torch.Tensor:
+    """``scale * sum_r flat_r`` on every rank, in fp32, identical on all ranks.
+
+    An 8-bit reduce-scatter over even chunks, then each owner quantizes its reduced chunk (int8,
+    fp32 scales) and one all-gather distributes the chunks; every rank, the owner included, uses the
+    dequantized chunks so that replicas stay bit-identical.
+    """
+    world = dist.get_world_size(group=group)
+    rank = dist.get_rank(group=group)
+    if world == 1 or flat.numel() == 0:
+        return flat.float() * scale
+    owner_map = even_owner_map(flat.numel(), world)
+    reduced = reduce_scatter_8bit(
+        flat,
+        owner_map,
+        group=group,
+        group_size=group_size,
+        stochastic=stochastic,
+        seed=seed,
+        scale=scale,
+        counter=counter,
+    ).values
+    chunk_lengths = [sum(n for _, n in s) for s in owner_map]
+    slot = max(packed_segment_bytes(n, group_size) for n in chunk_lengths)
+    mine = torch.zeros(slot, dtype=torch.uint8, device=flat.device)
+    if reduced.numel():
+        q = quantize(reduced, 8, group_size, stochastic=stochastic, seed=(seed * 65599 + world + rank) % (2**31))
+        packed = _pack(q)
+        mine[: packed.numel()] = packed
+    gathered = torch.empty(slot * world, dtype=torch.uint8, device=flat.device)
+    dist.all_gather_into_tensor(gathered, mine, group=group)
+    parts = []
+    for src, n in enumerate(chunk_lengths):
+        if n:
+            parts.append(dequantize(_unpack(gathered.narrow(0, src * slot, slot), n, group_size, torch.float32)))
+    if counter is not None:
+        counter.sent_bytes += slot * (world - 1)
+        counter.received_bytes += slot * (world - 1)
+        counter.calls += 1
+    return torch.cat(parts)
+
+
+def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    """``||approx - exact|| / ||exact||`` in fp64 (0 when both are empty or exact is zero)."""
+    denom = float(exact.double().norm())
+    diff = float((approx.double() - exact.double()).norm())
+    return diff / denom if denom > 0 else (0.0 if diff == 0 else math.inf)

@@ -1,0 +1,64 @@
+"""Where each gradient element of a DeepSpeed ZeRO-1/2 bucket goes: its owner map.
+
+A bucket is a flat buffer holding the gradients of ``bucket.params`` back to back, in that order. A
+parameter's gradient may straddle data-parallel partitions; DeepSpeed records, per (partition,
+param), where the param's slice starts (``grad_start_offset``) and where it lands in the owner's
+flat partition (``grad_partition_insertion_offset``). This is the same walk
+``DeepSpeedZeroOptimizer.average_tensor`` does to build ``rank_and_offsets``, without merging
+slices, so that each of this rank's slices keeps its place in the partition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class BucketLayout:
+    """The owner map of one bucket and where this rank's slices go in its partitions."""
+
+    owner_map: list[list[tuple[int, int]]]
+    """Per destination rank: ``(bucket offset, numel)`` slices it owns, in bucket order."""
+    local: list[tuple[int, int, int]] = field(default_factory=list)
+    """For ``owner_map[rank]``, in the same order: ``(param group, partition offset, numel)``."""
+    numel: int = 0
+    """Elements of the bucket covered by the slices."""
+
+    def local_by_group(self) -> dict[int, tuple[list[int], list[tuple[int, int]]]]:
+        """Per param group: indices into ``local`` and their ``(partition offset, numel)`` pieces."""
+        out: dict[int, tuple[list[int], list[tuple[int, int]]]] = {}
+        for k, (group, offset, n) in enumerate(self.local):
+            idx, pos = out.setdefault(group, ([], []))
+            idx.append(k)
+            pos.append((offset, n))
+        return out
+
+
+def bucket_layout(optimizer: Any, params: Sequence[tuple[int, int, int]], world_size: int, rank: int) -> BucketLayout:
+    """The layout of a bucket holding ``params`` (``(group, index in group, param id)`` triples).
+
+    ``optimizer`` is a ``DeepSpeedZeroOptimizer``; its partition bookkeeping is read, not changed.
+    """
+    owner_map: list[list[tuple[int, int]]] = [[] for _ in range(world_size)]
+    local: list[tuple[int, int, int]] = []
+    cursor = 0
+    for group, index_in_group, param_id in params:
+        param = optimizer.bit16_groups[group][index_in_group]
+        starts = sorted(
+            (
+                (pid, int(optimizer.grad_start_offset[group][pid][param_id]))
+                for pid in optimizer.param_to_partition_ids[group][param_id]
+            ),
+            key=lambda t: t[1],
+        )
+        for k, (pid, offset) in enumerate(starts):
+            end = starts[k + 1][1] if k + 1 < len(starts) else param.numel()
+            numel = end - offset
+            owner_map[pid].append((cursor + offset, numel))
+            if pid == rank:
+                insert_at = int(optimizer.grad_partition_insertion_offset[group][pid][param_id])
+                local.append((group, insert_at, numel))
+        cursor += param.numel()
+    return BucketLayout(owner_map, local, cursor)

@@ -1,0 +1,500 @@
+"""``AgoqZeroOptimizer``: DeepSpeed's ZeRO stage 1/2 optimizer with 8-bit gradients.
+
+What changes relative to ``DeepSpeedZeroOptimizer`` (everything else is DeepSpeed's own code):
+
+* **Reduction.** ``average_tensor`` (a filled IPG bucket) and ``buffered_reduce_fallback`` (the
+  non-contiguous path) reduce with ``reduce_scatter_8bit`` over DeepSpeed's owner map, or with
+  ``all_reduce_8bit`` when ``zero_optimization.reduce_scatter`` is false. Averaging is applied in
+  fp32 after the sum (``1 / (dp / sp)``, DeepSpeed's factor; the predivide factor only exists to
+  keep fp16 sums from overflowing and cancels out of the result).
+* **The owned partition.** The reduced slices a rank owns go straight into a per-param-group
+  partition accumulator instead of ``grads_in_partition``/``all_grad_tensors``/the compact fp32
+  buffer. Stage 2: int8 + per-block scales (+ 8-bit error-feedback residual) across micro-batches
+  (``storage_bits: 8``), or fp32. Stage 1 reduces only at the accumulation boundary, so its
+  partition accumulator is fp32 and lives from the reduction to ``step()``.
+* **Stage 1 accumulation.** With ``storage_bits: 8`` a post-accumulate-grad hook folds every
+  non-boundary ``param.grad`` into a per-param int8 accumulator (and frees it); the boundary is read
+  from DeepSpeed's flag (the engine, or accelerate, sets it). ``get_gradient_for_reduction`` — the
+  one place every stage-1 reduction path asks for a gradient — adds the accumulator back.
+* **Step.** At the boundary ``averaged_gradients[i]`` becomes views over the dequantized fp32
+  partition (the same structure as DeepSpeed's compact buffer), so the overflow check, the norm,
+  clipping, ``safe_get_full_grad`` and the step work unchanged. Non-finite values dequantize to NaN.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from deepspeed import comm as dist
+from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer, GradPartitionBufferGroup
+from deepspeed.utils import logger
+
+from ..config import AgoqConfig, GradientConfig
+from .accounting import GradientAccounting
+from .accumulator import Accumulator, Fp32Accumulator, Int8Accumulator
+from .collectives import all_reduce_8bit, gather_slices, reduce_scatter_8bit, ring_allreduce_bytes
+from .layout import BucketLayout, bucket_layout
+
+STATE_KEY = "agoq_gradient"
+"""Key of the agoq entry in the optimizer's ``state_dict()`` (plain tensors, dicts and numbers)."""
+
+STATE_VERSION = 1
+
+_SIGNATURE = inspect.signature(DeepSpeedZeroOptimizer.__init__)
+
+
+def reject_unsupported_arguments(arguments: dict[str, Any]) -> None:
+    """Raise ``ValueError`` for ``DeepSpeedZeroOptimizer`` arguments the 8-bit path cannot honour."""
+    offload = arguments.get("offload_optimizer_config")
+    if offload is not None and offload.device != OffloadDeviceEnum.none:
+        raise ValueError(
+            f"agoq.gradient: zero_optimization.offload_optimizer.device={offload.device.value!r} is not supported "
+            "by the 8-bit gradient path; remove the offload or set agoq.gradient.enabled=false"
+        )
+    if arguments.get("has_moe_layers"):
+        raise ValueError(
+            "agoq.gradient: MoE models (expert-parallel gradient groups) are not supported by the 8-bit gradient "
+            "path; set agoq.gradient.enabled=false"
+        )
+    if arguments.get("zenflow_config") is not None:
+        raise ValueError("agoq.gradient: zero_optimization.zenflow is not supported; set agoq.gradient.enabled=false")
+    init_optimizer = arguments.get("init_optimizer")
+    if "muon" in type(init_optimizer).__name__.lower():
+        raise ValueError(
+            f"agoq.gradient: the {type(init_optimizer).__name__} optimizer (Muon updates are built from the "
+            "gradient partition) is not supported; set agoq.gradient.enabled=false"
+        )
+
+
+def _mix(*parts: int) -> int:
+    """A deterministic 31-bit seed from integers (Python's ``hash`` is not used: it is salted)."""
+    h = 0x12345
+    for p in parts:
+        h = (h * 1000003) ^ (int(p) & 0xFFFFFFFF)
+        h &= 0xFFFFFFFFFFFF
+    return h % (2**31)
+
+
+class AgoqZeroOptimizer(DeepSpeedZeroOptimizer):
+    """``DeepSpeedZeroOptimizer`` (ZeRO stage 1 and 2) with 8-bit gradient communication and storage.
+
+    Constructed by DeepSpeed with its own arguments (see ``install.agoq_zero_optimizer``); the agoq
+    settings come from ``agoq_config=`` or from the class attribute set by ``install.optimizer_class``.
+    """
+
+    agoq_config: AgoqConfig | None = None
+    """The agoq settings; ``optimizer_class`` binds them to a subclass."""
+
+    def __init__(self, *args: Any, agoq_config: AgoqConfig | None = None, **kwargs: Any) -> None:
+        bound_args = _SIGNATURE.bind(self, *args, **kwargs)
+        bound_args.apply_defaults()
+        reject_unsupported_arguments(bound_args.arguments)
+        self.agoq_config = agoq_config or type(self).agoq_config or AgoqConfig()
+        self._agoq_active = False  # DeepSpeed's own code paths until the setup below
+        self._agoq_stores: dict[int, Accumulator] = {}
+        self._agoq_param_acc: dict[int, Int8Accumulator] = {}
+        self._agoq_hook_handles: list[Any] = []
+        self._agoq_step = 0
+        self._agoq_calls = 0
+        self.agoq_accounting = GradientAccounting()
+        super().__init__(*args, **kwargs)
+        self._agoq_setup()
+
+    # --- setup ---------------------------------------------------------------------------------
+
+    @property
+    def agoq_gradient(self) -> GradientConfig:
+        """The ``agoq.gradient`` settings in use."""
+        return self.agoq_config.gradient
+
+    def _agoq_setup(self) -> None:
+        g = self.agoq_gradient
+        on = self.agoq_config.enabled and g.enabled
+        self._agoq_comm8 = on and g.communication_bits == 8
+        self._agoq_store8 = on and g.storage_bits == 8
+        self._agoq_active = self._agoq_comm8 or self._agoq_store8
+        self._agoq_world = dist.get_world_size(group=self.dp_process_group)
+        self._agoq_rank = dist.get_rank(group=self.dp_process_group)
+        if not self._agoq_active:
+            return
+        device = get_accelerator().current_device_name()
+        stochastic = g.rounding == "stochastic"
+        for i in range(len(self.bit16_groups)):
+            numel = int(self.partition_size[i])
+            if self.partition_gradients and self._agoq_store8:
+                self._agoq_stores[i] = Int8Accumulator(
+                    numel, g.group_size, stochastic=stochastic, error_feedback=g.error_feedback, device=device
+                )
+            else:
+                # Stage 1 only holds its partition from the boundary reduction to step().
+                self._agoq_stores[i] = Fp32Accumulator(
+                    numel, device=device, release_on_reset=not self.partition_gradients
+                )
+        if not self.partition_gradients and self._agoq_store8:
+            for group in self.bit16_groups:
+                for param in group:
+                    if param.requires_grad:
+                        self._agoq_param_acc[self.get_param_id(param)] = Int8Accumulator(
+                            param.numel(),
+                            g.group_size,
+                            stochastic=stochastic,
+                            error_feedback=g.error_feedback,
+                            device=device,
+                        )
+                        self._agoq_hook_handles.append(param.register_post_accumulate_grad_hook(self._agoq_fold))
+        if self._agoq_rank == 0:
+            logger.info(
+                f"agoq: {self.zero_stage_string} gradients: communication {g.communication_bits}-bit, storage "
+                f"{g.storage_bits}-bit, group {g.group_size}, rounding {g.rounding}, error feedback {g.error_feedback}"
+            )
+
+    def destroy(self) -> None:
+        """Remove agoq's hooks, then DeepSpeed's."""
+        for handle in self._agoq_hook_handles:
+            handle.remove()
+        self._agoq_hook_handles.clear()
+        super().destroy()
+
+    def _agoq_seed(self, *parts: int) -> int:
+        self._agoq_calls += 1
+        return _mix(self.agoq_config.seed, self._agoq_rank, self._agoq_step, self._agoq_calls, *parts)
+
+    # --- stage 1: int8 accumulation of full gradients --------------------------------------------
+
+    def _agoq_fold(self, param: torch.nn.Parameter) -> None:
+        """Post-accumulate-grad hook: move a non-boundary gradient into its int8 accumulator."""
+        if param.grad is None or self.is_gradient_accumulation_boundary():
+            return
+        acc = self._agoq_param_acc[self.get_param_id(param)]
+        acc.add_(param.grad.detach().reshape(-1), seed=self._agoq_seed(1))
+        param.grad = None
+
+    def _agoq_unfold(self, param: torch.nn.Parameter) -> None:
+        acc = self._agoq_param_acc.get(self.get_param_id(param))
+        if acc is None or not acc.has_value:
+            return
+        total = acc.dequantize().view(param.shape)
+        if param.grad is not None:
+            total = total + param.grad.float()
+        param.grad = total.to(param.dtype)
+        acc.reset()
+
+    def get_gradient_for_reduction(self, param: torch.nn.Parameter) -> torch.Tensor | None:
+        """DeepSpeed's gradient for reduction, with a stage-1 int8 accumulator added back first."""
+        if self._agoq_param_acc:
+            self._agoq_unfold(param)
+        return super().get_gradient_for_reduction(param)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """DeepSpeed's ``zero_grad``; stage-1 accumulated gradients are dropped with ``param.grad``."""
+        super().zero_grad(set_to_none=set_to_none)
+        for acc in self._agoq_param_acc.values():
+            acc.reset()
+
+    # --- reduction -----------------------------------------------------------------------------
+
+    def _use_compact_grad_partition_buffer(self, group_idx: int) -> bool:
+        if getattr(self, "_agoq_active", False):
+            return False  # the partition accumulator replaces DeepSpeed's compact fp32 buffer
+        return super()._use_compact_grad_partition_buffer(group_idx)
+
+    def _agoq_stream(self, communication_data_type: torch.dtype):
+        """The stream DeepSpeed's ``average_tensor`` reduces on, with the same waits."""
+        accelerator = get_accelerator()
+        if not self.overlap_comm:
+            return accelerator.current_stream()
+        stream = self.reduction_stream
+        if not accelerator.resolves_data_dependency():
+            producers = self.ipg_buckets[communication_data_type].copy_streams or {accelerator.current_stream()}
+            for producer in producers:
+                stream.wait_stream(producer)
+            accelerator.current_stream().wait_stream(stream)
+        return stream
+
+    def _agoq_average_factor(self) -> float:
+        if not self.gradient_average:
+            return 1.0
+        return 1.0 / (self._agoq_world / float(self.sequence_parallel_size))
+
+    def _agoq_reduce(self, flat: torch.Tensor, communication_data_type: torch.dtype, stock_reduce) -> None:
+        """Reduce one bucket (``flat`` laid out like the bucket) and store this rank's slices."""
+        bucket = self.ipg_buckets[communication_data_type]
+        layout = bucket_layout(self, bucket.params, self._agoq_world, self._agoq_rank)
+        if layout.numel == 0:
+            return
+        counter = self.agoq_accounting.comm
+        counter.add_baseline(layout.numel, self._agoq_world)
+        g = self.agoq_gradient
+        if not self._agoq_comm8:
+            stock_reduce()
+            counter.sent_bytes += int(ring_allreduce_bytes(layout.numel, self._agoq_world, flat.element_size()))
+            counter.calls += 1
+            owned = gather_slices(flat, layout.owner_map[self._agoq_rank]).float()
+        else:
+            kwargs = dict(
+                group=self.dp_process_group,
+                group_size=g.group_size,
+                stochastic=g.rounding == "stochastic",
+                seed=self._agoq_seed(2),
+                scale=self._agoq_average_factor(),
+                counter=counter,
+            )
+            with get_accelerator().stream(self._agoq_stream(communication_data_type)):
+                if self.reduce_scatter:
+                    owned = reduce_scatter_8bit(flat, layout.owner_map, **kwargs).values
+                else:
+                    full = all_reduce_8bit(flat, **kwargs)
+                    flat.copy_(full)  # DeepSpeed's all-reduce path leaves the whole bucket reduced
+                    owned = gather_slices(full, layout.owner_map[self._agoq_rank])
+                self._agoq_store_owned(owned, layout)
+                return
+        self._agoq_store_owned(owned, layout)
+
+    def _agoq_store_owned(self, owned: torch.Tensor, layout: BucketLayout) -> None:
+        starts, acc = [], 0
+        for _, _, n in layout.local:
+            starts.append(acc)
+            acc += n
+        for group, (indices, positions) in layout.local_by_group().items():
+            if len(indices) == len(layout.local):
+                values = owned
+            else:
+                values = torch.cat([owned.narrow(0, starts[k], layout.local[k][2]) for k in indices])
+            self._agoq_stores[group].add_(values, positions, seed=self._agoq_seed(3, group))
+
+    def average_tensor(self, tensor: torch.Tensor, communication_data_type: torch.dtype):
+        """Reduce a filled IPG bucket: 8-bit reduce-scatter into the partition accumulator."""
+        if not self._agoq_active:
+            return super().average_tensor(tensor, communication_data_type)
+        self._agoq_reduce(
+            tensor,
+            communication_data_type,
+            lambda: super(AgoqZeroOptimizer, self).average_tensor(tensor, communication_data_type),
+        )
+
+    def buffered_reduce_fallback(
+        self, rank, grads, communication_data_type: torch.dtype, elements_per_buffer=500000000, log=None
+    ):
+        """The non-contiguous-gradients reduction of a bucket's grads, through the 8-bit path."""
+        if not self._agoq_active:
+            return super().buffered_reduce_fallback(rank, grads, communication_data_type, elements_per_buffer, log)
+        if not grads:
+            return
+        dtype = grads[0].dtype if all(g.dtype == grads[0].dtype for g in grads) else torch.float32
+
+        def flatten() -> torch.Tensor:
+            return torch.cat([g.reshape(-1).to(dtype) for g in grads])
+
+        flat = flatten()
+        if self._agoq_comm8:
+            self._agoq_reduce(flat, communication_data_type, None)
+        else:
+
+            def stock_reduce() -> None:
+                super(AgoqZeroOptimizer, self).buffered_reduce_fallback(
+                    rank, grads, communication_data_type, elements_per_buffer, log
+                )
+                flat.copy_(flatten())
+
+            self._agoq_reduce(flat, communication_data_type, stock_reduce)
+
+    def copy_grads_in_partition(self, param: torch.nn.Parameter, group_idx: int | None = None) -> None:
+        """The owned slices are already in the partition accumulator: just drop the bucket view."""
+        if not self._agoq_active:
+            return super().copy_grads_in_partition(param, group_idx)
+        self.clear_grad_attribute(param)
+
+    # --- boundary and step ---------------------------------------------------------------------
+
+    def _agoq_partition_views(self, group_idx: int, flat: torch.Tensor) -> GradPartitionBufferGroup:
+        """Per-param views of a flat partition, with padding entries, like DeepSpeed's compact buffer."""
+        partition_size = int(self.partition_size[group_idx])
+        partition_id = dist.get_rank(group=self.real_dp_process_group[group_idx])
+        views, current = [], 0
+        for param in self.params_in_partition[group_idx]:
+            param_id = self.get_param_id(param)
+            source = int(self.grad_start_offset[group_idx][partition_id][param_id])
+            dest = int(self.grad_partition_insertion_offset[group_idx][partition_id][param_id])
+            numel = int(min(param.numel() - source, partition_size - dest))
+            if dest > current:
+                pad = flat.narrow(0, current, dest - current)
+                pad._zero_padding = True
+                views.append(pad)
+                current = dest
+            if numel > 0:
+                view = flat.narrow(0, dest, numel)
+                if source == 0 and numel == param.numel():
+                    view = view.view(param.shape)
+                views.append(view)
+                current = dest + numel
+        if current < partition_size:
+            pad = flat.narrow(0, current, partition_size - current)
+            pad._zero_padding = True
+            views.append(pad)
+        return GradPartitionBufferGroup(views, flat)
+
+    def _agoq_materialize(self) -> None:
+        """Point ``averaged_gradients`` at the dequantized partitions (fp32) for the step."""
+        self._agoq_note_buffers()
+        for i, store in self._agoq_stores.items():
+            self.averaged_gradients[i] = self._agoq_partition_views(i, store.dequantize())
+
+    def independent_gradient_partition_epilogue(self) -> None:
+        """DeepSpeed's epilogue without its own partition buffers; at the boundary, materialize."""
+        if not self._agoq_active:
+            return super().independent_gradient_partition_epilogue()
+        self.reduce_ipg_grads()
+        for i in range(len(self.params_already_reduced)):
+            self.params_already_reduced[i] = False
+        if self.overlap_comm:
+            if not get_accelerator().resolves_data_dependency():
+                get_accelerator().synchronize()
+            self._clear_previous_reduced_grads()
+        if self.is_gradient_accumulation_boundary():
+            self._agoq_materialize()
+        self._release_ipg_buffers()
+        self._clear_param_grad_only()
+        self._epilogue_ran_this_backward = True
+
+    def finalize_gradient_accumulation_boundary(self) -> None:
+        """Unmanaged accumulation: materialize the partitions for ``step()``."""
+        if not self._agoq_active:
+            return super().finalize_gradient_accumulation_boundary()
+        self.set_gradient_accumulation_boundary(True)
+        self._agoq_materialize()
+
+    def step(self, closure=None) -> None:
+        """DeepSpeed's step; then the accumulators restart (error-feedback residuals carry on,
+        except after a skipped step, where they are dropped with the gradients)."""
+        if not self._agoq_active:
+            super().step(closure)
+            self._agoq_finish_step()
+            return
+        self._agoq_note_buffers()
+        super().step(closure)
+        for store in self._agoq_stores.values():
+            store.reset()
+        if self.overflow:
+            for acc in [*self._agoq_stores.values(), *self._agoq_param_acc.values()]:
+                acc.reset()
+                acc.reset_residual()
+        self._agoq_finish_step()
+
+    def _agoq_finish_step(self) -> None:
+        self.agoq_accounting.finish_step()
+        self._agoq_step += 1
+        self._agoq_calls = 0
+
+    # --- statistics ----------------------------------------------------------------------------
+
+    def backward_prologue(self, *args: Any, **kwargs: Any) -> Any:
+        """Counts micro-steps for the statistics."""
+        self.agoq_accounting.micro_steps += 1
+        return super().backward_prologue(*args, **kwargs)
+
+    def _agoq_note_buffers(self) -> None:
+        """Record the gradient-buffer bytes now held (the accumulators only grow within a step)."""
+        buffer = fp32 = ef = 0
+        if self.partition_gradients or not self._agoq_param_acc:
+            for store in self._agoq_stores.values():
+                buffer += store.nbytes
+                fp32 += 4 * store.numel
+                ef += store.residual_nbytes
+        for acc in self._agoq_param_acc.values():
+            buffer += acc.nbytes
+            fp32 += 4 * acc.numel if acc.nbytes else 0
+            ef += acc.residual_nbytes
+        self.agoq_accounting.note_buffers(buffer, fp32, ef)
+
+    def agoq_stats(self) -> dict[str, float]:
+        """Figures of the last finished optimizer step on this rank (the step in progress before the
+        first one): ``comm_bytes`` sent by this rank and the ``comm_bytes_baseline_fp32/bf16`` that
+        DeepSpeed's ring all-reduce of the same buckets would send (``comm_bytes_ratio_*``);
+        ``buffer_bytes`` (peak gradient accumulation storage: int8 codes + scales) versus
+        ``buffer_bytes_fp32`` (``buffer_bytes_ratio_fp32``); ``ef_bytes`` (error-feedback residuals);
+        ``rs_error_bound_rel`` / ``rs_error_est_rel`` (the step's reduce-scatters on this rank: bound
+        and estimate of the quantization error relative to the reduced norm); ``micro_steps``; ``steps``."""
+        return dict(self.agoq_accounting.last or self.agoq_accounting.snapshot())
+
+    # --- checkpointing -------------------------------------------------------------------------
+
+    def _agoq_state(self) -> dict[str, Any]:
+        partition = {}
+        for i, store in self._agoq_stores.items():
+            if isinstance(store, Int8Accumulator):
+                partition[i] = store.residual_state()
+        params = {pid: acc.residual_state() for pid, acc in self._agoq_param_acc.items()}
+        return {
+            "version": STATE_VERSION,
+            "stage": 2 if self.partition_gradients else 1,
+            "world_size": self._agoq_world,
+            "group_size": self.agoq_gradient.group_size,
+            "step": self._agoq_step,
+            "partition_residuals": partition,
+            "param_residuals": params,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """DeepSpeed's state dict plus ``STATE_KEY``: the error-feedback residuals (int8 codes and
+        fp32 scales per partition or param) and the step counter, as plain tensors and dicts.
+        A stock DeepSpeed optimizer ignores the extra key when loading."""
+        state = super().state_dict()
+        if self._agoq_active:
+            state[STATE_KEY] = self._agoq_state()
+        return state
+
+    def load_state_dict(
+        self,
+        state_dict_list,
+        load_optimizer_states=True,
+        load_from_fp32_weights=False,
+        checkpoint_folder=None,
+        load_serial=None,
+        param_shapes=None,
+    ) -> None:
+        """DeepSpeed's ``load_state_dict``; restores the agoq residuals when optimizer states are loaded
+        and the checkpoint has them for the same layout (stage, world size, group size), otherwise
+        starts them from zero (a stock DeepSpeed checkpoint, a universal checkpoint, a new layout)."""
+        super().load_state_dict(
+            state_dict_list,
+            load_optimizer_states=load_optimizer_states,
+            load_from_fp32_weights=load_from_fp32_weights,
+            checkpoint_folder=checkpoint_folder,
+            load_serial=load_serial,
+            param_shapes=param_shapes,
+        )
+        if not self._agoq_active:
+            return
+        state = None
+        if load_optimizer_states and not checkpoint_folder and state_dict_list:
+            state = state_dict_list[dist.get_rank(group=self.dp_process_group)].get(STATE_KEY)
+        restored = state is not None and self._agoq_load_state(state)
+        if not restored:
+            for acc in [*self._agoq_stores.values(), *self._agoq_param_acc.values()]:
+                acc.reset_residual()
+            if state is not None and self._agoq_rank == 0:
+                logger.warning("agoq: checkpoint error-feedback state does not match this layout; starting from zero")
+
+    def _agoq_load_state(self, state: dict[str, Any]) -> bool:
+        same_layout = (
+            state.get("version") == STATE_VERSION
+            and state.get("stage") == (2 if self.partition_gradients else 1)
+            and state.get("world_size") == self._agoq_world
+            and state.get("group_size") == self.agoq_gradient.group_size
+        )
+        if not same_layout:
+            return False
+        ok = True
+        partition = state.get("partition_residuals", {})
+        for i, store in self._agoq_stores.items():
+            if isinstance(store, Int8Accumulator):
+                ok &= store.load_residual_state(partition.get(i))
+        params = state.get("param_residuals", {})
+        for pid, acc in self._agoq_param_acc.items():
+            ok &= acc.load_residual_state(params.get(pid))
+        self._agoq_step = int(state.get("step", self._agoq_step))
+        return ok

@@ -1,0 +1,68 @@
+"""Swap-in of the 8-bit ZeRO optimizer and rejection of unsupported configs (single process)."""
+
+from __future__ import annotations
+
+import pytest
+
+from agoq_ds.config import AgoqConfig, parse_agoq_config
+from agoq_ds.gradient.install import UnsupportedConfigError, agoq_zero_optimizer, check_supported, optimizer_class
+
+
+def _cfg(stage: int = 2, **extra) -> dict:
+    cfg = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": stage}, "bf16": {"enabled": True}}
+    cfg.update(extra)
+    return cfg
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_supported_stages_pass(stage: int) -> None:
+    check_supported(_cfg(stage), AgoqConfig())
+    check_supported(_cfg(stage, bf16={"enabled": False}), AgoqConfig())
+
+
+def test_bf16_fp32_accum_stage2_is_supported() -> None:
+    check_supported(_cfg(2, data_types={"grad_accum_dtype": "fp32"}), AgoqConfig())
+
+
+@pytest.mark.parametrize(
+    ("config", "names"),
+    [
+        (_cfg(3), "zero_optimization.stage=3"),
+        (_cfg(0), "zero_optimization.stage=0"),
+        (_cfg(2, zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}}), "offload_optimizer.device"),
+        (_cfg(2, zero_optimization={"stage": 2, "offload_param": {"device": "nvme"}}), "offload_param.device"),
+        (_cfg(1, data_types={"grad_accum_dtype": "fp32"}), "BF16_Optimizer"),
+        (_cfg(2, bf16={"enabled": False}, fp16={"enabled": True}), "fp16.enabled"),
+        (_cfg(2, optimizer={"type": "Muon", "params": {}}), "Muon"),
+        (_cfg(2, compile={"deepcompile": True}), "compile.deepcompile"),
+        (_cfg(2, zero_optimization={"stage": 2, "zenflow": {"topk_ratio": 0.1}}), "zenflow"),
+    ],
+)
+def test_unsupported_configs_name_the_setting(config: dict, names: str) -> None:
+    with pytest.raises(UnsupportedConfigError, match=names.replace(".", r"\.")) as info:
+        check_supported(config, AgoqConfig())
+    assert isinstance(info.value, ValueError)
+    assert "agoq.gradient.enabled=false" in str(info.value)
+
+
+def test_nothing_checked_when_gradient_path_is_off() -> None:
+    check_supported(_cfg(3), parse_agoq_config({"gradient": {"enabled": False}}))
+    check_supported(_cfg(3), parse_agoq_config({"enabled": False}))
+
+
+def test_context_manager_rebinds_only_inside_the_block() -> None:
+    import deepspeed.runtime.engine as ds_engine
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    from agoq_ds.gradient.zero_optimizer import AgoqZeroOptimizer
+
+    cfg = parse_agoq_config({"gradient": {"group_size": 256}})
+    with agoq_zero_optimizer(cfg) as cls:
+        assert ds_engine.DeepSpeedZeroOptimizer is cls
+        assert issubclass(cls, AgoqZeroOptimizer) and issubclass(cls, DeepSpeedZeroOptimizer)
+        assert cls.agoq_config.gradient.group_size == 256
+    assert ds_engine.DeepSpeedZeroOptimizer is DeepSpeedZeroOptimizer
+    with pytest.raises(RuntimeError), agoq_zero_optimizer(cfg):
+        raise RuntimeError("initialize failed")
+    assert ds_engine.DeepSpeedZeroOptimizer is DeepSpeedZeroOptimizer
+    assert optimizer_class(cfg).__name__ == "AgoqZeroOptimizer"
