@@ -154,13 +154,13 @@ class SavedActivationMeter:
 def gradient_buffer_bytes(optimizer: Any) -> int:
     """Bytes of gradient accumulation storage the optimizer holds between backward and ``step()``.
 
-    agoq's optimizer reports its own int8 buffers (+ scales, + error feedback); for DeepSpeed's
+    agoq's optimizer reports its own int8 buffers (+ scales, + error-feedback residuals); for DeepSpeed's
     stock ZeRO-1/2 optimizer this is the owned-partition accumulator (``averaged_gradients``,
     stage 2) or the full ``param.grad`` tensors (stage 1 and no ZeRO), each storage counted once.
     """
     agoq_stats = getattr(optimizer, "agoq_stats", None)
     if callable(agoq_stats):
-        return int(agoq_stats().get("buffer_bytes", 0))
+        return int(agoq_stats().get("state_bytes", 0))
     tensors: list[torch.Tensor] = []
     for group in getattr(optimizer, "averaged_gradients", {}).values():
         tensors += [t for t in group if t is not None]
