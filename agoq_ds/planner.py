@@ -1,0 +1,345 @@
+"""Memory planner: per-GPU memory of LLaMA-family training, stock versus agoq (``agoq-ds plan``).
+
+The model: bf16 weights with fp32 master weights and Adam moments (``2 + 12`` bytes per parameter,
+the optimizer part divided by the data-parallel size under ZeRO >= 1); an fp32 gradient
+accumulation buffer (4 bytes per parameter, divided by the data-parallel size under ZeRO-2) versus
+agoq's int8 codes + fp32 scale per group (plus the error-feedback residual when enabled); and the
+activations autograd saves, tensor by tensor, as HF's LLaMA implementation saves them with SDPA
+(norm inputs in fp32, projection inputs, SDPA's q/k/v/output/logsumexp, the MLP's gate/up/act
+tensors, the loss's log-probabilities), each stored at its class's bits by agoq. Under a 1F1B
+pipeline stage ``s`` holds ``max(2, min(S - s, M))`` micro-batches of activations. Tensor
+parallelism divides weights and the attention/MLP-internal activations by ``tp`` (no sequence
+parallelism). A test checks the activation and gradient predictions against a real run (< 5%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .activation.allocate import pipeline_holds
+from .activation.classes import LayerClass
+from .config import AgoqConfig, parse_agoq_config
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """Dimensions of a LLaMA-family decoder."""
+
+    name: str
+    """Display name."""
+    vocab: int
+    """Vocabulary size."""
+    hidden: int
+    """Hidden size."""
+    layers: int
+    """Decoder blocks."""
+    heads: int
+    """Attention heads."""
+    kv_heads: int
+    """Key/value heads."""
+    intermediate: int
+    """MLP width."""
+    tied_embeddings: bool = False
+    """Whether the LM head shares the embedding matrix."""
+
+    @property
+    def head_dim(self) -> int:
+        """Per-head width."""
+        return self.hidden // self.heads
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of the key (and value) projection."""
+        return self.kv_heads * self.head_dim
+
+    def layer_params(self) -> int:
+        """Parameters of one decoder block."""
+        attn = 2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_dim
+        return attn + 3 * self.hidden * self.intermediate + 2 * self.hidden
+
+    def params(self) -> int:
+        """All parameters."""
+        head = 0 if self.tied_embeddings else self.vocab * self.hidden
+        return self.vocab * self.hidden + self.layers * self.layer_params() + self.hidden + head
+
+
+NAMED_MODELS: dict[str, ModelDims] = {
+    "llama-8b": ModelDims("LLaMA-3 8B", 128256, 4096, 32, 32, 8, 14336),
+    "llama-13b": ModelDims("LLaMA-2 13B", 32000, 5120, 40, 40, 40, 13824),
+    "llama-32b": ModelDims("LLaMA-arch 32B", 152064, 5120, 64, 40, 8, 27648),
+    "llama-70b": ModelDims("LLaMA-3 70B", 128256, 8192, 80, 64, 8, 28672),
+}
+"""Named sizes (the 32B uses Qwen2.5-32B's LLaMA-architecture dimensions)."""
+
+
+def dims_from_hf_config(path: str | Path) -> ModelDims:
+    """``ModelDims`` from an HF ``config.json`` of a LLaMA/Mistral/Qwen2-style model."""
+    cfg = json.loads(Path(path).read_text())
+    return ModelDims(
+        name=Path(path).stem if cfg.get("_name_or_path") is None else str(cfg["_name_or_path"]),
+        vocab=cfg["vocab_size"],
+        hidden=cfg["hidden_size"],
+        layers=cfg["num_hidden_layers"],
+        heads=cfg["num_attention_heads"],
+        kv_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
+        intermediate=cfg["intermediate_size"],
+        tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+    )
+
+
+@dataclass(frozen=True)
+class Parallelism:
+    """How the job is laid out and batched."""
+
+    seq_len: int = 4096
+    """Tokens per sequence."""
+    micro_batch: int = 1
+    """Sequences per micro-batch per GPU."""
+    micro_batches: int = 8
+    """Micro-batches per optimizer step (gradient accumulation steps)."""
+    tp: int = 1
+    """Tensor-parallel size."""
+    pp: int = 1
+    """Pipeline stages."""
+    dp: int = 1
+    """Data-parallel size."""
+    zero: int = 1
+    """ZeRO stage (0, 1 or 2)."""
+
+
+@dataclass(frozen=True)
+class Saved:
+    """One tensor autograd saves per micro-batch."""
+
+    cls: str
+    """Its layer class."""
+    numel: int
+    """Elements."""
+    elem_bytes: int
+    """Bytes per element unquantized."""
+
+
+def layer_saved_tensors(d: ModelDims, tokens: int, seq_len: int, tp: int = 1) -> list[Saved]:
+    """What one decoder block saves for ``tokens`` tokens (bf16 model, SDPA), deduplicated."""
+    c = LayerClass
+    h, kv, f = d.hidden, d.kv_dim, d.intermediate
+    heads = d.heads // tp
+    return [
+        Saved(c.ATTN_NORM_INPUT, tokens * h, 4),  # input upcast to fp32
+        Saved(c.ATTN_NORM_INPUT, tokens, 4),  # rsqrt(variance)
+        Saved(c.ATTN_NORM_INPUT, tokens * h, 2),  # normalised value (for the weight's gradient)
+        Saved(c.QKV_INPUT, tokens * h, 2),
+        Saved(c.ATTN_CORE, seq_len * d.head_dim, 2),  # rotary cos (shared by the batch)
+        Saved(c.ATTN_CORE, seq_len * d.head_dim, 2),  # rotary sin
+        Saved(c.ATTN_CORE, tokens * h // tp, 2),  # SDPA q
+        Saved(c.ATTN_CORE, tokens * kv // tp, 2),  # SDPA k
+        Saved(c.ATTN_VALUE, tokens * kv // tp, 2),  # SDPA v
+        Saved(c.ATTN_VALUE, tokens * h // tp, 2),  # SDPA output
+        Saved(c.ATTN_CORE, tokens * heads, 4),  # SDPA logsumexp
+        Saved(c.OUT_PROJ_INPUT, tokens * h // tp, 2),
+        Saved(c.MLP_NORM_INPUT, tokens * h, 4),
+        Saved(c.MLP_NORM_INPUT, tokens, 4),
+        Saved(c.MLP_NORM_INPUT, tokens * h, 2),
+        Saved(c.MLP_UP_INPUT, tokens * h, 2),
+        Saved(c.MLP_ACT, tokens * f // tp, 2),  # activation-function input (gate output)
+        Saved(c.MLP_ACT, tokens * f // tp, 2),  # activation output
+        Saved(c.MLP_ACT, tokens * f // tp, 2),  # up output
+        Saved(c.DOWN_PROJ_INPUT, tokens * f // tp, 2),
+    ]
+
+
+def head_saved_tensors(d: ModelDims, tokens: int, tp: int = 1) -> list[Saved]:
+    """What the final norm, LM head and loss save (last pipeline stage)."""
+    e = LayerClass.EMBEDDING
+    return [
+        Saved(e, tokens * d.hidden, 4),
+        Saved(e, tokens, 4),
+        Saved(e, tokens * d.hidden, 2),
+        Saved(e, tokens * d.hidden, 2),  # LM head input
+        Saved(e, tokens * d.vocab // tp, 4),  # log-probabilities of the loss
+    ]
+
+
+def stored_bytes(t: Saved, bits: int, cfg: AgoqConfig) -> int:
+    """Bytes agoq stores for ``t`` at ``bits`` (unquantized below ``min_numel`` or at 16 bits)."""
+    act = cfg.activation
+    if bits >= 16 or t.numel < act.min_numel or not (cfg.enabled and act.enabled):
+        return t.numel * t.elem_bytes
+    scale_bytes = 2 if act.scale_dtype == "bf16" else 4
+    return math.ceil(t.numel * bits / 8) + math.ceil(t.numel / act.group_size) * scale_bytes
+
+
+@dataclass
+class StageMemory:
+    """Per-GPU bytes of one pipeline stage."""
+
+    stage: int
+    """Pipeline stage index."""
+    layers: int
+    """Decoder blocks on this stage."""
+    params: int
+    """Parameters held by one GPU of this stage (after tensor parallelism)."""
+    holds: int
+    """Micro-batches of activations held at the peak."""
+    weights: int
+    """bf16 weights."""
+    optimizer: int
+    """fp32 master weights + Adam moments (ZeRO-partitioned)."""
+    gradients: dict[str, int] = field(default_factory=dict)
+    """Gradient accumulation storage: baseline and agoq."""
+    activations: dict[str, int] = field(default_factory=dict)
+    """Peak stored activations: baseline and agoq."""
+
+    def total(self, variant: str) -> int:
+        """Everything on one GPU of this stage for ``baseline`` or ``agoq``."""
+        return self.weights + self.optimizer + self.gradients[variant] + self.activations[variant]
+
+
+def _layers_per_stage(layers: int, pp: int) -> list[int]:
+    base, extra = divmod(layers, pp)
+    return [base + (1 if s < extra else 0) for s in range(pp)]
+
+
+def gradient_bytes(numel: int, cfg: AgoqConfig) -> int:
+    """agoq's gradient state for ``numel`` gradient elements (codes + scales + residual)."""
+    grad = cfg.gradient
+    if not (cfg.enabled and grad.enabled) or grad.storage_bits >= 32:
+        return 4 * numel
+    state = numel + 4 * math.ceil(numel / grad.group_size)
+    return state * (2 if grad.error_feedback else 1)
+
+
+def plan(dims: ModelDims, par: Parallelism, cfg: AgoqConfig | None = None) -> list[StageMemory]:
+    """Per-stage, per-GPU memory for stock training and agoq (``cfg`` defaults to agoq's defaults)."""
+    cfg = cfg or AgoqConfig()
+    table = cfg.activation.class_table()
+    tokens = par.micro_batch * par.seq_len
+    stages = []
+    for s, n_layers in enumerate(_layers_per_stage(dims.layers, par.pp)):
+        params = n_layers * dims.layer_params() // par.tp
+        saved = [t for _ in range(n_layers) for t in layer_saved_tensors(dims, tokens, par.seq_len, par.tp)]
+        if s == 0:
+            params += dims.vocab * dims.hidden // par.tp
+        if s == par.pp - 1:
+            params += dims.hidden + (0 if dims.tied_embeddings else dims.vocab * dims.hidden // par.tp)
+            saved += head_saved_tensors(dims, tokens, par.tp)
+        holds = pipeline_holds(s, par.pp, par.micro_batches)
+        grad_numel = params // par.dp if par.zero >= 2 else params
+        stage = StageMemory(
+            stage=s,
+            layers=n_layers,
+            params=params,
+            holds=holds,
+            weights=2 * params,
+            optimizer=12 * params // (par.dp if par.zero >= 1 else 1),
+        )
+        stage.gradients = {"baseline": 4 * grad_numel, "agoq": gradient_bytes(grad_numel, cfg)}
+        stage.activations = {
+            "baseline": holds * sum(t.numel * t.elem_bytes for t in saved),
+            "agoq": holds * sum(stored_bytes(t, table[str(t.cls.value)], cfg) for t in saved),
+        }
+        stages.append(stage)
+    return stages
+
+
+GIB = 2**30
+
+
+def format_plan(dims: ModelDims, par: Parallelism, stages: list[StageMemory]) -> str:
+    """A table (GiB per GPU) of every stage, stock versus agoq."""
+    head = (
+        f"{dims.name}: {dims.params() / 1e9:.2f}B params | seq {par.seq_len}, micro-batch {par.micro_batch}, "
+        f"{par.micro_batches} micro-batches | TP{par.tp} PP{par.pp} DP{par.dp} ZeRO-{par.zero}"
+    )
+    cols = f"{'stage':>5} {'layers':>6} {'held':>4} {'weights':>8} {'optim':>8} {'grad':>15} {'activations':>17}"
+    lines = [head, cols + f" {'total':>17} {'saved':>6}"]
+    for st in stages:
+        g, a = st.gradients, st.activations
+        tb, ta = st.total("baseline"), st.total("agoq")
+        lines.append(
+            f"{st.stage:>5} {st.layers:>6} {st.holds:>4} {st.weights / GIB:>8.2f} {st.optimizer / GIB:>8.2f} "
+            f"{g['baseline'] / GIB:>6.2f}->{g['agoq'] / GIB:<6.2f} {a['baseline'] / GIB:>7.2f}->{a['agoq'] / GIB:<7.2f}"
+            f" {tb / GIB:>7.2f}->{ta / GIB:<7.2f} {1 - ta / tb:>6.1%}"
+        )
+    worst_b = max(st.total("baseline") for st in stages)
+    worst_a = max(st.total("agoq") for st in stages)
+    lines.append(
+        f"peak GPU: {worst_b / GIB:.2f} GiB stock -> {worst_a / GIB:.2f} GiB agoq ({1 - worst_a / worst_b:.1%} less)"
+    )
+    return "\n".join(lines)
+
+
+def plot(stages: list[StageMemory], path: Path, title: str) -> None:
+    """Stacked bars per stage: stock and agoq side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(stages)), 4))
+    parts = ("weights", "optimizer", "gradients", "activations")
+    colors = ("tab:gray", "tab:purple", "tab:orange", "tab:blue")
+    for i, st in enumerate(stages):
+        for j, variant in enumerate(("baseline", "agoq")):
+            bottom = 0.0
+            for part, color in zip(parts, colors, strict=True):
+                value = getattr(st, part)
+                value = value[variant] if isinstance(value, dict) else value
+                ax.bar(
+                    i + 0.4 * j,
+                    value / GIB,
+                    0.38,
+                    bottom=bottom,
+                    color=color,
+                    alpha=1.0 if j else 0.55,
+                    label=part if i == 0 and j == 0 else None,
+                )
+                bottom += value / GIB
+    ax.set_xticks([i + 0.2 for i in range(len(stages))], [f"stage {st.stage}\nstock | agoq" for st in stages])
+    ax.set_ylabel("GiB per GPU")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _run(args: argparse.Namespace) -> int:
+    dims = NAMED_MODELS[args.model] if args.model in NAMED_MODELS else dims_from_hf_config(args.model)
+    par = Parallelism(args.seq_len, args.micro_batch, args.micro_batches, args.tp, args.pp, args.dp, args.zero)
+    block: Any = {}
+    if args.ds_config:
+        block = json.loads(Path(args.ds_config).read_text()).get("agoq", {})
+    stages = plan(dims, par, parse_agoq_config(block))
+    print(format_plan(dims, par, stages))
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {"model": asdict(dims), "parallelism": asdict(par), "stages": [asdict(s) for s in stages]}, indent=1
+            )
+        )
+    if args.chart:
+        plot(stages, Path(args.chart), dims.name)
+    return 0
+
+
+def add_plan_command(sub: Any) -> None:
+    """Register ``agoq-ds plan`` on the CLI's sub-parsers."""
+    p = sub.add_parser("plan", help="per-GPU memory, stock vs agoq (LLaMA sizes or an HF config.json)")
+    p.add_argument("--model", default="llama-8b", help=f"{', '.join(NAMED_MODELS)} or a path to config.json")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--micro-batches", type=int, default=8, help="gradient accumulation steps (M)")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--dp", type=int, default=1)
+    p.add_argument("--zero", type=int, choices=(0, 1, 2), default=1)
+    p.add_argument("--ds-config", help="take the agoq block from this ds_config.json (default: agoq defaults)")
+    p.add_argument("--json", help="write the plan as JSON")
+    p.add_argument("--chart", help="write a PNG bar chart")
+    p.set_defaults(func=_run)
