@@ -20,11 +20,14 @@ AUTOLOAD_PTH = "agoq_ds_autoload.pth"
 
 
 class BuildPyWithAutoload(build_py):
-    """Also installs ``agoq_ds_autoload.pth`` at the site-packages root (the zero-code hook)."""
+    """Also installs ``agoq_ds_autoload.pth`` at the site-packages root (the zero-code hook) and, in a
+    wheel, a copy of ``csrc/`` as ``agoq_ds/_csrc`` for JIT builds."""
 
     def run(self) -> None:
         super().run()
         self.copy_file(str(ROOT / "agoq_ds" / AUTOLOAD_PTH), os.path.join(self.build_lib, AUTOLOAD_PTH))
+        if not self.editable_mode:  # a wheel carries the kernel sources so JIT builds work later
+            self.copy_tree(str(ROOT / "csrc"), os.path.join(self.build_lib, "agoq_ds", "_csrc"))
 
     def get_outputs(self, include_bytecode: bool = True) -> list[str]:
         return [*super().get_outputs(include_bytecode), os.path.join(self.build_lib, AUTOLOAD_PTH)]

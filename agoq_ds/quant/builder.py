@@ -34,7 +34,9 @@ from deepspeed.ops.op_builder.cpu.builder import CPUOpBuilder
 
 _HERE = Path(__file__).resolve().parent
 _ROOT = _HERE.parent.parent
-_CSRC_CPU = _ROOT / "csrc" / "cpu"
+# A checkout has csrc/ at the top; an installed wheel carries a copy as agoq_ds/_csrc (setup.py).
+_CSRC = _ROOT / "csrc" if (_ROOT / "csrc").is_dir() else _HERE.parent / "_csrc"
+_CSRC_CPU = _CSRC / "cpu"
 
 
 def _env_flag(name: str, default: str) -> bool:

@@ -30,7 +30,8 @@ from deepspeed.ops.op_builder.builder import CUDAOpBuilder
 
 _HERE = Path(__file__).resolve().parent
 _ROOT = _HERE.parent.parent
-CSRC_CUDA = _ROOT / "csrc" / "cuda"
+# A checkout has csrc/ at the top; an installed wheel carries a copy as agoq_ds/_csrc (setup.py).
+CSRC_CUDA = (_ROOT / "csrc" if (_ROOT / "csrc").is_dir() else _HERE.parent / "_csrc") / "cuda"
 """Directory of the CUDA sources."""
 
 DEFAULT_ARCHS = "8.0;8.6;9.0+PTX"
