@@ -1,0 +1,407 @@
+"""``ActivationQuantizer``: the entry point that ties config, policy, pack hooks and reports together.
+
+    quantizer = ActivationQuantizer(model, config.activation, stage_id=0, num_stages=1, micro_batches=1)
+    quantizer.install()
+    for batch in data:
+        loss = model(**batch).loss; loss.backward(); optimizer.step()
+        quantizer.on_step_end()          # drives tracing, calibration, per-step statistics
+    print(quantizer.report())
+
+Step 1 is traced (the model is classified when its first forward returns). In budget mode the
+first ``budget.calibration_steps`` steps store activations unquantized while measuring each class's
+quantization error; in stage-aware pipeline mode step 1 measures at the class-table bits. At the end
+of those steps the allocators fix the bits (budget table, then per-stage balancing) and log them.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .allocate import StagePlan, allocate_budget, balance_stages, pipeline_holds, spread
+from .calibration import Calibration
+from .checkpoint import (
+    QuantizingCheckpoint,
+    is_pipeline_module,
+    restore_hf_checkpoint_function,
+    set_hf_checkpoint_function,
+    swap_pipeline_checkpoint_function,
+)
+from .classes import LayerClass
+from .hooks import PackEngine
+from .policy import BitPolicy
+from .report import Snapshot, render, total
+from .storage import QuantSpec, Usage
+
+if TYPE_CHECKING:
+    from ..config import ActivationConfig
+
+STATE_VERSION = 1
+"""Version of ``ActivationQuantizer.state_dict``."""
+
+
+def _log(msg: str) -> None:
+    from deepspeed.utils import logger
+
+    logger.info(msg)
+
+
+class ActivationQuantizer:
+    """Layer-aware quantization of the activations a model saves for backward (see module docstring).
+
+    ``stage_id``/``num_stages``/``micro_batches`` describe the pipeline position (1F1B holds
+    ``max(2, min(S - s, M))`` micro-batches on stage ``s``); ``seed`` drives stochastic rounding;
+    ``process_group`` is where stage-aware mode gathers the other stages' measurements (default:
+    the whole world, when ``torch.distributed`` is initialised); ``log_report`` logs ``report()``
+    once, after the first step (the AGoQ engine does that itself).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: ActivationConfig,
+        *,
+        stage_id: int = 0,
+        num_stages: int = 1,
+        micro_batches: int = 1,
+        seed: int = 0,
+        process_group: Any = None,
+        log_report: bool = False,
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.stage_id = stage_id
+        self.num_stages = num_stages
+        self.micro_batches = micro_batches
+        self.holds = pipeline_holds(stage_id, num_stages, micro_batches)
+        """Micro-batches this stage holds at its peak under 1F1B."""
+        self.process_group = process_group
+        scale_dtype = torch.bfloat16 if config.scale_dtype == "bf16" else torch.float32
+        self.spec = QuantSpec(config.group_size, scale_dtype, config.rounding == "stochastic")
+        self.policy = BitPolicy(config, stage_id)
+        """Bits per (module, class)."""
+        budget = config.budget
+        self._budget = budget.target_avg_bits is not None or budget.stage_budget_bytes is not None
+        self._stage_aware = config.pipeline.mode == "stage_aware"
+        steps = budget.calibration_steps if self._budget else 1 if self._stage_aware else 0
+        self.calibration: Calibration | None = Calibration(self.spec, [2, 4, 8]) if steps else None
+        """Measurements in progress (``None`` once the bits are fixed or when nothing is calibrated)."""
+        self._calibration_steps = steps
+        self._calibration_forwards = 0
+        self.engine = PackEngine(
+            model,
+            self.policy.bits,
+            self.spec,
+            config.min_numel,
+            seed,
+            on_saved=self._observe if steps else None,
+            recompute=config.recompute,
+        )
+        """The pack/unpack machinery (hooks, trace, ledger)."""
+        self.engine.enabled = bool(config.enabled)
+        self.engine.calibrating = self._budget
+        self.checkpoint_function = QuantizingCheckpoint(self.engine)
+        """Quantizing checkpoint function for ``PipelineModule(activation_checkpoint_func=...)``,
+        HF's ``_gradient_checkpointing_func`` or in place of ``deepspeed.checkpointing.checkpoint``."""
+        self.step = 0
+        """Optimizer steps seen (``on_step_end`` calls)."""
+        self.sensitivity: dict[str, dict[int, float]] = {}
+        """Measured relative quantization error per class and bits (after calibration)."""
+        self.stage_peaks: dict[str, dict[int, int]] = {}
+        """Stage-aware mode: modelled per-stage peak stored bytes ``before``/``after`` balancing."""
+        self.decisions: list[str] = []
+        """What the allocators decided, as logged."""
+        self._snapshot: Snapshot | None = None
+        self._log_report = log_report
+        self._traced = False
+        self._pipeline_previous = None
+        self._loss_previous = None
+        self._hf_previous: dict | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+
+    def install(self) -> ActivationQuantizer:
+        """Register the hooks (and use the quantizing checkpoint function in a ``PipelineModule``
+        that checkpoints with DeepSpeed's own one)."""
+        if not self.engine.enabled:
+            return self
+        self.engine.install()
+        if self.config.checkpointing:
+            self._pipeline_previous = swap_pipeline_checkpoint_function(self.model, self.checkpoint_function)
+        loss_fn = getattr(self.model, "loss_fn", None)
+        if is_pipeline_module(self.model) and callable(loss_fn) and not isinstance(loss_fn, nn.Module):
+            # The pipeline engine calls loss_fn outside the module's forward; run it in the root scope.
+            self._loss_previous = loss_fn
+            self.model.loss_fn = self.engine.scoped(loss_fn)
+        return self
+
+    def remove(self) -> None:
+        """Undo ``install`` and ``enable_hf_gradient_checkpointing``'s function swap."""
+        self.engine.remove()
+        if self._loss_previous is not None:
+            self.model.loss_fn = self._loss_previous
+            self._loss_previous = None
+        if self._pipeline_previous is not None:
+            self.model.activation_checkpoint_func = self._pipeline_previous
+            self._pipeline_previous = None
+        if self._hf_previous is not None:
+            restore_hf_checkpoint_function(self._hf_previous)
+            self._hf_previous = None
+
+    def enable_hf_gradient_checkpointing(self, model: nn.Module | None = None) -> None:
+        """Turn on HF activation checkpointing for ``model`` (default: the quantized model) with the
+        quantizing checkpoint function, so the checkpointed layer inputs are stored quantized."""
+        self._hf_previous = set_hf_checkpoint_function(model or self.model, self.checkpoint_function)
+
+    def on_step_end(self) -> None:
+        """Call once per optimizer step: closes the step's statistics, ends tracing after the first
+        step and, at the end of calibration, fixes the bits."""
+        self.step += 1
+        ledger = self.engine.ledger
+        self._snapshot = Snapshot(
+            self.step,
+            len(ledger.forwards),
+            copy.deepcopy(dict(ledger.by_class)),
+            copy.deepcopy(dict(ledger.by_module)),
+            ledger.peak_stored,
+            ledger.peak_baseline,
+            ledger.peak_bf16,
+            calibration=self.engine.calibrating,
+        )
+        if not self._traced and ledger.forwards:
+            self._traced = True
+            self.engine.stop_tracing()
+        if self.calibration is not None:
+            self._calibration_forwards += len(ledger.forwards)
+            if self.step >= self._calibration_steps and self._calibration_forwards:
+                self._allocate()
+        ledger.reset_usage()
+        ledger.reset_peaks()
+        if self._log_report and self._snapshot.forwards:
+            self._log_report = False
+            _log("agoq activation storage measured in the first step:\n" + self.report())
+
+    # --- calibration -------------------------------------------------------------------------------
+
+    def _observe(self, t: torch.Tensor | None, cls: str, module: str, quantizable: bool, numel: int = 0) -> None:
+        if self.calibration is not None:
+            self.calibration.observe(t, cls, module, quantizable, numel)
+
+    def _allocate(self) -> None:
+        calib = self.calibration
+        assert calib is not None
+        units, fixed_numel, fixed_bytes = calib.per_micro_batch(self._calibration_forwards)
+        self.sensitivity = calib.sensitivity()
+        self.calibration = None
+        self.engine.on_saved = None
+        self.engine.calibrating = False
+        scale_bytes = self.spec.scale_dtype.itemsize
+        for u in units:
+            pinned = self.policy.pinned_bits(u.module, u.cls)
+            u.pinned = pinned is not None or (self._budget and self.policy.class_pinned(u.cls))
+            u.bits = pinned if pinned is not None else self.policy.bits(u.module, u.cls)
+        if self._budget:
+            b = self.config.budget
+            table = allocate_budget(
+                units,
+                fixed_numel,
+                fixed_bytes,
+                self.sensitivity,
+                list(b.candidate_bits),
+                scale_bytes,
+                target_avg_bits=b.target_avg_bits,
+                budget_bytes=b.stage_budget_bytes,
+                holds=self.holds,
+                floors=self._sensitive_floors(),
+            )
+            self.policy.set_class_bits(table)
+            for u in units:
+                if not u.pinned:
+                    u.bits = table[u.cls]
+            nbytes = fixed_bytes + sum(u.nbytes(u.bits, scale_bytes) for u in units)
+            numel = fixed_numel + sum(u.numel for u in units)
+            self._decide(
+                f"budget mode (stage {self.stage_id}): class bits {dict(sorted(table.items()))}; predicted "
+                f"{8 * nbytes / max(numel, 1):.3f} bits/element, {self.holds * nbytes} bytes peak "
+                f"(target avg {b.target_avg_bits}, stage budget {b.stage_budget_bytes}); "
+                f"measured error {self._fmt_sensitivity(table)}"
+            )
+        if self._stage_aware:
+            plans = self._gather(StagePlan(units, fixed_bytes, self.holds, self.sensitivity))
+            changed, before, after = balance_stages(
+                plans,
+                tolerance=self.config.pipeline.tolerance,
+                min_bits=self.config.pipeline.min_bits,
+                scale_bytes=scale_bytes,
+            )
+            self.policy.set_overrides(changed.get(self.stage_id, {}))
+            self.stage_peaks = {"before": before, "after": after}
+            mine = changed.get(self.stage_id, {})
+            self._decide(
+                f"stage-aware (stage {self.stage_id}/{self.num_stages}, holds {self.holds} micro-batches): peak bytes "
+                f"per stage {before} -> {after} (spread {spread(before):.1%} -> {spread(after):.1%}, tolerance "
+                f"{self.config.pipeline.tolerance:.0%}); {len(mine)} unit(s) lowered on this stage"
+                + (": " + ", ".join(f"{m}:{c}={b}" for (m, c), b in sorted(mine.items())) if mine else "")
+            )
+
+    def _sensitive_floors(self) -> dict[str, int]:
+        """Classes the policy table singles out above ``default_bits`` (attention, head/loss): budget
+        mode keeps them at least there while the budget allows, since quantization error alone
+        understates how backward amplifies theirs (softmax)."""
+        default = self.config.default_bits
+        return {c: b for c, b in self.policy.base_table.items() if b > default}
+
+    def _gather(self, plan: StagePlan) -> dict[int, StagePlan]:
+        import torch.distributed as dist
+
+        if self.num_stages <= 1 or not (dist.is_available() and dist.is_initialized()):
+            return {self.stage_id: plan}
+        gathered: list[Any] = [None] * dist.get_world_size(self.process_group)
+        dist.all_gather_object(gathered, (self.stage_id, plan), group=self.process_group)
+        plans: dict[int, StagePlan] = {}
+        for stage, p in gathered:
+            plans.setdefault(stage, p)
+        return plans
+
+    def _decide(self, message: str) -> None:
+        self.decisions.append(message)
+        _log("agoq activation " + message)
+
+    def _fmt_sensitivity(self, table: dict[str, int]) -> str:
+        parts = []
+        for cls, bits in sorted(table.items()):
+            err = self.sensitivity.get(cls, {}).get(bits)
+            if err is not None:
+                parts.append(f"{cls}@{bits}={err:.2e}")
+        return ", ".join(parts)
+
+    # --- reporting ---------------------------------------------------------------------------------
+
+    def _current(self) -> Snapshot:
+        if self._snapshot is not None:
+            return self._snapshot
+        ledger = self.engine.ledger
+        return Snapshot(
+            self.step,
+            len(ledger.forwards),
+            dict(ledger.by_class),
+            dict(ledger.by_module),
+            ledger.peak_stored,
+            ledger.peak_baseline,
+            ledger.peak_bf16,
+        )
+
+    def table(self) -> dict[str, int]:
+        """The effective class -> bits table (after budget mode and class-wide rules)."""
+        return self.policy.table()
+
+    def stats(self, per_module: bool = False) -> dict[str, float]:
+        """Statistics of the last completed step (or of the current one before any step ended).
+
+        ``stored_bytes_peak`` / ``baseline_bytes_peak`` / ``bf16_bytes_peak``: peak live bytes held
+        versus what the unquantized (or bf16) tensors would hold; ``live_bytes``: held right now;
+        ``*_per_forward``: per micro-batch; ``avg_bits``: stored bits per saved element, scales
+        included; ``compression``: unquantized / stored; ``ratio_vs_bf16``: stored / bf16; per
+        class ``class/<name>/{bits,elements,stored_bytes,baseline_bytes,avg_bits}`` and, with
+        ``per_module``, ``module/<module>/<class>/{elements,stored_bytes,baseline_bytes}`` (all per
+        micro-batch).
+        """
+        snap = self._current()
+        per = max(snap.forwards, 1)
+        all_: Usage = total(list(snap.by_class.values()))
+        out: dict[str, float] = {
+            "step": float(self.step),
+            "stored_bytes_peak": float(snap.peak_stored),
+            "baseline_bytes_peak": float(snap.peak_baseline),
+            "bf16_bytes_peak": float(snap.peak_bf16),
+            "live_bytes": float(self.engine.ledger.live_stored),
+            "stored_bytes_per_forward": all_.stored / per,
+            "baseline_bytes_per_forward": all_.baseline / per,
+            "bf16_bytes_per_forward": 2 * all_.numel / per,
+            "elements_per_forward": all_.numel / per,
+            "avg_bits": all_.avg_bits,
+            "compression": all_.baseline / all_.stored if all_.stored else 1.0,
+            "ratio_vs_bf16": all_.stored / (2 * all_.numel) if all_.numel else 1.0,
+        }
+        table = self.table()
+        for cls in LayerClass:
+            u = snap.by_class.get(cls.value)
+            if u is None or not u.numel:
+                continue
+            out[f"class/{cls.value}/bits"] = float(table[cls.value])
+            out[f"class/{cls.value}/elements"] = u.numel / per
+            out[f"class/{cls.value}/stored_bytes"] = u.stored / per
+            out[f"class/{cls.value}/baseline_bytes"] = u.baseline / per
+            out[f"class/{cls.value}/avg_bits"] = u.avg_bits
+        if per_module:
+            for (module, cls_name), u in sorted(snap.by_module.items()):
+                prefix = f"module/{module or '<root>'}/{cls_name}"
+                out[f"{prefix}/elements"] = u.numel / per
+                out[f"{prefix}/stored_bytes"] = u.stored / per
+                out[f"{prefix}/baseline_bytes"] = u.baseline / per
+        return out
+
+    def report(self, per_layer: bool = False) -> str:
+        """Human-readable table: per class (and per layer with ``per_layer``) bits, stored bytes,
+        bf16-equivalent and unquantized bytes, average bits and compression."""
+        mode = (
+            self.config.policy + (", budget" if self._budget else "") + (", stage-aware" if self._stage_aware else "")
+        )
+        title = f"agoq activations [{mode}] stage {self.stage_id}/{self.num_stages}"
+        text = render(
+            self._current(),
+            self.table(),
+            title=title,
+            per_layer=per_layer,
+            layer_of=self._layer_of,
+            overrides=self.policy.overrides,
+        )
+        if self.decisions:
+            text += "\n" + "\n".join(self.decisions)
+        return text
+
+    def _layer_of(self, module: str) -> str:
+        parts = module.split(".") if module else []
+        for j, part in enumerate(parts):
+            if part.isdigit():
+                return ".".join(parts[: j + 1])
+        return ""
+
+    def classes(self) -> dict[str, str]:
+        """Module name -> layer class of its own scope (``"<root>"`` for the root), as classified."""
+        names = self.engine.classifier.names
+        return {names[i] or "<root>": c for i, c in self.engine.structure.classes.items()}
+
+    # --- state ---------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Policy table and calibration results (plain ints/floats/strings: loadable with
+        ``torch.load(weights_only=True)``)."""
+        return {
+            "version": STATE_VERSION,
+            "step": self.step,
+            "calibrated": self.calibration is None and self._calibration_steps > 0,
+            "class_bits": dict(self.policy.class_bits),
+            "overrides": {f"{m}|{c}": b for (m, c), b in self.policy.overrides.items()},
+            "sensitivity": {c: {str(b): float(e) for b, e in v.items()} for c, v in self.sensitivity.items()},
+            "stage_peaks": {k: {str(s): int(p) for s, p in v.items()} for k, v in self.stage_peaks.items()},
+            "decisions": list(self.decisions),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned (a calibrated table is not re-calibrated)."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"activation quantizer state version {state.get('version')} != {STATE_VERSION}")
+        self.step = int(state["step"])
+        self.policy.set_class_bits({str(k): int(v) for k, v in state["class_bits"].items()})
+        self.policy.set_overrides({tuple(k.split("|", 1)): int(v) for k, v in state["overrides"].items()})
+        self.sensitivity = {c: {int(b): float(e) for b, e in v.items()} for c, v in state["sensitivity"].items()}
+        self.stage_peaks = {k: {int(s): int(p) for s, p in v.items()} for k, v in state.get("stage_peaks", {}).items()}
+        self.decisions = list(state.get("decisions", []))
+        if state["calibrated"]:
+            self.calibration = None
+            self.engine.on_saved = None
+            self.engine.calibrating = False

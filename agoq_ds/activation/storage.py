@@ -1,0 +1,480 @@
+"""What a pack hook hands to autograd: one holder per saved tensor, with exact byte accounting.
+
+``SavedTensor`` holds either the tensor itself (not quantized) or its ``QuantizedTensor`` plus what
+is needed to give backward a tensor of the original shape, dtype and strides. ``Ledger`` counts,
+exactly, the bytes every live holder keeps (``QuantizedTensor.nbytes`` for quantized ones) next to
+the bytes the unquantized tensor would have kept; a holder gives its bytes back when autograd
+frees it, so the live count returns to zero after backward. ``DedupCache`` makes a tensor saved by
+several ops (the normed input of q/k/v projections) one holder.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..quant import QuantizedTensor, dequantize, quantize
+
+QUANTIZABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""Floating types the quantizer accepts."""
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How activations are quantized (everything but the bit-width)."""
+
+    group_size: int = 128
+    """Elements per scale."""
+    scale_dtype: torch.dtype = torch.bfloat16
+    """Storage type of the scales."""
+    stochastic: bool = False
+    """Stochastic instead of round-to-nearest rounding."""
+
+
+def is_row_statistic(t: torch.Tensor) -> bool:
+    """True for per-row statistics: a trailing dimension of size 1 (a norm's rstd/mean, keepdim
+    reductions). Each value rescales a whole row in backward, so they are never quantized."""
+    return t.dim() >= 2 and t.shape[-1] == 1
+
+
+def quantizable(t: torch.Tensor, min_numel: int) -> bool:
+    """Whether ``t`` may be stored quantized: a supported floating type, at least ``min_numel``
+    elements, not a row statistic, and no broadcast (stride-0) dimension, whose materialisation
+    would cost more than it saves."""
+    if t.dtype not in QUANTIZABLE_DTYPES or t.numel() < max(min_numel, 1):
+        return False
+    if is_row_statistic(t):
+        return False
+    return all(st != 0 or sz == 1 for st, sz in zip(t.stride(), t.shape, strict=True))
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes of the elements of ``t`` (not of its whole storage)."""
+    return t.numel() * t.element_size()
+
+
+def dense_permutation(t: torch.Tensor) -> list[int] | None:
+    """A permutation ``p`` with ``t.permute(p)`` contiguous (no copy), or ``None`` if there is none."""
+    order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), -t.shape[d]))
+    return order if t.permute(order).is_contiguous() else None
+
+
+@dataclass
+class Usage:
+    """Counts for one bucket (a class, a module, a forward)."""
+
+    tensors: int = 0
+    """Saved tensors (after deduplication)."""
+    numel: int = 0
+    """Elements."""
+    stored: int = 0
+    """Bytes actually held (codes + scales for quantized tensors)."""
+    baseline: int = 0
+    """Bytes the unquantized tensors would have held."""
+    quantized_numel: int = 0
+    """Elements stored quantized."""
+    derived_numel: int = 0
+    """Elements recomputed in backward from another stored tensor (0 bytes, ``DerivedTensor``)."""
+
+    def add(
+        self, numel: int, stored: int, baseline: int, quantized: bool, tensors: int = 1, derived: bool = False
+    ) -> None:
+        """Add one tensor (or, with negative numbers, take one back)."""
+        self.tensors += tensors
+        self.numel += numel
+        self.stored += stored
+        self.baseline += baseline
+        self.quantized_numel += numel if quantized else 0
+        self.derived_numel += numel if derived else 0
+
+    def merge(self, other: Usage) -> None:
+        """Add all of ``other``."""
+        self.tensors += other.tensors
+        self.numel += other.numel
+        self.stored += other.stored
+        self.baseline += other.baseline
+        self.quantized_numel += other.quantized_numel
+        self.derived_numel += other.derived_numel
+
+    @property
+    def avg_bits(self) -> float:
+        """Stored bits per element, scales included."""
+        return 8.0 * self.stored / self.numel if self.numel else 0.0
+
+
+@dataclass
+class Ledger:
+    """Exact byte accounting of all live holders of one quantizer (thread-safe: autograd may free
+    holders on its worker threads)."""
+
+    live_stored: int = 0
+    """Bytes held right now."""
+    live_baseline: int = 0
+    """Bytes the same tensors would hold unquantized."""
+    live_bf16: int = 0
+    """Bytes the same tensors would hold in bf16."""
+    peak_stored: int = 0
+    """Highest ``live_stored`` since ``reset_peaks``."""
+    peak_baseline: int = 0
+    """Highest ``live_baseline`` since ``reset_peaks``."""
+    peak_bf16: int = 0
+    """Highest ``live_bf16`` since ``reset_peaks``."""
+    live_tensors: int = 0
+    """Holders alive."""
+    by_class: dict[str, Usage] = field(default_factory=lambda: defaultdict(Usage))
+    """Usage per layer class since ``reset_usage``."""
+    by_module: dict[tuple[str, str], Usage] = field(default_factory=lambda: defaultdict(Usage))
+    """Usage per (module name, class) since ``reset_usage``."""
+    forward: Usage = field(default_factory=Usage)
+    """Usage of the forward in progress."""
+    forwards: list[Usage] = field(default_factory=list)
+    """Usage of each completed forward since ``reset_usage``."""
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def hold(self, stored: int, baseline: int, numel: int) -> None:
+        """A holder started keeping ``stored`` bytes (``baseline`` unquantized)."""
+        with self._lock:
+            self.live_stored += stored
+            self.live_baseline += baseline
+            self.live_bf16 += 2 * numel
+            self.live_tensors += 1
+            self.peak_stored = max(self.peak_stored, self.live_stored)
+            self.peak_baseline = max(self.peak_baseline, self.live_baseline)
+            self.peak_bf16 = max(self.peak_bf16, self.live_bf16)
+
+    def change(self, delta_stored: int) -> None:
+        """A live holder's stored bytes changed (quantized after the fact, or upgraded)."""
+        with self._lock:
+            self.live_stored += delta_stored
+            self.peak_stored = max(self.peak_stored, self.live_stored)
+
+    def drop(self, stored: int, baseline: int, numel: int) -> None:
+        """A holder was freed."""
+        with self._lock:
+            self.live_stored -= stored
+            self.live_baseline -= baseline
+            self.live_bf16 -= 2 * numel
+            self.live_tensors -= 1
+
+    def record(
+        self,
+        cls: str,
+        module: str,
+        numel: int,
+        stored: int,
+        baseline: int,
+        quantized: bool,
+        n: int = 1,
+        derived: bool = False,
+    ) -> None:
+        """Count a finalised holder (``n = -1`` with the old numbers takes it back)."""
+        with self._lock:
+            self.by_class[cls].add(numel, stored, baseline, quantized, n, derived)
+            self.by_module[(module, cls)].add(numel, stored, baseline, quantized, n, derived)
+            self.forward.add(numel, stored, baseline, quantized, n, derived)
+
+    def end_forward(self, merge: bool = False) -> None:
+        """Close the usage of the forward in progress (``merge``: add it to the last one instead)."""
+        with self._lock:
+            if merge and self.forwards:
+                self.forwards[-1].merge(self.forward)
+            else:
+                self.forwards.append(self.forward)
+            self.forward = Usage()
+
+    def reset_peaks(self) -> None:
+        """Start a new peak window at the current live bytes."""
+        with self._lock:
+            self.peak_stored, self.peak_baseline, self.peak_bf16 = self.live_stored, self.live_baseline, self.live_bf16
+
+    def reset_usage(self) -> None:
+        """Forget per-class/module/forward usage (called once per optimizer step)."""
+        with self._lock:
+            self.by_class = defaultdict(Usage)
+            self.by_module = defaultdict(Usage)
+            self.forwards = []
+
+
+class SavedTensor:
+    """One saved memory span as autograd keeps it: the tensor itself until ``finalize``, then either
+    the tensor (not quantized) or its quantized form.
+
+    A dense tensor (a permutation of a contiguous layout) is kept in memory order, so every view of
+    the same span (a transpose, a reshape, the 2-D view a Linear saves of its 3-D input) shares
+    one holder and gets its own shape and strides back (``SavedView``). Other tensors are kept as
+    they are or, quantized, as a contiguous copy.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_dequantized",
+        "_dtype",
+        "baseline",
+        "bits",
+        "cls",
+        "dense",
+        "final",
+        "held",
+        "ledger",
+        "log_space",
+        "module",
+        "numel",
+        "q",
+        "quantizable",
+        "raw",
+        "requests",
+        "stored",
+    )
+
+    def __init__(self, t: torch.Tensor, ledger: Ledger, min_numel: int) -> None:
+        perm = dense_permutation(t)
+        self.dense = perm is not None
+        self.raw: torch.Tensor | None = t.permute(perm) if perm is not None else t
+        self.quantizable = quantizable(t, min_numel)
+        self.q: QuantizedTensor | None = None
+        self.numel = t.numel()
+        self._dtype = t.dtype
+        self.baseline = tensor_bytes(t)
+        self.stored = self.baseline
+        self.bits = 16
+        self.cls = ""
+        self.module = ""
+        self.final = False
+        self.requests: list[tuple[int, str | None]] = []
+        self._dequantized: weakref.ref | None = None
+        self.ledger = ledger
+        self.held = False
+        self.log_space = False
+        """True for log-probabilities (a log-softmax output): stored as probabilities, see
+        ``_store_quantized``."""
+
+    def hold(self) -> None:
+        """Start counting this holder's bytes as live (at the latest when it is finalised; earlier
+        when it keeps an unquantized tensor alive for a while, as in a traced forward)."""
+        if not self.held:
+            self.held = True
+            self.ledger.hold(self.stored, self.baseline, self.numel)
+
+    def view(self, t: torch.Tensor) -> SavedView:
+        """What a pack hook returns for ``t`` (a view of this span)."""
+        return SavedView(self, tuple(t.shape), t.stride())
+
+    def finalize(
+        self, cls: str, module: str, bits: int, force_raw: bool, spec: QuantSpec, seed: int, calibrate=None
+    ) -> None:
+        """Fix class, module and bit-width and release the full-precision tensor if quantized.
+
+        ``calibrate(t, cls, module, quantizable)`` (optional) sees the tensor first.
+        """
+        assert self.raw is not None and not self.final
+        self.cls, self.module, self.final = cls, module, True
+        self.quantizable = self.quantizable and not force_raw
+        if calibrate is not None:
+            calibrate(self._source() if self.quantizable else self.raw, cls, module, self.quantizable)
+        if self.quantizable and bits < 16:
+            self._store_quantized(bits, spec, seed)
+        self.hold()
+        self.ledger.record(cls, module, self.numel, self.stored, self.baseline, self.q is not None)
+
+    def upgrade(self, t: torch.Tensor, bits: int, spec: QuantSpec, seed: int) -> None:
+        """Another consumer saved the same data (``t``, still alive) and wants ``bits``: store the
+        span at that width if it is more than now."""
+        if not self.final or self.q is None or bits <= self.bits:
+            return
+        self.ledger.record(self.cls, self.module, -self.numel, -self.stored, -self.baseline, True, n=-1)
+        perm = dense_permutation(t)
+        self.raw = t.permute(perm) if self.dense and perm is not None else t
+        if bits >= 16:
+            self.ledger.change(self.baseline - self.stored)
+            self.q, self.bits, self.stored = None, 16, self.baseline
+        else:
+            self._store_quantized(bits, spec, seed)
+        self.ledger.record(self.cls, self.module, self.numel, self.stored, self.baseline, self.q is not None)
+
+    def _source(self) -> torch.Tensor:
+        """What is quantized: the span in memory order (probabilities for log-probabilities)."""
+        src = self.raw.detach()
+        if not self.dense:
+            src = src.contiguous()
+        if self.log_space:
+            # Backward exponentiates log-probabilities; an absolute error e in log space is a
+            # relative error e^e - 1 of every probability (e ~ 0.1 at 8 bits over a [-25, 0] range).
+            # Probabilities quantize with absolute error <= max_p / 2**bits instead.
+            src = src.float().exp()
+        return src
+
+    def _store_quantized(self, bits: int, spec: QuantSpec, seed: int) -> None:
+        src = self._source()
+        q = quantize(src, bits, spec.group_size, stochastic=spec.stochastic, seed=seed, scale_dtype=spec.scale_dtype)
+        if self.held:
+            self.ledger.change(q.nbytes - self.stored)
+        self.q, self.bits, self.stored = q, bits, q.nbytes
+        self.raw = None
+        self._dequantized = None
+
+    def unpack(self, shape: tuple[int, ...], stride: tuple[int, ...]) -> torch.Tensor:
+        """The tensor for backward, in the requesting view's shape (and, when possible, strides).
+
+        Several backward nodes may unpack one holder; while the last dequantized result is alive
+        it is handed out again instead of dequantizing twice.
+        """
+        flat = self.raw
+        if flat is None:
+            flat = self._dequantized() if self._dequantized is not None else None
+            if flat is None:
+                flat = dequantize(self.q)
+                if self.log_space:
+                    flat = flat.log().to(self._dtype)
+                self._dequantized = weakref.ref(flat)
+            if not self.dense:
+                return flat.view(shape)
+        return flat.as_strided(shape, stride)
+
+    def __del__(self) -> None:
+        if getattr(self, "held", False):
+            self.ledger.drop(self.stored, self.baseline, self.numel)
+
+
+class SavedView:
+    """A pack hook's result: one holder plus the shape and strides the saving op used."""
+
+    __slots__ = ("holder", "shape", "stride")
+
+    def __init__(self, holder: SavedTensor, shape: tuple[int, ...], stride: tuple[int, ...]) -> None:
+        self.holder, self.shape, self.stride = holder, shape, stride
+
+    def unpack(self) -> torch.Tensor:
+        """The tensor for backward."""
+        return self.holder.unpack(self.shape, self.stride)
+
+
+class DerivedTensor:
+    """A saved activation-function output kept as a recipe over its stored input: 0 bytes.
+
+    An elementwise activation (SiLU, GELU, ...) saves its input for its own backward; when its
+    output is saved too (by the gating product of a LLaMA MLP, by the next Linear in a GPT MLP),
+    backward gets ``func(input)`` recomputed from the input's holder instead of a second stored
+    tensor. The recomputed value is ``func(dequantized input)``: the same input backward of the
+    activation itself uses.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_result",
+        "args",
+        "baseline",
+        "bits",
+        "cls",
+        "final",
+        "func",
+        "held",
+        "kwargs",
+        "ledger",
+        "module",
+        "numel",
+        "requests",
+        "source",
+    )
+
+    stored = 0
+    """Bytes held of its own."""
+
+    def __init__(self, source: SavedView, func: Callable, args: tuple, kwargs: dict, t: torch.Tensor, ledger: Ledger):
+        self.source, self.func, self.args, self.kwargs = source, func, args, kwargs
+        self.numel = t.numel()
+        self.baseline = tensor_bytes(t)
+        self.bits = 0
+        self.cls = ""
+        self.module = ""
+        self.final = False
+        self.held = False
+        self.requests: list[tuple[int, str | None]] = []
+        self._result: weakref.ref | None = None
+        self.ledger = ledger
+
+    def hold(self) -> None:
+        """Count the (zero) stored bytes and the baseline as live."""
+        if not self.held:
+            self.held = True
+            self.ledger.hold(0, self.baseline, self.numel)
+
+    def view(self, t: torch.Tensor) -> SavedView:
+        """What a pack hook returns for ``t``."""
+        return SavedView(self, tuple(t.shape), t.stride())
+
+    def finalize(
+        self, cls: str, module: str, bits: int, force_raw: bool, spec: QuantSpec, seed: int, calibrate=None
+    ) -> None:
+        """Fix class and module and count the tensor (nothing is stored)."""
+        self.cls, self.module, self.final = cls, module, True
+        if calibrate is not None:
+            calibrate(None, cls, module, False, self.numel)
+        self.hold()
+        self.ledger.record(cls, module, self.numel, 0, self.baseline, False, derived=True)
+
+    def upgrade(self, t: torch.Tensor, bits: int, spec: QuantSpec, seed: int) -> None:
+        """Nothing to upgrade: the precision is the source's."""
+
+    def unpack(self, shape: tuple[int, ...], stride: tuple[int, ...]) -> torch.Tensor:
+        """``func(source)``, in the requesting view's shape and strides."""
+        y = self._result() if self._result is not None else None
+        if y is None:
+            y = self.func(self.source.unpack(), *self.args, **self.kwargs)
+            self._result = weakref.ref(y)
+        perm = dense_permutation(y)
+        flat = y.permute(perm) if perm is not None else y.contiguous()
+        return flat.as_strided(shape, stride)
+
+    def __del__(self) -> None:
+        if getattr(self, "held", False):
+            self.ledger.drop(0, self.baseline, self.numel)
+
+
+DedupKey = tuple
+"""Identity of a saved memory span (see ``dedup_key``)."""
+
+
+def dedup_key(t: torch.Tensor) -> DedupKey:
+    """Identity of the data ``t`` shows: (storage address, offset, elements, dtype, version) for a
+    dense tensor, so all views of one span match; shape and strides are added otherwise."""
+    key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype, t._version)
+    if dense_permutation(t) is None:
+        key += (tuple(t.shape), t.stride())
+    return key
+
+
+class DedupCache:
+    """Maps saved data to its holder for the duration of one forward.
+
+    An address can be reused once its tensor is freed, so an entry only matches while the tensor
+    that created it (or the base it is a view of) is still alive; the in-place version counter is
+    part of the key, so data modified after saving is not confused with its old self.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[DedupKey, tuple[weakref.ref, weakref.ref]] = {}
+
+    def get(self, key: DedupKey) -> SavedTensor | None:
+        """The live holder of ``key``, if its data is still the same."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        owner, holder = entry[0](), entry[1]()
+        if owner is None or holder is None:
+            del self._entries[key]
+            return None
+        return holder
+
+    def put(self, key: DedupKey, t: torch.Tensor, holder: SavedTensor) -> None:
+        """Remember ``holder`` for ``t``'s data (weakly: the cache keeps nothing alive)."""
+        base = t._base if t._base is not None else t
+        self._entries[key] = (weakref.ref(base), weakref.ref(holder))
+
+    def clear(self) -> None:
+        """Forget everything (end of a forward)."""
+        self._entries.clear()

@@ -1,0 +1,204 @@
+"""What a forward pass reveals about a model's structure, recorded for ``classify.py``.
+
+``Trace`` records every module call (who called it, which tensors went in and came out) and the
+telling functions called directly in each module's scope: the attention kernel
+(``scaled_dot_product_attention``, a softmax over a >= 4-D score tensor) and elementwise activation
+functions. ``OpWatcher`` is the ``TorchFunctionMode`` that sees those functions; it also brackets
+every SDPA call so that the pack hooks can tell SDPA's q/k from its v/output (``AttentionOp``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+TensorKey = tuple
+"""(storage address, offset, shape, strides, dtype): the identity of the data a tensor shows."""
+
+
+def tensor_key(t: torch.Tensor) -> TensorKey:
+    """The data identity of ``t`` (two live tensors with equal keys show the same elements)."""
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+
+def tensor_keys(*objs: Any) -> set[TensorKey]:
+    """Keys of the tensors in ``objs`` and in tuples/lists/dicts among them (one level deep)."""
+    keys: set[TensorKey] = set()
+    for obj in objs:
+        items: Iterable[Any]
+        if isinstance(obj, dict):
+            items = obj.values()
+        elif isinstance(obj, tuple | list):
+            items = obj
+        else:
+            items = (obj,)
+        for item in items:
+            if isinstance(item, torch.Tensor) and item.layout == torch.strided:
+                keys.add(tensor_key(item))
+            elif isinstance(item, tuple | list):
+                keys |= {tensor_key(x) for x in item if isinstance(x, torch.Tensor) and x.layout == torch.strided}
+    return keys
+
+
+ATTENTION = "attention"
+"""Op kind: the attention kernel ran in this scope."""
+ACTIVATION = "activation"
+"""Op kind: an elementwise activation function ran in this scope."""
+
+
+@dataclass
+class CallRecord:
+    """One module call seen in a traced forward."""
+
+    module: int
+    """Index of the module (in ``Classifier.modules``)."""
+    parent: int
+    """Index of the calling record, -1 for an outermost call."""
+    inputs: set[TensorKey]
+    """Keys of the tensors passed in (args and kwargs)."""
+    outputs: set[TensorKey] = field(default_factory=set)
+    """Keys of the tensors returned."""
+    ops: set[str] = field(default_factory=set)
+    """Op kinds called directly in this module's scope (``ATTENTION``, ``ACTIVATION``)."""
+
+
+class Trace:
+    """Module calls (in call order) and the ops seen in each call's own scope."""
+
+    def __init__(self) -> None:
+        self.calls: list[CallRecord] = []
+        """Every call seen, in the order calls started."""
+        self._open: list[int] = []
+
+    def enter(self, module: int, args: tuple, kwargs: dict) -> None:
+        """A module call starts."""
+        parent = self._open[-1] if self._open else -1
+        self.calls.append(CallRecord(module, parent, tensor_keys(args, kwargs)))
+        self._open.append(len(self.calls) - 1)
+
+    def exit(self, output: Any) -> None:
+        """The innermost open call returns ``output``."""
+        if self._open:
+            self.calls[self._open.pop()].outputs = tensor_keys(output)
+
+    def op(self, kind: str) -> None:
+        """An op of ``kind`` runs in the innermost open call's own scope."""
+        if self._open:
+            self.calls[self._open[-1]].ops.add(kind)
+
+    def reset_open(self) -> None:
+        """Forget unfinished calls (a forward that raised)."""
+        self._open.clear()
+
+
+_ACTIVATIONS = (
+    F.silu,
+    F.gelu,
+    F.relu,
+    F.relu6,
+    F.elu,
+    F.selu,
+    F.celu,
+    F.leaky_relu,
+    F.mish,
+    F.softplus,
+    F.hardswish,
+    F.hardsigmoid,
+    F.sigmoid,
+    F.tanh,
+    F.glu,
+    torch.sigmoid,
+    torch.tanh,
+    torch.relu,
+    torch.Tensor.sigmoid,
+    torch.Tensor.tanh,
+    torch.Tensor.relu,
+)
+_SOFTMAX = (F.softmax, torch.softmax, torch.Tensor.softmax)
+_LOG_SOFTMAX = (F.log_softmax, torch.log_softmax, torch.Tensor.log_softmax, F.cross_entropy)
+
+
+@dataclass
+class AttentionOp:
+    """One SDPA call in progress: its q/k/v and the holders packed while it runs."""
+
+    q: TensorKey
+    """Key of the query."""
+    k: TensorKey
+    """Key of the key."""
+    v: TensorKey
+    """Key of the value."""
+    statistic_numel: int = 0
+    """Saved tensors matching none of q/k/v/output and at most this large are softmax statistics
+    (the log-sum-exp has ``numel(q) / head_dim`` elements); larger ones (e.g. padded copies a GPU
+    kernel made of q/k/v) are treated like q/k."""
+    packed: list[tuple[Any, torch.Tensor | None]] = field(default_factory=list)
+    """(holder, the tensor it came from) for each tensor SDPA saved."""
+
+
+class OpWatcher(TorchFunctionMode):
+    """Sees the calls that reveal structure; everything else passes straight through.
+
+    ``on_op(kind)`` is called for attention kernels and activation functions; ``begin_sdpa`` /
+    ``end_sdpa(op, output)`` bracket each ``scaled_dot_product_attention`` call;
+    ``log_softmax(input shape)`` / ``log_softmax(None)`` bracket log-softmax and cross-entropy calls
+    (what they save of the input's shape are log-probabilities); ``activation(func, args, kwargs,
+    output)`` reports each elementwise activation call.
+    """
+
+    def __init__(
+        self,
+        on_op: Callable[[str], None],
+        begin_sdpa: Callable[[AttentionOp], None],
+        end_sdpa: Callable[[AttentionOp, Any], None],
+        log_softmax: Callable[[tuple[int, ...] | None], None],
+        activation: Callable[[Callable, tuple, dict, Any], None],
+    ) -> None:
+        super().__init__()
+        self._on_op = on_op
+        self._begin_sdpa = begin_sdpa
+        self._end_sdpa = end_sdpa
+        self._log_softmax = log_softmax
+        self._activation = activation
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            self._on_op(ATTENTION)
+            q, k, v = _sdpa_qkv(args, kwargs)
+            op = AttentionOp(tensor_key(q), tensor_key(k), tensor_key(v), q.numel() // 8)
+            self._begin_sdpa(op)
+            out = None
+            try:
+                out = func(*args, **kwargs)
+            finally:
+                self._end_sdpa(op, out)
+            return out
+        if func in _LOG_SOFTMAX:
+            x = args[0] if args else kwargs.get("input")
+            self._log_softmax(tuple(x.shape) if isinstance(x, torch.Tensor) else None)
+            try:
+                return func(*args, **kwargs)
+            finally:
+                self._log_softmax(None)
+        if func in _SOFTMAX:
+            x = args[0] if args else kwargs.get("input")
+            if isinstance(x, torch.Tensor) and x.dim() >= 4:
+                self._on_op(ATTENTION)
+        elif func in _ACTIVATIONS:
+            self._on_op(ACTIVATION)
+            out = func(*args, **kwargs)
+            self._activation(func, args, kwargs, out)
+            return out
+        return func(*args, **kwargs)
+
+
+def _sdpa_qkv(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    names = ("query", "key", "value")
+    values = list(args[:3]) + [kwargs[n] for n in names[len(args[:3]) :]]
+    return values[0], values[1], values[2]

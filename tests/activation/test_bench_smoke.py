@@ -1,0 +1,29 @@
+"""benchmarks/bench_activation.py runs end to end on short sequences (so it cannot rot)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_activation.py"
+
+
+def test_bench_activation_smoke(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("bench_activation", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    argv = ["--batch", "1", "--seq", "64", "--steps", "1", "--train-steps", "2", "--train-seq", "32", "--out", str(out)]
+    assert bench.main(argv) == 0
+    data = json.loads(out.read_text())
+    configs = data["memory"]["configs"]
+    assert set(configs) == set(bench.MEMORY_CONFIGS)
+    assert configs["none"]["ratio_vs_bf16_model"] == 1.0
+    assert configs["uniform 4-bit"]["stored_bytes"] < configs["agoq default"]["stored_bytes"]
+    assert configs["agoq default"]["stored_bytes"] < configs["uniform 8-bit"]["stored_bytes"]
+    assert configs["budget 4.0 bits"]["avg_bits"] <= 4.0
+    assert set(data["training"]["runs"]) == set(bench.TRAIN_CONFIGS)
+    assert out.with_suffix(".png").stat().st_size > 0
