@@ -122,35 +122,44 @@ class Saved:
     """Elements."""
     elem_bytes: int
     """Bytes per element unquantized."""
+    exact: bool = False
+    """Kept unquantized by agoq (softmax/norm statistics)."""
+    recomputable: bool = False
+    """Rebuilt in backward from another saved tensor when ``activation.recompute`` is on."""
 
 
-def layer_saved_tensors(d: ModelDims, tokens: int, seq_len: int, tp: int = 1) -> list[Saved]:
-    """What one decoder block saves for ``tokens`` tokens (bf16 model, SDPA), deduplicated."""
+def layer_saved_tensors(d: ModelDims, tokens: int, tp: int = 1) -> list[Saved]:
+    """What one decoder block saves for ``tokens`` tokens (bf16 model, SDPA), deduplicated.
+
+    The output projection reads SDPA's output buffer, so that tensor is stored once (as SDPA's).
+    """
     c = LayerClass
     h, kv, f = d.hidden, d.kv_dim, d.intermediate
     heads = d.heads // tp
     return [
         Saved(c.ATTN_NORM_INPUT, tokens * h, 4),  # input upcast to fp32
-        Saved(c.ATTN_NORM_INPUT, tokens, 4),  # rsqrt(variance)
+        Saved(c.ATTN_NORM_INPUT, tokens, 4, exact=True),  # rsqrt(variance)
         Saved(c.ATTN_NORM_INPUT, tokens * h, 2),  # normalised value (for the weight's gradient)
         Saved(c.QKV_INPUT, tokens * h, 2),
-        Saved(c.ATTN_CORE, seq_len * d.head_dim, 2),  # rotary cos (shared by the batch)
-        Saved(c.ATTN_CORE, seq_len * d.head_dim, 2),  # rotary sin
         Saved(c.ATTN_CORE, tokens * h // tp, 2),  # SDPA q
         Saved(c.ATTN_CORE, tokens * kv // tp, 2),  # SDPA k
+        Saved(c.ATTN_CORE, tokens * heads, 4, exact=True),  # SDPA logsumexp
         Saved(c.ATTN_VALUE, tokens * kv // tp, 2),  # SDPA v
-        Saved(c.ATTN_VALUE, tokens * h // tp, 2),  # SDPA output
-        Saved(c.ATTN_CORE, tokens * heads, 4),  # SDPA logsumexp
-        Saved(c.OUT_PROJ_INPUT, tokens * h // tp, 2),
+        Saved(c.ATTN_VALUE, tokens * h // tp, 2),  # SDPA output = output-projection input
         Saved(c.MLP_NORM_INPUT, tokens * h, 4),
-        Saved(c.MLP_NORM_INPUT, tokens, 4),
+        Saved(c.MLP_NORM_INPUT, tokens, 4, exact=True),
         Saved(c.MLP_NORM_INPUT, tokens * h, 2),
         Saved(c.MLP_UP_INPUT, tokens * h, 2),
         Saved(c.MLP_ACT, tokens * f // tp, 2),  # activation-function input (gate output)
-        Saved(c.MLP_ACT, tokens * f // tp, 2),  # activation output
+        Saved(c.MLP_ACT, tokens * f // tp, 2, recomputable=True),  # activation output
         Saved(c.MLP_ACT, tokens * f // tp, 2),  # up output
         Saved(c.DOWN_PROJ_INPUT, tokens * f // tp, 2),
     ]
+
+
+def rotary_saved_tensors(d: ModelDims, seq_len: int) -> list[Saved]:
+    """The rotary cos/sin tables: one pair per forward, shared by every block and the batch."""
+    return [Saved(LayerClass.ATTN_CORE, seq_len * d.head_dim, 2) for _ in range(2)]
 
 
 def head_saved_tensors(d: ModelDims, tokens: int, tp: int = 1) -> list[Saved]:
@@ -158,7 +167,7 @@ def head_saved_tensors(d: ModelDims, tokens: int, tp: int = 1) -> list[Saved]:
     e = LayerClass.EMBEDDING
     return [
         Saved(e, tokens * d.hidden, 4),
-        Saved(e, tokens, 4),
+        Saved(e, tokens, 4, exact=True),
         Saved(e, tokens * d.hidden, 2),
         Saved(e, tokens * d.hidden, 2),  # LM head input
         Saved(e, tokens * d.vocab // tp, 4),  # log-probabilities of the loss
@@ -168,10 +177,25 @@ def head_saved_tensors(d: ModelDims, tokens: int, tp: int = 1) -> list[Saved]:
 def stored_bytes(t: Saved, bits: int, cfg: AgoqConfig) -> int:
     """Bytes agoq stores for ``t`` at ``bits`` (unquantized below ``min_numel`` or at 16 bits)."""
     act = cfg.activation
-    if bits >= 16 or t.numel < act.min_numel or not (cfg.enabled and act.enabled):
+    if not (cfg.enabled and act.enabled):
+        return t.numel * t.elem_bytes
+    if t.recomputable and act.recompute:
+        return 0
+    if bits >= 16 or t.exact or t.numel < act.min_numel:
         return t.numel * t.elem_bytes
     scale_bytes = 2 if act.scale_dtype == "bf16" else 4
     return math.ceil(t.numel * bits / 8) + math.ceil(t.numel / act.group_size) * scale_bytes
+
+
+def stage_saved_tensors(d: ModelDims, par: Parallelism, stage: int, layers: int) -> list[Saved]:
+    """Every tensor one micro-batch leaves saved on pipeline stage ``stage``."""
+    tokens = par.micro_batch * par.seq_len
+    saved = [t for _ in range(layers) for t in layer_saved_tensors(d, tokens, par.tp)]
+    if layers:
+        saved += rotary_saved_tensors(d, par.seq_len)
+    if stage == par.pp - 1:
+        saved += head_saved_tensors(d, tokens, par.tp)
+    return saved
 
 
 @dataclass
@@ -218,16 +242,14 @@ def plan(dims: ModelDims, par: Parallelism, cfg: AgoqConfig | None = None) -> li
     """Per-stage, per-GPU memory for stock training and agoq (``cfg`` defaults to agoq's defaults)."""
     cfg = cfg or AgoqConfig()
     table = cfg.activation.class_table()
-    tokens = par.micro_batch * par.seq_len
     stages = []
     for s, n_layers in enumerate(_layers_per_stage(dims.layers, par.pp)):
         params = n_layers * dims.layer_params() // par.tp
-        saved = [t for _ in range(n_layers) for t in layer_saved_tensors(dims, tokens, par.seq_len, par.tp)]
+        saved = stage_saved_tensors(dims, par, s, n_layers)
         if s == 0:
             params += dims.vocab * dims.hidden // par.tp
         if s == par.pp - 1:
             params += dims.hidden + (0 if dims.tied_embeddings else dims.vocab * dims.hidden // par.tp)
-            saved += head_saved_tensors(dims, tokens, par.tp)
         holds = pipeline_holds(s, par.pp, par.micro_batches)
         grad_numel = params // par.dp if par.zero >= 2 else params
         stage = StageMemory(
