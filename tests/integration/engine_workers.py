@@ -116,6 +116,11 @@ def save_then_resume(rank: int, world: int, config: dict, steps: int, ckpt_dir: 
     load_path, client_state = second.load_checkpoint(ckpt_dir, tag="half")
     loaded_params = [p.detach().float().clone() for p in second.module.parameters()]
     params_match = all(torch.equal(a, b) for a, b in zip(saved_params, loaded_params, strict=True))
+    state_restored = (
+        agoq_state is not None
+        and hasattr(second, "agoq_state_dict")
+        and _same_state(second.agoq_state_dict(), agoq_state)
+    )
     consumed = half * second.gradient_accumulation_steps()
     losses += train(second, data_stream(rank, world, skip_micro_batches=consumed), steps - half)
     return {
@@ -123,11 +128,7 @@ def save_then_resume(rank: int, world: int, config: dict, steps: int, ckpt_dir: 
         "loaded": load_path is not None,
         "params_match": params_match,
         "client_keys": sorted(client_state or {}),
-        "agoq_state_restored": (
-            agoq_state is not None
-            and hasattr(second, "agoq_state_dict")
-            and _same_state(second.agoq_state_dict(), agoq_state)
-        ),
+        "agoq_state_restored": state_restored,
     }
 
 
