@@ -1,20 +1,27 @@
 """The AGoQ engines: ``DeepSpeedEngine`` and ``PipelineEngine`` subclasses sharing one mixin.
 
 At construction the mixin validates the ``"agoq"`` block and rejects unsupported combinations
-before DeepSpeed builds anything, swaps the 8-bit ZeRO-1/2 optimizer in while DeepSpeed constructs
-its optimizer, installs the activation quantizer once the model (and pipeline stage) is known, and
-prints one start-up summary on rank 0. Every ``steps_per_print`` optimizer steps it publishes the
-agoq statistics to DeepSpeed's monitor (TensorBoard/CSV/W&B). Checkpoints carry the agoq state.
+before DeepSpeed builds anything, swaps the 8-bit ZeRO-1/2 optimizer (or the 8-bit
+``BF16_Optimizer``) in while DeepSpeed constructs its optimizer, hangs the stage-0 ``param.grad``
+accumulator on the engine when there is neither, installs the activation quantizer once the model
+(and pipeline stage) is known, and prints one start-up summary on rank 0. Every ``steps_per_print``
+optimizer steps it publishes the agoq statistics to DeepSpeed's monitor (TensorBoard/CSV/W&B).
+Checkpoints carry the agoq state.
 """
 
 from __future__ import annotations
 
+import inspect
+import os
 from typing import Any
 
 import deepspeed
+import torch
+from deepspeed import comm as dist
+from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.pipe.engine import PipelineEngine
-from deepspeed.utils import log_dist
+from deepspeed.utils import groups, log_dist, logger
 from deepspeed.utils.logging import print_dist
 
 from . import quant
@@ -49,7 +56,12 @@ class AgoqEngineMixin:
         object.__setattr__(self, "agoq_config", agoq_config)
         object.__setattr__(self, "agoq_activation", None)
         object.__setattr__(self, "_agoq_summary_logged", False)
+        object.__setattr__(self, "agoq_param_gradients", None)
         super().__init__(*args, **kwargs)
+        if hasattr(self, "using_bf16_optimizer"):
+            # PipelineEngine tests type(optimizer) == BF16_Optimizer; the agoq subclass takes that route too.
+            self.using_bf16_optimizer = isinstance(self.optimizer, BF16_Optimizer)
+        self._agoq_install_param_gradients()
         self._agoq_install_activation()
         if self.agoq_config.log_summary:
             print_dist(startup_summary(self), ranks=[0])
@@ -80,6 +92,35 @@ class AgoqEngineMixin:
         with agoq_zero_optimizer(self.agoq_config):
             return super()._configure_zero_optimizer(optimizer)
 
+    def _configure_bf16_optimizer(self, optimizer):
+        from .gradient.install import agoq_bf16_optimizer
+
+        if not (self.agoq_config.enabled and self.agoq_config.gradient.enabled):
+            return super()._configure_bf16_optimizer(optimizer)
+        with agoq_bf16_optimizer(self.agoq_config):
+            return super()._configure_bf16_optimizer(optimizer)
+
+    def _agoq_install_param_gradients(self) -> None:
+        """ZeRO stage 0 without ``BF16_Optimizer``: int8 ``param.grad`` accumulation + 8-bit all-reduce."""
+        cfg = self.agoq_config
+        g = cfg.gradient
+        if not (cfg.enabled and g.enabled) or (g.communication_bits == 32 and g.storage_bits == 32):
+            return
+        if self.zero_optimization() or self.optimizer is None or isinstance(self.optimizer, BF16_Optimizer):
+            return
+        from .gradient.param_grads import ParamGradients
+
+        group, _ = self._agoq_dp_group()
+        gradients = ParamGradients(
+            list(self.module.parameters()),
+            cfg,
+            is_boundary=self.is_gradient_accumulation_boundary,
+            rank=self.global_rank,
+            world_size=dist.get_world_size(group=group),
+            device=self.device,
+        )
+        object.__setattr__(self, "agoq_param_gradients", gradients)
+
     def _agoq_install_activation(self) -> None:
         cfg = self.agoq_config
         if not (cfg.enabled and cfg.activation.enabled):
@@ -101,8 +142,52 @@ class AgoqEngineMixin:
 
     # --- training-time hooks ------------------------------------------------------------------
 
+    def _agoq_dp_group(self) -> tuple[Any, float]:
+        """The group and averaging divisor DeepSpeed's stage-0 all-reduce uses
+        (``_reduce_non_expert_gradients``)."""
+        if self.pipeline_parallelism:
+            group = self.mpu.get_data_parallel_group()
+            return group, float(dist.get_world_size(group))
+        group = groups._get_sequence_data_parallel_group()
+        return group, dist.get_world_size(group) / float(self.sequence_parallel_size)
+
+    def buffered_allreduce_fallback(self, grads=None, elements_per_buffer=500000000):
+        """DeepSpeed's stage-0 / ``BF16_Optimizer`` gradient all-reduce; through the 8-bit path when the
+        engine reduces its own gradients (``grads=None``) and agoq holds them."""
+        bf16_path = bool(getattr(self.optimizer, "agoq_active", False))  # AgoqBF16Optimizer, switched on
+        if grads is not None or (self.agoq_param_gradients is None and not bf16_path):
+            return super().buffered_allreduce_fallback(grads=grads, elements_per_buffer=elements_per_buffer)
+        group, divisor = self._agoq_dp_group()
+        scale = 1.0 / divisor if self.gradient_average else 1.0
+        if self.agoq_param_gradients is not None:
+            self.agoq_param_gradients.reduce(
+                group=group,
+                scale=scale,
+                comm_dtype=self.communication_data_type,
+                elements_per_buffer=elements_per_buffer,
+            )
+        else:
+            self.optimizer.agoq_reduce(group=group, scale=scale, comm_dtype=self.communication_data_type)
+
+    def destroy(self):
+        """Remove the stage-0 gradient hooks, then DeepSpeed's ``destroy``."""
+        if self.agoq_param_gradients is not None:
+            self.agoq_param_gradients.remove()
+        super().destroy()
+
+    def zero_grad(self):
+        """DeepSpeed's ``zero_grad``; gradients folded into the stage-0 int8 accumulators go too."""
+        super().zero_grad()
+        if self.agoq_param_gradients is not None:
+            self.agoq_param_gradients.reset()
+
     def _take_model_step(self, lr_kwargs):
+        gradients = self.agoq_param_gradients
+        if gradients is not None and gradients.pending():
+            gradients.materialize()  # a step without reduction (no_sync): DeepSpeed steps on local sums
         super()._take_model_step(lr_kwargs)
+        if gradients is not None:
+            gradients.finish_step(overflow=bool(getattr(self.optimizer, "overflow", False)))
         if self.agoq_activation is not None:
             self.agoq_activation.on_step_end()
             if not self._agoq_summary_logged and self.agoq_config.log_summary:
@@ -136,10 +221,17 @@ class AgoqEngineMixin:
         stats: dict[str, float] = {}
         if self.agoq_activation is not None:
             stats.update({f"activation/{k}": float(v) for k, v in self.agoq_activation.stats().items()})
-        optimizer_stats = getattr(self.optimizer, "agoq_stats", None)
-        if callable(optimizer_stats):
-            stats.update({f"gradient/{k}": float(v) for k, v in optimizer_stats().items()})
+        path = self.agoq_gradient_path()
+        if path is not None:
+            stats.update({f"gradient/{k}": float(v) for k, v in path.agoq_stats().items()})
         return stats
+
+    def agoq_gradient_path(self) -> Any | None:
+        """What runs the 8-bit gradient path: the ZeRO-1/2 or ``BF16_Optimizer`` subclass, or the
+        stage-0 ``ParamGradients`` (``engine.agoq_param_gradients``); None when it is off."""
+        if self.agoq_param_gradients is not None:
+            return self.agoq_param_gradients
+        return self.optimizer if callable(getattr(self.optimizer, "agoq_stats", None)) else None
 
     def agoq_report(self, per_layer: bool = False) -> str:
         """Human-readable activation table (bits, bytes, ratio per class) plus gradient figures."""
@@ -165,18 +257,50 @@ class AgoqEngineMixin:
             self.agoq_activation.load_state_dict(state["activation"])
 
     def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True, **kwargs):
-        """DeepSpeed's ``save_checkpoint`` with the agoq state added to ``client_state``."""
+        """DeepSpeed's ``save_checkpoint`` with the agoq state added to ``client_state``; the stage-0
+        gradient state (per rank: step counter, error-feedback residuals) goes to its own file in the
+        tag folder, since DeepSpeed saves stage-0 optimizer state from data-parallel rank 0 only."""
         client_state = dict(client_state or {})
         client_state[CHECKPOINT_KEY] = self.agoq_state_dict()
-        return super().save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=save_latest, **kwargs)
+        tag = str(tag) if tag is not None else f"global_step{self.global_steps}"
+        result = super().save_checkpoint(
+            save_dir, tag=tag, client_state=client_state, save_latest=save_latest, **kwargs
+        )
+        if self.agoq_param_gradients is not None:
+            torch.save(self.agoq_param_gradients.state_dict(), self._agoq_gradient_file(save_dir, tag))
+        return result
 
     def load_checkpoint(self, load_dir, *args, **kwargs):
         """DeepSpeed's ``load_checkpoint``; restores the agoq state when the checkpoint has one (a
         stock checkpoint keeps the freshly configured state)."""
-        load_path, client_state = super().load_checkpoint(load_dir, *args, **kwargs)
+        call = inspect.signature(DeepSpeedEngine.load_checkpoint).bind(self, load_dir, *args, **kwargs)
+        call.apply_defaults()
+        arguments = {k: v for k, v in call.arguments.items() if k not in ("self", "load_dir")}
+        optimizer_states = arguments["load_optimizer_states"] and not arguments["load_module_only"]
+        per_rank_bf16 = isinstance(self.optimizer, BF16_Optimizer) and not self.zero_optimization()
+        if per_rank_bf16 and optimizer_states:
+            # DeepSpeed 0.19.8 loads BF16_Optimizer state at stage 0 from the model file (data-parallel
+            # rank 0's, as a dict: KeyError 0); the per-rank files it writes beside it are the right ones.
+            arguments["load_optimizer_states"] = False
+        load_path, client_state = super().load_checkpoint(load_dir, **arguments)
+        if load_path is not None:
+            tag = os.path.basename(os.path.dirname(load_path))
+            if per_rank_bf16 and optimizer_states:
+                self._load_zero_checkpoint(load_dir, tag, load_optimizer_states=True)
+            if self.agoq_param_gradients is not None and optimizer_states:
+                self._agoq_load_gradient_file(load_dir, tag)
         if isinstance(client_state, dict) and CHECKPOINT_KEY in client_state:
             self.agoq_load_state_dict(client_state.pop(CHECKPOINT_KEY))
         return load_path, client_state
+
+    def _agoq_gradient_file(self, directory: str, tag: str) -> str:
+        return os.path.join(directory, str(tag), f"agoq_gradients_rank_{self.global_rank:05d}.pt")
+
+    def _agoq_load_gradient_file(self, load_dir: str, tag: str) -> None:
+        path = self._agoq_gradient_file(load_dir, tag)
+        state = torch.load(path, map_location="cpu", weights_only=True) if os.path.exists(path) else None
+        if not self.agoq_param_gradients.load_state_dict(state) and state is not None:
+            logger.warning(f"agoq: {path} does not match this layout; error feedback starts from zero")
 
 
 def _hf_checkpointing_on(module: Any) -> bool:
@@ -208,6 +332,16 @@ class AgoqEngine(AgoqEngineMixin, DeepSpeedEngine):
 class AgoqPipelineEngine(AgoqEngineMixin, PipelineEngine):
     """``PipelineEngine`` with AGoQ activation and gradient quantization (stage-aware bits)."""
 
+    def _exec_reduce_tied_grads(self):
+        tied = [weight for weight, _ in self.module.get_tied_weights_and_groups()]
+        if tied:
+            # The tied-weight all-reduce reads param.grad / the BF16_Optimizer buffer: fill them first.
+            if self.agoq_param_gradients is not None:
+                self.agoq_param_gradients.materialize(tied)
+            elif callable(getattr(self.optimizer, "agoq_materialize", None)):
+                self.optimizer.agoq_materialize()
+        super()._exec_reduce_tied_grads()
+
 
 def assert_active(engine: Any) -> None:
     """Raise ``RuntimeError`` unless ``engine`` is an AGoQ engine with quantization switched on.
@@ -222,6 +356,6 @@ def assert_active(engine: Any) -> None:
             "AGOQ_DS_AUTOLOAD is not 0."
         )
     cfg = engine.agoq_config
-    grad_on = callable(getattr(getattr(engine, "optimizer", None), "agoq_stats", None))
+    grad_on = engine.agoq_gradient_path() is not None
     if not cfg.enabled or (engine.agoq_activation is None and not grad_on):
         raise RuntimeError("agoq-ds engine is built but quantizes nothing (agoq.enabled or both parts are off)")

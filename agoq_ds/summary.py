@@ -29,16 +29,20 @@ def _activation_line(engine: Any) -> list[str]:
 
 def _gradient_line(engine: Any) -> list[str]:
     cfg = engine.agoq_config.gradient
-    if not callable(getattr(engine.optimizer, "agoq_stats", None)):
+    path = engine.agoq_gradient_path() if hasattr(engine, "agoq_gradient_path") else None
+    if path is None:
         return ["gradients     stock DeepSpeed (agoq gradient path off)"]
-    comm = (
-        f"{cfg.communication_bits}-bit reduce-scatter (all_to_all, fp32 sum)"
-        if cfg.communication_bits == 8
-        else "DeepSpeed's own reduction"
-    )
+    partitioned = hasattr(path, "partition_gradients")  # the ZeRO-1/2 optimizer
+    if cfg.communication_bits != 8:
+        comm = "DeepSpeed's own reduction"
+    elif partitioned:
+        comm = f"{cfg.communication_bits}-bit reduce-scatter (all_to_all, fp32 sum)"
+    else:
+        comm = f"{cfg.communication_bits}-bit all-reduce (reduce-scatter with fp32 sum + int8 all-gather)"
     store = f"int{cfg.storage_bits} storage" if cfg.storage_bits == 8 else "fp32 storage"
     ef = " + error feedback" if cfg.error_feedback else ""
-    return [f"gradients     {comm}, {store}{ef}, group {cfg.group_size}, {cfg.rounding} rounding"]
+    where = "" if partitioned else f" [{type(path).__name__}]"
+    return [f"gradients     {comm}, {store}{ef}, group {cfg.group_size}, {cfg.rounding} rounding{where}"]
 
 
 def startup_summary(engine: Any) -> str:

@@ -186,6 +186,15 @@ class Int8Accumulator:
             return torch.zeros(self.numel, dtype=torch.float32, device=self.device)
         return dequantize(self._view(self.codes, self.scales, 0, self.numel))
 
+    def dequantize_range(self, start: int, end: int) -> torch.Tensor:
+        """Elements ``[start, end)`` as a new fp32 tensor; ``start`` must be a multiple of ``group_size``
+        (lets a caller materialize a large accumulator chunk by chunk)."""
+        if start % self.group_size or not 0 <= start <= end <= self.numel:
+            raise ValueError(f"dequantize_range({start}, {end}): start must be group-aligned and inside {self.numel}")
+        if self.codes is None or not self.has_value:
+            return torch.zeros(end - start, dtype=torch.float32, device=self.device)
+        return dequantize(self._view(self.codes, self.scales, start, end))
+
     def residual(self) -> torch.Tensor:
         """The carried error-feedback residual as fp32 (zeros when there is none)."""
         if self.res_codes is None:
@@ -278,6 +287,10 @@ class Fp32Accumulator:
         if self.buffer is None:
             self.buffer = torch.zeros(self.numel, dtype=torch.float32, device=self.device)
         return self.buffer
+
+    def dequantize_range(self, start: int, end: int) -> torch.Tensor:
+        """Elements ``[start, end)`` (a view of the buffer)."""
+        return self.dequantize()[start:end]
 
     def reset(self) -> None:
         """Zero (or free) the buffer."""

@@ -1,4 +1,4 @@
-"""How the 8-bit ZeRO optimizer gets into DeepSpeed, and which configurations it supports.
+"""How the 8-bit gradient path gets into DeepSpeed, and which configurations it supports.
 
 ``DeepSpeedEngine._configure_zero_optimizer`` constructs the module-global name
 ``deepspeed.runtime.engine.DeepSpeedZeroOptimizer`` with about 30 version-specific arguments.
@@ -7,6 +7,10 @@ of ``AgoqZeroOptimizer`` that carries ``cfg``; DeepSpeed then builds it with its
 
     with agoq_zero_optimizer(agoq_config):
         engine, *_ = deepspeed.initialize(model=model, config=ds_config, ...)
+
+``agoq_bf16_optimizer(cfg)`` does the same for ``deepspeed.runtime.engine.BF16_Optimizer`` (bf16 with
+fp32 gradient accumulation at ZeRO stage 1, bf16 pipelines at stage 0). ZeRO stage 0 without
+``BF16_Optimizer`` needs no swap: the AGoQ engine hangs a ``ParamGradients`` on itself.
 
 ``check_supported(ds_config_or_engine, agoq_config)`` raises ``UnsupportedConfigError`` (a
 ``ValueError``) naming the setting, before DeepSpeed builds anything.
@@ -53,6 +57,30 @@ def agoq_zero_optimizer(agoq_config: AgoqConfig) -> Iterator[type]:
             yield cls
         finally:
             ds_engine.DeepSpeedZeroOptimizer = saved
+
+
+def bf16_optimizer_class(agoq_config: AgoqConfig) -> type:
+    """A subclass of ``AgoqBF16Optimizer`` bound to ``agoq_config`` (constructible with exactly
+    ``BF16_Optimizer``'s arguments)."""
+    from .bf16_optimizer import AgoqBF16Optimizer
+
+    return type("AgoqBF16Optimizer", (AgoqBF16Optimizer,), {"agoq_config": agoq_config, "__module__": __name__})
+
+
+@contextmanager
+def agoq_bf16_optimizer(agoq_config: AgoqConfig) -> Iterator[type]:
+    """Make DeepSpeed build ``AgoqBF16Optimizer`` wherever it would build ``BF16_Optimizer`` inside the
+    block (rebinds ``deepspeed.runtime.engine.BF16_Optimizer`` under the lock; yields the class)."""
+    import deepspeed.runtime.engine as ds_engine
+
+    cls = bf16_optimizer_class(agoq_config)
+    with _lock:
+        saved = ds_engine.BF16_Optimizer
+        ds_engine.BF16_Optimizer = cls
+        try:
+            yield cls
+        finally:
+            ds_engine.BF16_Optimizer = saved
 
 
 def _settings_from_dict(ds_config: dict[str, Any]) -> dict[str, Any]:
@@ -110,9 +138,10 @@ def check_supported(ds_config_or_engine: Any, agoq_config: AgoqConfig) -> None:
     """Raise ``UnsupportedConfigError`` when the 8-bit gradient path cannot run with this config.
 
     ``ds_config_or_engine`` is the DeepSpeed config dict or a built ``DeepSpeedEngine``. Nothing is
-    checked when ``agoq.enabled`` or ``agoq.gradient.enabled`` is false. Rejected: ZeRO stage 0 and
-    3, optimizer/parameter offload, MoE (engine only), fp16 on CPU, bf16 with fp32 gradient
-    accumulation at stage 1 (DeepSpeed builds ``BF16_Optimizer`` there), ZenFlow, Muon, DeepCompile.
+    checked when ``agoq.enabled`` or ``agoq.gradient.enabled`` is false. Supported: ZeRO stage 0
+    (plain data parallel, incl. ``BF16_Optimizer`` in bf16 pipelines), 1 and 2, fp32 and bf16, with or
+    without fp32 gradient accumulation. Rejected: ZeRO stage 3, optimizer/parameter offload, MoE
+    (engine only), fp16 on CPU and fp16 at stage 0 (untested), ZenFlow, Muon, DeepCompile.
     """
     if not (agoq_config.enabled and agoq_config.gradient.enabled):
         return
@@ -122,15 +151,10 @@ def check_supported(ds_config_or_engine: Any, agoq_config: AgoqConfig) -> None:
         s = _settings_from_engine(ds_config_or_engine)
     off = "set agoq.gradient.enabled=false to train without 8-bit gradients"
     stage = s["stage"]
-    if stage == 0:
-        raise UnsupportedConfigError(
-            "agoq.gradient: zero_optimization.stage=0 is not supported yet (8-bit gradients need ZeRO stage 1 "
-            f"or 2); use stage 1 or 2, or {off}"
-        )
     if stage == 3:
         raise UnsupportedConfigError(
-            "agoq.gradient: zero_optimization.stage=3 is not supported (8-bit gradients work with ZeRO stage 1 "
-            f"and 2); use stage 1 or 2, or {off}"
+            "agoq.gradient: zero_optimization.stage=3 is not supported (8-bit gradients work with ZeRO stage 0, 1 "
+            f"and 2); use stage 0, 1 or 2, or {off}"
         )
     for key in ("offload_optimizer", "offload_param"):
         if s[key] not in ("none", ""):
@@ -147,12 +171,11 @@ def check_supported(ds_config_or_engine: Any, agoq_config: AgoqConfig) -> None:
             raise UnsupportedConfigError(
                 f"agoq.gradient: fp16.enabled=true is not supported on CPU (use bf16 or fp32), or {off}"
             )
-    if s["bf16"] and stage == 1 and s["grad_accum_dtype"] in ("fp32", "float32", "torch.float32"):
-        raise UnsupportedConfigError(
-            "agoq.gradient: bf16 with data_types.grad_accum_dtype='fp32' at zero_optimization.stage=1 makes DeepSpeed "
-            "use its BF16_Optimizer, which has no 8-bit gradient path. Remove data_types.grad_accum_dtype (agoq "
-            f"accumulates in int8 with fp32 arithmetic), use stage 2, or {off}"
-        )
+        if stage == 0:
+            raise UnsupportedConfigError(
+                "agoq.gradient: fp16.enabled=true at zero_optimization.stage=0 is not supported (DeepSpeed's fp16 "
+                f"optimizers with 8-bit gradients are untested); use bf16, ZeRO stage 1 or 2, or {off}"
+            )
     if s["zenflow"]:
         raise UnsupportedConfigError(f"agoq.gradient: zero_optimization.zenflow is not supported; {off}")
     if "muon" in s["optimizer_type"]:

@@ -170,3 +170,21 @@ def test_storage_bytes_and_residual_state_round_trip() -> None:
     wrong = Int8Accumulator(n + 1, G, error_feedback=True)
     assert not wrong.load_residual_state(state)
     assert torch.count_nonzero(wrong.residual()) == 0
+
+
+def test_dequantize_range_matches_the_whole() -> None:
+    from agoq_ds.gradient.allreduce import chunk_bounds
+
+    n = 7 * G + 5
+    acc = Int8Accumulator(n, G, error_feedback=False)
+    assert torch.equal(acc.dequantize_range(G, 3 * G), torch.zeros(2 * G))
+    acc.add_(torch.randn(n))
+    whole = acc.dequantize()
+    bounds = chunk_bounds(n, 3 * G + 1, G)  # chunk size rounded down to whole groups
+    assert bounds == [(0, 3 * G), (3 * G, 6 * G), (6 * G, n)]
+    assert torch.equal(torch.cat([acc.dequantize_range(a, b) for a, b in bounds]), whole)
+    with pytest.raises(ValueError, match="group-aligned"):
+        acc.dequantize_range(1, G)
+    dense = Fp32Accumulator(n)
+    dense.add_(whole)
+    assert torch.equal(dense.dequantize_range(G, 2 * G), whole[G : 2 * G])

@@ -14,24 +14,24 @@ def _cfg(stage: int = 2, **extra) -> dict:
     return cfg
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2])
 def test_supported_stages_pass(stage: int) -> None:
     check_supported(_cfg(stage), AgoqConfig())
     check_supported(_cfg(stage, bf16={"enabled": False}), AgoqConfig())
 
 
-def test_bf16_fp32_accum_stage2_is_supported() -> None:
-    check_supported(_cfg(2, data_types={"grad_accum_dtype": "fp32"}), AgoqConfig())
+@pytest.mark.parametrize("stage", [1, 2])
+def test_bf16_fp32_accum_is_supported(stage: int) -> None:
+    # stage 1 builds BF16_Optimizer, which agoq swaps for AgoqBF16Optimizer
+    check_supported(_cfg(stage, data_types={"grad_accum_dtype": "fp32"}), AgoqConfig())
 
 
 @pytest.mark.parametrize(
     ("config", "names"),
     [
         (_cfg(3), "zero_optimization.stage=3"),
-        (_cfg(0), "zero_optimization.stage=0"),
         (_cfg(2, zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}}), "offload_optimizer.device"),
         (_cfg(2, zero_optimization={"stage": 2, "offload_param": {"device": "nvme"}}), "offload_param.device"),
-        (_cfg(1, data_types={"grad_accum_dtype": "fp32"}), "BF16_Optimizer"),
         (_cfg(2, bf16={"enabled": False}, fp16={"enabled": True}), "fp16.enabled"),
         (_cfg(2, optimizer={"type": "Muon", "params": {}}), "Muon"),
         (_cfg(2, compile={"deepcompile": True}), "compile.deepcompile"),
@@ -66,3 +66,27 @@ def test_context_manager_rebinds_only_inside_the_block() -> None:
         raise RuntimeError("initialize failed")
     assert ds_engine.DeepSpeedZeroOptimizer is DeepSpeedZeroOptimizer
     assert optimizer_class(cfg).__name__ == "AgoqZeroOptimizer"
+
+
+def test_bf16_context_manager_rebinds_only_inside_the_block() -> None:
+    import deepspeed.runtime.engine as ds_engine
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+    from agoq_ds.gradient.bf16_optimizer import AgoqBF16Optimizer
+    from agoq_ds.gradient.install import agoq_bf16_optimizer, bf16_optimizer_class
+
+    cfg = parse_agoq_config({"gradient": {"group_size": 64}})
+    with agoq_bf16_optimizer(cfg) as cls:
+        assert ds_engine.BF16_Optimizer is cls
+        assert issubclass(cls, AgoqBF16Optimizer) and issubclass(cls, BF16_Optimizer)
+        assert cls.agoq_config.gradient.group_size == 64
+    assert ds_engine.BF16_Optimizer is BF16_Optimizer
+    with pytest.raises(RuntimeError), agoq_bf16_optimizer(cfg):
+        raise RuntimeError("initialize failed")
+    assert ds_engine.BF16_Optimizer is BF16_Optimizer
+    assert bf16_optimizer_class(cfg).__name__ == "AgoqBF16Optimizer"
+
+
+def test_fp16_at_stage0_is_rejected() -> None:
+    with pytest.raises(UnsupportedConfigError, match=r"fp16\.enabled"):
+        check_supported(_cfg(0, bf16={"enabled": False}, fp16={"enabled": True}), AgoqConfig())

@@ -1,0 +1,258 @@
+"""``ParamGradients``: 8-bit gradient accumulation and all-reduce for ZeRO stage 0 without
+``BF16_Optimizer`` — fp32 models (DeepSpeed's plain engine path) and bf16 models outside a pipeline
+(DeepSpeed's ``FP16_UnfusedOptimizer`` in bf16), in ``DeepSpeedEngine`` and ``PipelineEngine``.
+
+Stock DeepSpeed keeps the running sum of the micro-batch gradients in ``param.grad`` (fp32 or bf16)
+and at the accumulation boundary all-reduces them in buckets (``engine.buffered_allreduce_fallback``).
+Here a post-accumulate-grad hook moves every non-boundary ``param.grad`` into a per-parameter int8
+accumulator (one fp32 scale per ``group_size`` elements) and frees it. At the boundary ``reduce``
+adds each accumulator to what the last micro-batch left in ``param.grad``, all-reduces the buckets
+in 8 bits (averaged like DeepSpeed, ``1 / dp``) and writes the result back to ``param.grad`` in the
+parameter's dtype. Clipping, the overflow check and the step then run on ``param.grad`` unchanged.
+The boundary is read from the engine (``is_gradient_accumulation_boundary``), never counted: the
+pipeline engine raises it only for its reduce instruction, so there every micro-batch is folded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import AgoqConfig
+from .accounting import GradientAccounting
+from .accumulator import Int8Accumulator
+from .allreduce import CHUNK_ELEMENTS, all_reduce_chunked
+from .zero_optimizer import _mix
+
+STATE_VERSION = 1
+
+
+class ParamGradients:
+    """int8 ``param.grad`` accumulation across micro-batches plus the 8-bit all-reduce (see module
+    docstring). Owned by the engine (``engine.agoq_param_gradients``)."""
+
+    def __init__(
+        self,
+        params: Sequence[nn.Parameter],
+        config: AgoqConfig,
+        *,
+        is_boundary: Callable[[], bool],
+        rank: int,
+        world_size: int,
+        device: torch.device | str,
+    ) -> None:
+        g = config.gradient
+        self.config = config
+        """The agoq settings."""
+        self.params = [p for p in params if p.requires_grad]
+        """Trainable parameters in ``module.parameters()`` order (frozen ones are never touched)."""
+        self.rank = rank
+        """This process's rank (seeds stochastic rounding)."""
+        self.world_size = world_size
+        """Data-parallel world size (checked when restoring a checkpoint)."""
+        self.accounting = GradientAccounting()
+        """Per-step bytes and buffer figures (``agoq_stats``)."""
+        self.steps = 0
+        """Optimizer steps finished (seeds stochastic rounding; saved in checkpoints)."""
+        self._is_boundary = is_boundary
+        self._calls = 0
+        self._accs: dict[int, Int8Accumulator] = {}
+        self._folds: dict[int, int] = {}
+        self._handles: list[Any] = []
+        if g.storage_bits == 8:
+            for param in self.params:
+                self._accs[id(param)] = Int8Accumulator(
+                    param.numel(),
+                    g.group_size,
+                    stochastic=g.rounding == "stochastic",
+                    error_feedback=g.error_feedback,
+                    device=device,
+                )
+                self._handles.append(param.register_post_accumulate_grad_hook(self._fold))
+
+    def _seed(self, *parts: int) -> int:
+        self._calls += 1
+        return _mix(self.config.seed, self.rank, self.steps, self._calls, *parts)
+
+    def remove(self) -> None:
+        """Remove the hooks (the engine is being destroyed)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # --- accumulation ------------------------------------------------------------------------------
+
+    def _fold(self, param: nn.Parameter) -> None:
+        """Post-accumulate-grad hook: move a non-boundary gradient into its int8 accumulator."""
+        if param.grad is None or self._is_boundary():
+            return
+        self._accs[id(param)].add_(param.grad.detach().reshape(-1), seed=self._seed(1))
+        self._folds[id(param)] = self._folds.get(id(param), 0) + 1
+        param.grad = None
+
+    def _unfold(self, param: nn.Parameter) -> torch.Tensor | None:
+        """The accumulated fp32 gradient plus ``param.grad`` (flat; None when there is neither); the
+        accumulator is emptied."""
+        acc = self._accs.get(id(param))
+        grad = param.grad
+        if acc is None or not acc.has_value:
+            return None if grad is None else grad.detach().reshape(-1).float()
+        total = acc.dequantize()
+        if grad is not None:
+            total += grad.detach().reshape(-1).float()
+        acc.reset()
+        return total
+
+    def materialize(self, params: Sequence[nn.Parameter] | None = None) -> None:
+        """Put the accumulated gradients of ``params`` (default: all) back into ``param.grad`` without
+        communicating: before a tied-weight reduction, or a step that was never reduced (``no_sync``)."""
+        for param in self.params if params is None else params:
+            acc = self._accs.get(id(param))
+            if acc is not None and acc.has_value:
+                param.grad = self._unfold(param).view(param.shape).to(param.dtype)
+
+    def pending(self) -> bool:
+        """Whether some accumulator holds gradients that no reduction has consumed yet."""
+        return any(acc.has_value for acc in self._accs.values())
+
+    def reset(self) -> None:
+        """Drop the accumulated gradients (``engine.zero_grad``)."""
+        for acc in self._accs.values():
+            acc.reset()
+        self._folds.clear()
+
+    # --- reduction ---------------------------------------------------------------------------------
+
+    def reduce(self, *, group, scale: float, comm_dtype: torch.dtype, elements_per_buffer: int) -> None:
+        """All-reduce every trainable gradient (accumulator + ``param.grad``) over ``group``, scaled by
+        ``scale``, into ``param.grad``; like DeepSpeed, a parameter without gradient contributes zeros.
+
+        Parameters are bucketed as ``engine.allreduce_no_retain`` does (a bucket closes once it holds
+        more than ``elements_per_buffer`` elements, here at most ``CHUNK_ELEMENTS``).
+        """
+        self._note_buffers()
+        # Micro-batches in this step: the most folds of any parameter, plus the boundary one if unfolded.
+        boundary = any(p.grad is not None for p in self.params)
+        self.accounting.micro_steps = max(self._folds.values(), default=0) + int(boundary)
+        self._folds.clear()
+        limit = min(int(elements_per_buffer), CHUNK_ELEMENTS)
+        bucket: list[nn.Parameter] = []
+        size = 0
+        for param in self.params:
+            if param.numel() == 0:
+                continue
+            if param.grad is not None and param.grad.is_sparse:
+                raise NotImplementedError(
+                    "agoq.gradient: sparse gradients (nn.Embedding(sparse=True)) are not supported by the 8-bit "
+                    "all-reduce; use dense embeddings or set agoq.gradient.enabled=false"
+                )
+            bucket.append(param)
+            size += param.numel()
+            if size > limit:
+                self._reduce_bucket(bucket, size, group, scale, comm_dtype)
+                bucket, size = [], 0
+        if bucket:
+            self._reduce_bucket(bucket, size, group, scale, comm_dtype)
+
+    def _reduce_bucket(
+        self, bucket: list[nn.Parameter], size: int, group, scale: float, comm_dtype: torch.dtype
+    ) -> None:
+        flat = torch.zeros(size, dtype=torch.float32, device=bucket[0].device)
+        offset = 0
+        for param in bucket:
+            local = self._unfold(param)
+            if local is not None:
+                flat[offset : offset + param.numel()].copy_(local)
+            param.grad = None
+            offset += param.numel()
+        tag = self._seed(2)
+
+        def write(start: int, end: int, reduced: torch.Tensor) -> None:
+            flat[start:end].copy_(reduced)
+
+        all_reduce_chunked(
+            size,
+            lambda start, end: flat[start:end],
+            write,
+            config=self.config.gradient,
+            group=group,
+            scale=scale,
+            seed=lambda start: _mix(tag, start),
+            comm_dtype=comm_dtype,
+            counter=self.accounting.comm,
+        )
+        offset = 0
+        for param in bucket:
+            param.grad = flat[offset : offset + param.numel()].view(param.shape).to(param.dtype)
+            offset += param.numel()
+
+    # --- step ----------------------------------------------------------------------------------
+
+    def finish_step(self, overflow: bool) -> None:
+        """After ``optimizer.step()``: snapshot the statistics; after a skipped step the gradients and
+        error-feedback residuals are dropped, as DeepSpeed drops the gradients."""
+        self._note_buffers()
+        if overflow:
+            for acc in self._accs.values():
+                acc.reset()
+                acc.reset_residual()
+        self.accounting.finish_step()
+        self.steps += 1
+        self._calls = 0
+
+    def _note_buffers(self) -> None:
+        buffer = sum(acc.nbytes for acc in self._accs.values())
+        fp32 = sum(4 * acc.numel for acc in self._accs.values() if acc.nbytes)
+        ef = sum(acc.residual_nbytes for acc in self._accs.values())
+        self.accounting.note_buffers(buffer, fp32, ef)
+
+    def agoq_stats(self) -> dict[str, float]:
+        """Figures of the last finished step (keys as ``AgoqZeroOptimizer.agoq_stats``): ``comm_bytes``
+        sent by this rank versus ``comm_bytes_baseline_fp32/bf16`` (DeepSpeed's ring all-reduce of the
+        same buckets), ``buffer_bytes`` (int8 accumulators: codes + scales) versus
+        ``buffer_bytes_fp32``, ``ef_bytes``, ``state_bytes``, ``micro_steps``, ``steps``."""
+        return dict(self.accounting.last or self.accounting.snapshot())
+
+    # --- checkpointing -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain tensors and numbers: the step counter and the error-feedback residual per trainable
+        parameter (by index), for a per-rank checkpoint file."""
+        return {
+            "version": STATE_VERSION,
+            "kind": "param_gradients",
+            "world_size": self.world_size,
+            "group_size": self.config.gradient.group_size,
+            "numels": [p.numel() for p in self.params],
+            "steps": self.steps,
+            "residuals": {
+                i: self._accs[id(p)].residual_state() for i, p in enumerate(self.params) if id(p) in self._accs
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> bool:
+        """Restore ``state_dict()``'s result; returns False (residuals from zero) when there is none or
+        it was written for another layout (world size, group size, parameters)."""
+        fits = (
+            state is not None
+            and state.get("version") == STATE_VERSION
+            and state.get("kind") == "param_gradients"
+            and state.get("world_size") == self.world_size
+            and state.get("group_size") == self.config.gradient.group_size
+            and list(state.get("numels", [])) == [p.numel() for p in self.params]
+        )
+        if not fits:
+            for acc in self._accs.values():
+                acc.reset_residual()
+            return False
+        ok = True
+        residuals = state.get("residuals", {})
+        for i, param in enumerate(self.params):
+            acc = self._accs.get(id(param))
+            if acc is not None:
+                ok &= acc.load_residual_state(residuals.get(i))
+        self.steps = int(state["steps"])
+        return ok
