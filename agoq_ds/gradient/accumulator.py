@@ -139,12 +139,12 @@ class Int8Accumulator:
             codes[lo:hi], scales[g0:g1], None, torch.Size([hi - lo]), torch.float32, 8, self.group_size
         )
 
-    def _store(self, codes: torch.Tensor, scales: torch.Tensor, lo: int, x: torch.Tensor, seed: int) -> torch.Tensor:
+    def _store(self, codes: torch.Tensor, scales: torch.Tensor, lo: int, x: torch.Tensor, seed: int) -> QuantizedTensor:
         q = quantize(x, 8, self.group_size, stochastic=self.stochastic, seed=seed)
         codes[lo : lo + x.numel()] = q.codes
         g0 = lo // self.group_size
         scales[g0 : g0 + q.scales.numel()] = q.scales
-        return dequantize(q)
+        return q
 
     def add_(self, values: torch.Tensor, positions: Positions | None = None, *, seed: int = 0) -> None:
         """Add the pieces of ``values`` (1-D, concatenated in ``positions`` order) at their offsets.
@@ -164,21 +164,36 @@ class Int8Accumulator:
         if self.error_feedback:
             self._allocate_residual()
         for i, (lo, hi, members) in enumerate(_spans(positions, self.group_size, self.numel)):
-            if self.has_value:
-                x = dequantize(self._view(self.codes, self.scales, lo, hi)).clone()
-            else:
-                x = torch.zeros(hi - lo, dtype=torch.float32, device=self.device)
+            x = self._span_value(values, positions, starts, lo, hi, members)
             if self.error_feedback:
                 x += dequantize(self._view(self.res_codes, self.res_scales, lo, hi))
-            for p in members:
-                off, n = positions[p]
-                x[off - lo : off - lo + n] += values[starts[p] : starts[p] + n].float()
             span_seed = (seed * 1000003 + i) % (2**31)
             stored = self._store(self.codes, self.scales, lo, x, span_seed)
-            if self.error_feedback:
-                residual = torch.nan_to_num(x - stored, nan=0.0, posinf=0.0, neginf=0.0)
+            if self.error_feedback:  # only error feedback needs what the codes now hold
+                residual = torch.nan_to_num(x - dequantize(stored), nan=0.0, posinf=0.0, neginf=0.0)
                 self._store(self.res_codes, self.res_scales, lo, residual, (span_seed + 7919) % (2**31))
         self.has_value = True
+
+    def _span_value(
+        self, values: torch.Tensor, positions: Positions, starts: list[int], lo: int, hi: int, members: list[int]
+    ) -> torch.Tensor:
+        """Accumulated value of ``[lo, hi)`` plus the pieces that fall in it, as a new fp32 tensor.
+
+        Avoids zero-filling a fresh buffer when one piece covers the whole span of an empty
+        accumulator (the common case: a whole partition added at once); a fresh allocation's page
+        faults cost as much as the quantization itself on CPU.
+        """
+        if not self.has_value and len(members) == 1 and positions[members[0]] == (lo, hi - lo):
+            piece = values[starts[members[0]] : starts[members[0]] + hi - lo]
+            return piece.float() if piece.dtype != torch.float32 else piece.clone()
+        if self.has_value:
+            x = dequantize(self._view(self.codes, self.scales, lo, hi))
+        else:
+            x = torch.zeros(hi - lo, dtype=torch.float32, device=self.device)
+        for p in members:
+            off, n = positions[p]
+            x[off - lo : off - lo + n] += values[starts[p] : starts[p] + n]
+        return x
 
     def dequantize(self) -> torch.Tensor:
         """The accumulated value as a new fp32 tensor (zeros when nothing was added)."""

@@ -100,9 +100,10 @@ class ReduceScatterResult:
         n = self.values.numel()
         if n == 0:
             return 0.0
+        # fp32 dot products: a diagnostic on the hot path, not worth fp64 passes over the data.
         sizes = torch.full_like(self.group_bound, float(group_size))
         sizes[-1] = n - group_size * (self.group_bound.numel() - 1)
-        return float(torch.sqrt((self.group_bound.double() ** 2 * sizes.double()).sum()))
+        return math.sqrt(float(torch.dot(self.group_bound * self.group_bound, sizes)))
 
 
 def _round_up(n: int, k: int) -> int:
@@ -199,7 +200,7 @@ def reduce_scatter_8bit(
         if recv_splits[src] == 0:
             continue
         q = _unpack(recv.narrow(0, offset, recv_splits[src]), mine, group_size, torch.float32)
-        total = total + dequantize(q)
+        total = total + dequantize(q)  # out of place: ``own`` may be a view of the caller's bucket
         group_bound += bound(q)
         offset += recv_splits[src]
     if scale != 1.0:
@@ -212,7 +213,7 @@ def reduce_scatter_8bit(
         counter.received_bytes += received
         counter.calls += 1
         counter.error_bound_sq += result.error_bound_l2(group_size) ** 2
-        counter.reduced_sq += float(total.double().pow(2).sum())
+        counter.reduced_sq += float(torch.dot(total, total))
     return result
 
 
