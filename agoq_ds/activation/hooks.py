@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..seeding import mix_seed
 from .classes import LayerClass
 from .classify import Classifier, Structure
 from .storage import DedupCache, DerivedTensor, Ledger, QuantSpec, SavedTensor, SavedView, dedup_key
@@ -119,14 +120,20 @@ class PackEngine:
         self._pending: list[SavedTensor] = []
         self._sdpa: list[AttentionOp] = []
         self._kept: dict[int, torch.Tensor] = {}
-        self._counter = 0
+        self._spans = 0
+        self._span_index: dict[int, int] = {}
+        """Creation order, within the current forward, of each span saved (by holder id): with the
+        forward number it makes the span's stochastic-rounding seed, independent of the order in which
+        spans are finalized (a traced forward finalizes later than the forwards after it)."""
         self._checkpoint_waiting: list[SavedTensor] | None = None
         self._scoped_outermost = False
         self._warned_foreign = False
         self._log_softmax_shape: tuple[int, ...] | None = None
+        self._exact_depth = 0
+        """> 0 inside an op whose backward needs its saved tensors bit-exact (``trace._EXACT``)."""
         self._derivable: dict[tuple, tuple] = {}
         self._watcher = OpWatcher(
-            self._on_op, self._sdpa.append, self._end_sdpa, self._set_log_softmax, self._on_activation
+            self._on_op, self._sdpa.append, self._end_sdpa, self._set_log_softmax, self._on_activation, self._set_exact
         )
         self._unpack_fn = self._unpack
         self._packers = [functools.partial(self._pack, i, None) for i in range(len(self.classifier.names))]
@@ -244,6 +251,8 @@ class PackEngine:
         else:
             self.ledger.end_forward()
             self.forwards += 1
+            self._spans = 0
+            self._span_index.clear()
 
     # --- pack / unpack -------------------------------------------------------------------------
 
@@ -252,15 +261,21 @@ class PackEngine:
             return t
         key = dedup_key(t)
         holder = self._cache.get(key)
-        if holder is None and key in self._derivable and not self._sdpa:
+        if holder is None and key in self._derivable and not self._sdpa and not self._exact_depth:
             derived = self._derive(key, t, module, cls)
             if derived is not None:
                 return derived.view(t)
         new = holder is None
         if holder is None:
             holder = SavedTensor(t, self.ledger, self.min_numel)
+            self._number(holder)
             holder.log_space = self._log_softmax_shape == tuple(t.shape) and t.is_floating_point()
             self._cache.put(key, t, holder)
+        if self._exact_depth:
+            if new:
+                holder.quantizable = False
+            elif holder.final and holder.q is not None:
+                holder.upgrade(t, 16, self.spec, 0)  # back to the exact tensor (``t`` is alive now)
         if self._sdpa:
             self._sdpa[-1].packed.append((holder, t, module, new))
             return holder.view(t)
@@ -301,7 +316,7 @@ class PackEngine:
         """Another consumer saved the same data: it gets the larger of the two bit-widths."""
         holder.requests.append((module, cls))
         if holder.final and (cls is not None or self.trace is None):
-            holder.upgrade(t, self._bits_for(module, cls), self.spec, self._next_seed())
+            holder.upgrade(t, self._bits_for(module, cls), self.spec, self._seed_for(holder))
 
     def _finalize(self, holder: SavedTensor, force_raw: bool = False) -> None:
         module, cls = holder.requests[0]
@@ -312,13 +327,17 @@ class PackEngine:
             bits,
             force_raw,
             self.spec,
-            self._next_seed(),
+            self._seed_for(holder),
             self.on_saved,
         )
 
-    def _next_seed(self) -> int:
-        self._counter += 1
-        return (self.seed * 1_000_003 + self._counter) & 0x7FFFFFFF
+    def _number(self, holder: Any) -> None:
+        self._span_index[id(holder)] = self._spans
+        self._spans += 1
+
+    def _seed_for(self, holder: Any) -> int:
+        """Stochastic-rounding seed of ``holder``: (configured seed, forward number, creation order)."""
+        return mix_seed(self.seed, self.forwards, self._span_index.get(id(holder), -1))
 
     # --- attention ops -------------------------------------------------------------------------
 
@@ -355,6 +374,7 @@ class PackEngine:
         if source.final and self.trace is None and source.bits < self._bits_for(module, cls):
             return None  # the input was stored coarser than this consumer wants
         derived = DerivedTensor(SavedView(source, shape, stride), func, args, kwargs, t, self.ledger)
+        self._number(derived)
         derived.requests.append((module, cls))
         self._cache.put(key, t, derived)
         if not source.final:
@@ -367,6 +387,9 @@ class PackEngine:
 
     def _set_log_softmax(self, shape: tuple[int, ...] | None) -> None:
         self._log_softmax_shape = shape
+
+    def _set_exact(self, entering: bool) -> None:
+        self._exact_depth += 1 if entering else -1
 
     def _end_sdpa(self, op: AttentionOp, output: Any) -> None:
         self._sdpa.pop()

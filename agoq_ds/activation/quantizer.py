@@ -378,11 +378,12 @@ class ActivationQuantizer:
     # --- state ---------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Policy table and calibration results (plain ints/floats/strings: loadable with
-        ``torch.load(weights_only=True)``)."""
+        """Policy table, calibration results and the number of forwards run (it seeds stochastic
+        rounding) (plain ints/floats/strings: loadable with ``torch.load(weights_only=True)``)."""
         return {
             "version": STATE_VERSION,
             "step": self.step,
+            "forwards": self.engine.forwards,
             "calibrated": self.calibration is None and self._calibration_steps > 0,
             "class_bits": dict(self.policy.class_bits),
             "overrides": {f"{m}|{c}": b for (m, c), b in self.policy.overrides.items()},
@@ -396,6 +397,8 @@ class ActivationQuantizer:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"activation quantizer state version {state.get('version')} != {STATE_VERSION}")
         self.step = int(state["step"])
+        # The forward number seeds stochastic rounding: a resumed run rounds as the uninterrupted one.
+        self.engine.forwards = int(state.get("forwards", self.engine.forwards))
         self.policy.set_class_bits({str(k): int(v) for k, v in state["class_bits"].items()})
         self.policy.set_overrides({tuple(k.split("|", 1)): int(v) for k, v in state["overrides"].items()})
         self.sensitivity = {c: {int(b): float(e) for b, e in v.items()} for c, v in state["sensitivity"].items()}

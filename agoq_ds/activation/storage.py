@@ -311,6 +311,14 @@ class SavedTensor:
     def _store_quantized(self, bits: int, spec: QuantSpec, seed: int) -> None:
         src = self._source()
         q = quantize(src, bits, spec.group_size, stochastic=spec.stochastic, seed=seed, scale_dtype=spec.scale_dtype)
+        if bool(q.scales.isnan().any()):
+            # A group holding NaN/Inf reads back all-NaN (format.py). Stock backward may never read
+            # the non-finite entries (-inf at masked positions under amax/logsumexp/clamp), so the
+            # span is kept as it is: backward sees exactly what it would see without agoq.
+            if self.held:
+                self.ledger.change(self.baseline - self.stored)
+            self.q, self.bits, self.stored = None, 16, self.baseline
+            return
         if self.held:
             self.ledger.change(q.nbytes - self.stored)
         self.q, self.bits, self.stored = q, bits, q.nbytes

@@ -121,6 +121,24 @@ _ACTIVATIONS = (
 )
 _SOFTMAX = (F.softmax, torch.softmax, torch.Tensor.softmax)
 _LOG_SOFTMAX = (F.log_softmax, torch.log_softmax, torch.Tensor.log_softmax, F.cross_entropy)
+_EXACT = (
+    torch.amax,
+    torch.Tensor.amax,
+    torch.amin,
+    torch.Tensor.amin,
+    torch.max,
+    torch.Tensor.max,
+    torch.min,
+    torch.Tensor.min,
+    torch.aminmax,
+    torch.Tensor.aminmax,
+    torch.norm,
+    torch.Tensor.norm,
+    torch.linalg.vector_norm,
+    torch.linalg.norm,
+)
+"""Ops whose backward compares saved tensors for equality (``input == max``: amax/amin, full
+max/min, inf-norms): a quantized input or output matches nowhere and the gradient becomes 0/0."""
 
 
 @dataclass
@@ -148,7 +166,8 @@ class OpWatcher(TorchFunctionMode):
     ``end_sdpa(op, output)`` bracket each ``scaled_dot_product_attention`` call;
     ``log_softmax(input shape)`` / ``log_softmax(None)`` bracket log-softmax and cross-entropy calls
     (what they save of the input's shape are log-probabilities); ``activation(func, args, kwargs,
-    output)`` reports each elementwise activation call.
+    output)`` reports each elementwise activation call; ``exact(True)`` / ``exact(False)`` bracket the
+    ops of ``_EXACT``, whose saved tensors must stay exact.
     """
 
     def __init__(
@@ -158,6 +177,7 @@ class OpWatcher(TorchFunctionMode):
         end_sdpa: Callable[[AttentionOp, Any], None],
         log_softmax: Callable[[tuple[int, ...] | None], None],
         activation: Callable[[Callable, tuple, dict, Any], None],
+        exact: Callable[[bool], None],
     ) -> None:
         super().__init__()
         self._on_op = on_op
@@ -165,6 +185,7 @@ class OpWatcher(TorchFunctionMode):
         self._end_sdpa = end_sdpa
         self._log_softmax = log_softmax
         self._activation = activation
+        self._exact = exact
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -186,6 +207,12 @@ class OpWatcher(TorchFunctionMode):
                 return func(*args, **kwargs)
             finally:
                 self._log_softmax(None)
+        if func in _EXACT:
+            self._exact(True)
+            try:
+                return func(*args, **kwargs)
+            finally:
+                self._exact(False)
         if func in _SOFTMAX:
             x = args[0] if args else kwargs.get("input")
             if isinstance(x, torch.Tensor) and x.dim() >= 4:

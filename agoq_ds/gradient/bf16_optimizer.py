@@ -34,10 +34,11 @@ from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from deepspeed.utils import logger
 
 from ..config import AgoqConfig, GradientConfig
+from ..seeding import mix_seed as _mix
 from .accounting import GradientAccounting
 from .accumulator import Int8Accumulator
 from .allreduce import CHUNK_ELEMENTS, all_reduce_chunked, chunk_bounds
-from .zero_optimizer import STATE_KEY, _mix
+from .zero_optimizer import STATE_KEY
 
 STATE_VERSION = 1
 

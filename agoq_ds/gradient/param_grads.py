@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 from ..config import AgoqConfig
+from ..seeding import mix_seed as _mix
 from .accounting import GradientAccounting
 from .accumulator import Int8Accumulator
 from .allreduce import CHUNK_ELEMENTS, all_reduce_chunked
-from .zero_optimizer import _mix
 
 STATE_VERSION = 1
 

@@ -34,6 +34,7 @@ from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer, GradPar
 from deepspeed.utils import logger
 
 from ..config import AgoqConfig, GradientConfig
+from ..seeding import mix_seed as _mix
 from .accounting import GradientAccounting
 from .accumulator import Accumulator, Fp32Accumulator, Int8Accumulator
 from .collectives import all_reduce_8bit, gather_slices, reduce_scatter_8bit, ring_allreduce_bytes
@@ -68,15 +69,6 @@ def reject_unsupported_arguments(arguments: dict[str, Any]) -> None:
             f"agoq.gradient: the {type(init_optimizer).__name__} optimizer (Muon updates are built from the "
             "gradient partition) is not supported; set agoq.gradient.enabled=false"
         )
-
-
-def _mix(*parts: int) -> int:
-    """A deterministic 31-bit seed from integers (Python's ``hash`` is not used: it is salted)."""
-    h = 0x12345
-    for p in parts:
-        h = (h * 1000003) ^ (int(p) & 0xFFFFFFFF)
-        h &= 0xFFFFFFFFFFFF
-    return h % (2**31)
 
 
 class AgoqZeroOptimizer(DeepSpeedZeroOptimizer):
