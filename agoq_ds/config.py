@@ -14,7 +14,7 @@ import typing
 from typing import Any, Literal
 
 from deepspeed.runtime.config_utils import DeepSpeedConfigModel
-from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .activation.classes import DEFAULT_CLASS_BITS, LayerClass, resolve_class_bits
 from .constants import CONFIG_KEY
@@ -30,6 +30,28 @@ class AgoqConfigError(ValueError):
     """An invalid ``"agoq"`` block; the message names every bad key path and what is allowed."""
 
 
+_BOUNDS = ("Ge", "Gt", "Le", "Lt")
+
+
+def _numeric_rule(field: Any) -> str | None:
+    """``"an integer >= 0"``, ``"a number from 2 to 16 or null"``, ...: what an ``int``/``float``
+    field accepts (``None`` for any other field)."""
+    args = [a for a in typing.get_args(field.annotation) if a is not type(None)] or [field.annotation]
+    if len(args) != 1 or args[0] not in (int, float):
+        return None
+    kind = "an integer" if args[0] is int else "a number"
+    bounds = {
+        type(m).__name__: getattr(m, type(m).__name__.lower()) for m in field.metadata if type(m).__name__ in _BOUNDS
+    }
+    low = f">= {bounds['Ge']}" if "Ge" in bounds else f"> {bounds['Gt']}" if "Gt" in bounds else None
+    high = f"<= {bounds['Le']}" if "Le" in bounds else f"< {bounds['Lt']}" if "Lt" in bounds else None
+    if "Ge" in bounds and "Le" in bounds:
+        rule = f"{kind} from {bounds['Ge']} to {bounds['Le']}"
+    else:
+        rule = " and ".join(filter(None, [f"{kind} {low}" if low else kind, high]))
+    return rule + (" or null" if type(None) in typing.get_args(field.annotation) else "")
+
+
 class _Model(DeepSpeedConfigModel):
     model_config = ConfigDict(
         validate_default=True,
@@ -41,6 +63,17 @@ class _Model(DeepSpeedConfigModel):
         protected_namespaces=(),
         use_attribute_docstrings=True,
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads true/false as 1/0 for int and float fields; in a JSON config a
+        # boolean where a number belongs is a mistake (e.g. a rule's "stage": true), never a number.
+        if isinstance(value, bool) and info.field_name is not None:
+            rule = _numeric_rule(cls.model_fields[info.field_name])
+            if rule is not None:
+                raise ValueError(f"must be {rule}, not a boolean")
+        return value
 
 
 class ActivationRule(_Model):
@@ -91,7 +124,7 @@ class BudgetConfig(_Model):
     """Optimizer steps whose activations are stored unquantized while each class's quantization
     error (``sum |x - Q_b(x)|^2 / sum |x|^2`` at every candidate width) is measured; then the table
     is fixed (least total error that meets the budget) and logged."""
-    candidate_bits: list[Literal[2, 4, 8, 16]] = [2, 4, 8]
+    candidate_bits: list[Literal[2, 4, 8, 16]] = Field([2, 4, 8], min_length=1)
     """Bit-widths the allocator may choose from."""
 
 
@@ -205,22 +238,78 @@ def _model_for(loc: tuple[Any, ...]) -> type[_Model]:
     return model
 
 
+_NUMERIC_ERRORS = frozenset(
+    {
+        "greater_than",
+        "greater_than_equal",
+        "less_than",
+        "less_than_equal",
+        "int_parsing",
+        "int_type",
+        "int_from_float",
+        "float_parsing",
+        "float_type",
+        "finite_number",
+    }
+)
+"""pydantic error types of a number that is malformed or out of range: the message names the range."""
+
+
 def _allowed(err: dict[str, Any]) -> str:
     ctx = err.get("ctx") or {}
+    if err["type"] in _NUMERIC_ERRORS:
+        loc = tuple(p for p in err["loc"] if p != "[key]")
+        field = _model_for(loc).model_fields.get(loc[-1]) if loc and isinstance(loc[-1], str) else None
+        rule = _numeric_rule(field) if field is not None else None
+        if rule is not None:
+            return f"must be {rule}"
     if "expected" in ctx:
         return "must be one of " + str(ctx["expected"]).replace("'", "")
     msg = err["msg"].removeprefix("Value error, ")
     return msg[0].lower() + msg[1:]
 
 
+def _annotation_at(loc: tuple[Any, ...]) -> Any:
+    """The type annotation of the value at ``loc`` (through model fields by name or alias, list
+    items and dict values), ``Optional`` removed; ``None`` when ``loc`` leaves the models."""
+
+    def strip(ann: Any) -> Any:
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        return args[0] if type(None) in typing.get_args(ann) and len(args) == 1 else ann
+
+    ann: Any = AgoqConfig
+    for part in loc:
+        ann = strip(ann)
+        if isinstance(ann, type) and issubclass(ann, _Model) and isinstance(part, str):
+            fields = [f for name, f in ann.model_fields.items() if part in (name, f.alias)]
+            if not fields:
+                return None
+            ann = fields[0].annotation
+        elif typing.get_origin(ann) is list and isinstance(part, int):
+            ann = typing.get_args(ann)[0]
+        elif typing.get_origin(ann) is dict and isinstance(part, str):
+            ann = typing.get_args(ann)[1]
+        else:
+            return None
+    return strip(ann)
+
+
+def _key(part: Any) -> str:
+    """One step of a key path: ``.name``, ``[3]``, or ``["odd\nkey"]`` for keys that would garble a line."""
+    if isinstance(part, int):
+        return f"[{part}]"
+    text = str(part)
+    return f".{text}" if text and text.isprintable() else f"[{json.dumps(text)}]"
+
+
 def _format_error(err: dict[str, Any]) -> str:
     loc = tuple(p for p in err["loc"] if p != "[key]")
-    path = CONFIG_KEY + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
+    path = CONFIG_KEY + "".join(_key(p) for p in loc)
     if err["type"] == "extra_forbidden":
         model = _model_for(loc)
         keys = sorted(f.alias or name for name, f in model.model_fields.items())
         close = difflib.get_close_matches(str(loc[-1]), keys, n=1, cutoff=0.5)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+        hint = f"; did you mean '{close[0]}'?" if close else "."
         return f"{path}: unknown key{hint} Allowed keys: {', '.join(keys)}"
     if err["type"] == "enum":
         return f"{path}={json.dumps(err['input'])}: must be one of {', '.join(c.value for c in LayerClass)}"
@@ -228,6 +317,11 @@ def _format_error(err: dict[str, Any]) -> str:
     shown = json.dumps(value) if isinstance(value, str | int | float | bool | None) else repr(value)
     if err["type"] == "missing":
         return f"{path}: required key is missing"
+    annotation = _annotation_at(loc)
+    if typing.get_origin(annotation) is Literal:
+        # Whatever pydantic says (a wrong type, an integer too large to parse, ...): list the choices.
+        choices = [str(c) for c in typing.get_args(annotation)]
+        return f"{path}={shown}: must be one of {', '.join(choices[:-1])} or {choices[-1]}"
     return f"{path}={shown}: {_allowed(err)}"
 
 

@@ -139,9 +139,10 @@ def bound(q: QuantizedTensor) -> torch.Tensor:
     """Per-group round-to-nearest error bound (fp32, one entry per group).
 
     ``s / 2`` plus slack for the fp32 product ``x * (1/s)`` (relative error <= 2**-23 of a value up
-    to ``qmax + 1/2``), or ``TINY`` for flushed groups; NaN for non-finite groups.
+    to ``qmax + 1/2``), or ``TINY`` for flushed groups; NaN for non-finite groups. Evaluated in fp64
+    so that the slack terms cannot overflow for scales near the fp32 maximum.
     """
-    s = q.scales.float()
+    s = q.scales.double()
     if q.symmetric:
         top = qmax(q.bits) + 0.5
     else:
@@ -150,8 +151,8 @@ def bound(q: QuantizedTensor) -> torch.Tensor:
     b = s / 2 + slack
     if not q.symmetric:
         # q * s + zero is rounded once more in fp32.
-        b = b + (q.zeros.abs() + s * levels(q.bits)) * 2.0**-23
-    return torch.where(s == 0, torch.full_like(b, TINY), b)
+        b = b + (q.zeros.double().abs() + s * levels(q.bits)) * 2.0**-23
+    return torch.where(s == 0, torch.full_like(b, TINY), b).float()
 
 
 def stochastic_bound(q: QuantizedTensor) -> torch.Tensor:
