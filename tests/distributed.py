@@ -11,7 +11,9 @@ on any rank raises here with that rank's traceback.
 from __future__ import annotations
 
 import os
+import queue as queue_module
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -67,14 +69,23 @@ def run_ranks(fn: Callable, world_size: int, args: tuple = (), timeout: float = 
         p.start()
     results: dict[int, Any] = {}
     errors: list[str] = []
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world_size):
-            rank, ok, payload = queue.get(timeout=timeout)
+        while len(results) < world_size and not errors:
+            try:
+                rank, ok, payload = queue.get(timeout=1.0)
+            except queue_module.Empty:
+                # A rank that died before reporting (e.g. it could not unpickle ``fn``) never will.
+                dead = [r for r, p in enumerate(procs) if p.exitcode is not None and r not in results]
+                if dead and queue.empty():
+                    errors.append(f"ranks {dead} exited (codes {[procs[r].exitcode for r in dead]}) without a result")
+                elif time.monotonic() > deadline:
+                    errors.append(f"no result within {timeout:.0f} s")
+                continue
             if ok:
                 results[rank] = payload
             else:
                 errors.append(f"rank {rank} failed:\n{payload}")
-                break
     finally:
         for p in procs:
             p.join(timeout=5 if errors else timeout)
