@@ -1,0 +1,289 @@
+"""Golden losses (the torchtitan pattern): a short fixed-seed run whose losses are checked in.
+
+Two ranks (gloo), a tiny LLaMA (``build_llama("tiny")``, 2 layers, hidden 128), DeepSpeed ZeRO-2,
+bf16, AdamW, ``STEPS`` optimizer steps of ``GRAD_ACCUM`` micro-batches of real text with a fixed seed
+and data order. Every micro-batch loss of every rank is recorded, for agoq (``"agoq": {}``, the
+defaults) and for stock DeepSpeed. ``test_golden_loss.py`` compares a fresh run with
+``reference_losses.json``: each step's loss (mean over ranks and micro-batches) must stay within
+``TOLERANCE``. The stock golden tells the
+two kinds of drift apart: when stock drifts too, torch/DeepSpeed/the CPU changed under us (check the
+versions in the reference, then regenerate); when only agoq drifts, agoq's numerics changed.
+
+    python tests/golden/golden_loss.py               # compare a fresh run with the reference
+    python tests/golden/golden_loss.py --regenerate  # rewrite reference_losses.json (review the diff!)
+
+``BREAKS`` are deliberate numerical bugs (applied in the rank processes only, never to the source
+tree) that the test uses to prove the check catches a broken quantizer; ``BENIGN`` changes float
+arithmetic the way another CPU would, and must pass:
+
+    python tests/golden/golden_loss.py --perturb activation_dequant_1pct   # must report a mismatch
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # tests/: the run_ranks helper
+
+REFERENCE = HERE / "reference_losses.json"
+STEPS = 20
+"""Optimizer steps per run."""
+MICRO_BATCH, GRAD_ACCUM, SEQ, WORLD = 2, 2, 64, 2
+SEED, DATA_SEED = 0, 7
+VARIANTS: dict[str, dict | None] = {"stock": None, "agoq": {}}
+"""Golden variants: the ``"agoq"`` block of each (``None``: no block, stock DeepSpeed)."""
+
+TOLERANCE = {"rtol": 5e-3}
+"""Allowed relative difference of each optimizer step's loss (mean over ranks and micro-batches)
+from the reference.
+
+On one machine the runs are bit-for-bit repeatable (the test checks it). Across machines the matmul
+kernels differ; measured here by turning oneDNN off (``--perturb no_mkldnn``), that moves step losses
+by at most 0.2% in 20 steps, while the deliberate bugs in ``BREAKS`` move them by 1.1% (nearest
+instead of stochastic gradient rounding) and 2.2% (1% activation dequantization error): 0.5% sits
+between. Figures and commands: ``docs/results.md``, "Golden-loss check"."""
+
+
+def ds_config(agoq: dict | None) -> dict:
+    """ZeRO-2, bf16, AdamW with gradient clipping; several reduce buckets; ``agoq`` block if given."""
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": MICRO_BATCH,
+        "gradient_accumulation_steps": GRAD_ACCUM,
+        "steps_per_print": 10**6,
+        "gradient_clipping": 1.0,
+        "bf16": {"enabled": True},
+        "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.1, "torch_adam": True}},
+        "zero_optimization": {"stage": 2, "reduce_bucket_size": 200_000, "allgather_bucket_size": 200_000},
+    }
+    if agoq is not None:
+        cfg["agoq"] = agoq
+    return cfg
+
+
+def _break_activation_dequant() -> Callable[[], None]:
+    """Every dequantized saved activation comes back 1% too large (a scale bug). Returns the undo."""
+    import agoq_ds.activation.storage as storage
+
+    real = storage.dequantize
+    storage.dequantize = lambda q, *a, **k: real(q, *a, **k) * 1.01
+
+    def undo() -> None:
+        storage.dequantize = real
+
+    return undo
+
+
+def _break_gradient_rounding() -> Callable[[], None]:
+    """Gradient codes round to nearest where the configuration asks for stochastic rounding."""
+    import agoq_ds.gradient.accumulator as accumulator
+    import agoq_ds.gradient.collectives as collectives
+
+    saved = {m: m.quantize for m in (accumulator, collectives)}
+    for module, real in saved.items():
+        module.quantize = lambda x, *a, _real=real, **k: _real(x, *a, **{**k, "stochastic": False})
+
+    def undo() -> None:
+        for module, real in saved.items():
+            module.quantize = real
+
+    return undo
+
+
+def _no_onednn() -> Callable[[], None]:
+    """torch's reference CPU matmul kernels instead of oneDNN: a benign change of float arithmetic."""
+    import torch
+
+    torch.backends.mkldnn.enabled = False
+
+    def undo() -> None:
+        torch.backends.mkldnn.enabled = True
+
+    return undo
+
+
+Perturbation = Callable[[], Callable[[], None]]
+"""Applies itself in the calling process and returns its undo."""
+
+BREAKS: dict[str, Perturbation] = {
+    "activation_dequant_1pct": _break_activation_dequant,
+    "gradient_nearest_rounding": _break_gradient_rounding,
+}
+"""Deliberate numerical bugs, by name: the check must catch each."""
+
+BENIGN: dict[str, Perturbation] = {"no_mkldnn": _no_onednn}
+"""Changes of float arithmetic that are no bug (as another CPU's kernels would make): the check must pass."""
+
+PERTURBATIONS: dict[str, Perturbation] = {**BREAKS, **BENIGN}
+
+
+def run_key(variant: str, broken: str | None) -> str:
+    """Key of a run in ``collect``'s result: ``variant`` or ``variant+break`` (``#2``... for repeats)."""
+    return variant if broken is None else f"{variant}+{broken}"
+
+
+def train_losses(
+    rank: int, world: int, runs: list[tuple[str, str | None]], steps: int, threads: int = 1
+) -> dict[str, list[float]]:
+    """Rank function: for each ``(variant, break)`` build a fresh engine and train ``steps`` steps;
+    returns this rank's micro-batch losses per run (keyed by ``run_key``)."""
+    import deepspeed
+    import torch
+
+    torch.set_num_threads(threads)
+
+    from agoq_ds.data import batches, load_bytes, split
+    from agoq_ds.models import build_llama
+
+    train, _ = split(load_bytes(max_bytes=400_000))
+    out: dict[str, list[float]] = {}
+    for variant, broken in runs:
+        undo = PERTURBATIONS[broken]() if broken is not None else None
+        model = build_llama("tiny", seed=SEED)
+        engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=model.parameters(), config=ds_config(VARIANTS[variant])
+        )
+        if VARIANTS[variant] is not None and not hasattr(engine, "agoq_stats"):
+            raise RuntimeError(f"{variant}: deepspeed.initialize did not return the agoq engine")
+        data = batches(train, MICRO_BATCH, SEQ, seed=DATA_SEED, rank=rank, world_size=world)
+        losses = []
+        for _ in range(steps * GRAD_ACCUM):
+            batch = next(data)
+            loss = engine(input_ids=batch, labels=batch).loss
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.float().item())
+        key, repeat = run_key(variant, broken), 1
+        while key in out:  # the same run again: "agoq#2", "agoq#3", ...
+            repeat += 1
+            key = f"{run_key(variant, broken)}#{repeat}"
+        out[key] = losses
+        if undo is not None:
+            undo()
+        del engine, model
+    return out
+
+
+def collect(runs: list[tuple[str, str | None]], steps: int = STEPS, threads: int = 1) -> dict[str, list[list[float]]]:
+    """Run ``runs`` in one pair of gloo processes; per run key, the losses of each rank."""
+    from distributed import run_ranks
+
+    per_rank = run_ranks(train_losses, WORLD, (runs, steps, threads))
+    return {key: [r[key] for r in per_rank] for key in per_rank[0]}
+
+
+def versions() -> dict[str, str]:
+    """The software the losses depend on."""
+    import deepspeed
+    import torch
+    import transformers
+
+    return {
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "cpu": _cpu(),
+    }
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def step_means(losses: list[list[float]]) -> list[float]:
+    """Each optimizer step's loss: the mean over ranks and micro-batches."""
+    per_step = [[] for _ in range(len(losses[0]) // GRAD_ACCUM)]
+    for rank_losses in losses:
+        for i, value in enumerate(rank_losses):
+            per_step[i // GRAD_ACCUM].append(value)
+    return [sum(v) / len(v) for v in per_step]
+
+
+def mismatches(reference: list[list[float]], fresh: list[list[float]], tol: dict = TOLERANCE) -> list[str]:
+    """Descriptions of every step whose loss is outside the tolerance (empty: the run matches)."""
+    if [len(r) for r in reference] != [len(r) for r in fresh]:
+        return [f"{[len(r) for r in fresh]} losses per rank, reference has {[len(r) for r in reference]}"]
+    problems = []
+    for step, (r, g) in enumerate(zip(step_means(reference), step_means(fresh), strict=True)):
+        if not math.isclose(g, r, rel_tol=tol["rtol"]):
+            problems.append(f"step {step}: loss {g:.6f} vs reference {r:.6f} ({g / r - 1:+.3%})")
+    return problems
+
+
+def max_rel_diff(reference: list[list[float]], fresh: list[list[float]]) -> float:
+    """Largest relative difference of a step's loss."""
+    return max(abs(g / r - 1) for r, g in zip(step_means(reference), step_means(fresh), strict=True))
+
+
+def regenerate() -> dict:
+    """Run both variants and write the reference file."""
+    losses = collect([(v, None) for v in VARIANTS])
+    reference = {
+        "description": "micro-batch losses per rank; regenerate: python tests/golden/golden_loss.py --regenerate",
+        "setup": {
+            "model": "build_llama('tiny')",
+            "world_size": WORLD,
+            "zero_stage": 2,
+            "bf16": True,
+            "steps": STEPS,
+            "micro_batch": MICRO_BATCH,
+            "grad_accum": GRAD_ACCUM,
+            "seq_len": SEQ,
+            "seed": SEED,
+            "data_seed": DATA_SEED,
+            "threads_per_rank": 1,
+        },
+        "configs": {v: ds_config(b) for v, b in VARIANTS.items()},
+        "tolerance": TOLERANCE,
+        "versions": versions(),
+        "losses": losses,
+    }
+    REFERENCE.write_text(json.dumps(reference, indent=1) + "\n")
+    return reference
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Compare with the reference (exit 1 on a mismatch), or ``--regenerate`` it."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--regenerate", action="store_true", help=f"rewrite {REFERENCE.name}")
+    parser.add_argument(
+        "--perturb", choices=sorted(PERTURBATIONS), help="apply a deliberate bug (or a benign change) to the agoq run"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank (the reference uses 1)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if args.regenerate:
+        ref = regenerate()
+        print(f"wrote {REFERENCE} ({ref['versions']})")
+        return 0
+    reference = json.loads(REFERENCE.read_text())
+    fresh = collect([("stock", None), ("agoq", args.perturb)], threads=args.threads)
+    fresh["agoq"] = fresh.pop(run_key("agoq", args.perturb))
+    failed = False
+    for variant in VARIANTS:
+        bad = mismatches(reference["losses"][variant], fresh[variant], reference["tolerance"])
+        worst = max_rel_diff(reference["losses"][variant], fresh[variant])
+        print(f"{variant:6s}: {'OK' if not bad else f'{len(bad)} losses off'} (max relative difference {worst:.2e})")
+        for line in bad[:5]:
+            print("   ", line)
+        failed |= bool(bad)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
