@@ -103,6 +103,11 @@ def main() -> None:
     if args.out and int(os.environ.get("RANK", "0")) == 0:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(recorder.record, indent=1))
+    # An orderly shutdown of the process group: left to interpreter exit, gloo's threads have been
+    # seen to abort the process ("terminate called without an active exception") after training.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
