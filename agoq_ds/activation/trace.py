@@ -26,9 +26,9 @@ def tensor_key(t: torch.Tensor) -> TensorKey:
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
 
-def tensor_keys(*objs: Any) -> set[TensorKey]:
-    """Keys of the tensors in ``objs`` and in tuples/lists/dicts among them (one level deep)."""
-    keys: set[TensorKey] = set()
+def tensors_in(*objs: Any) -> list[torch.Tensor]:
+    """The strided tensors in ``objs`` and in tuples/lists/dicts among them (one level deep)."""
+    found: list[torch.Tensor] = []
     for obj in objs:
         items: Iterable[Any]
         if isinstance(obj, dict):
@@ -39,10 +39,10 @@ def tensor_keys(*objs: Any) -> set[TensorKey]:
             items = (obj,)
         for item in items:
             if isinstance(item, torch.Tensor) and item.layout == torch.strided:
-                keys.add(tensor_key(item))
+                found.append(item)
             elif isinstance(item, tuple | list):
-                keys |= {tensor_key(x) for x in item if isinstance(x, torch.Tensor) and x.layout == torch.strided}
-    return keys
+                found += [x for x in item if isinstance(x, torch.Tensor) and x.layout == torch.strided]
+    return found
 
 
 ATTENTION = "attention"
@@ -59,10 +59,10 @@ class CallRecord:
     """Index of the module (in ``Classifier.modules``)."""
     parent: int
     """Index of the calling record, -1 for an outermost call."""
-    inputs: set[TensorKey]
-    """Keys of the tensors passed in (args and kwargs)."""
-    outputs: set[TensorKey] = field(default_factory=set)
-    """Keys of the tensors returned."""
+    inputs: set[tuple]
+    """(forward number, *key) of the tensors passed in (args and kwargs)."""
+    outputs: set[tuple] = field(default_factory=set)
+    """(forward number, *key) of the tensors returned."""
     ops: set[str] = field(default_factory=set)
     """Op kinds called directly in this module's scope (``ATTENTION``, ``ACTIVATION``)."""
 
@@ -74,17 +74,27 @@ class Trace:
         self.calls: list[CallRecord] = []
         """Every call seen, in the order calls started."""
         self._open: list[int] = []
+        self._forward = 0
+        self._held: list[torch.Tensor] = []
+        """Every tensor keyed in the current forward, kept alive until it ends: a key is an address,
+        and a freed tensor's address reused by a new tensor of the same shape would otherwise link
+        calls that never exchanged data (and make the classification depend on allocator history)."""
+
+    def _keys(self, *objs: Any) -> set[TensorKey]:
+        tensors = tensors_in(*objs)
+        self._held += tensors
+        return {(self._forward, *tensor_key(t)) for t in tensors}
 
     def enter(self, module: int, args: tuple, kwargs: dict) -> None:
         """A module call starts."""
         parent = self._open[-1] if self._open else -1
-        self.calls.append(CallRecord(module, parent, tensor_keys(args, kwargs)))
+        self.calls.append(CallRecord(module, parent, self._keys(args, kwargs)))
         self._open.append(len(self.calls) - 1)
 
     def exit(self, output: Any) -> None:
         """The innermost open call returns ``output``."""
         if self._open:
-            self.calls[self._open.pop()].outputs = tensor_keys(output)
+            self.calls[self._open.pop()].outputs = self._keys(output)
 
     def op(self, kind: str) -> None:
         """An op of ``kind`` runs in the innermost open call's own scope."""
@@ -92,8 +102,11 @@ class Trace:
             self.calls[self._open[-1]].ops.add(kind)
 
     def reset_open(self) -> None:
-        """Forget unfinished calls (a forward that raised)."""
+        """A forward ended: forget unfinished calls (a forward that raised), release the tensors held
+        for their keys, and key the next forward's tensors apart from this one's."""
         self._open.clear()
+        self._held.clear()
+        self._forward += 1
 
 
 _ACTIVATIONS = (
