@@ -77,15 +77,8 @@ def test_agoq_matches_reference(fresh: dict, reference: dict) -> None:
     assert not problems, f"{cause}.\n  " + _report(problems)
 
 
-def test_two_runs_agree(fresh: dict) -> None:
-    """A second run in the same processes reproduces the first. As a rule bit for bit; but a second
-    engine in one process has been seen to differ by ~1e-4 from the first update on (known issue,
-    docs/reliability.md), which this tiny model's training then amplifies, so: the forward before any
-    update exactly, the first three optimizer steps within 1e-3."""
-    first, second = fresh["agoq"], fresh["agoq#2"]
-    assert [r[: g.GRAD_ACCUM] for r in first] == [r[: g.GRAD_ACCUM] for r in second]
-    head = 3 * g.GRAD_ACCUM
-    assert not g.mismatches([r[:head] for r in first], [r[:head] for r in second], {"rtol": 1e-3})
+def test_two_runs_are_identical(fresh: dict) -> None:
+    assert fresh["agoq"] == fresh["agoq#2"]
 
 
 def test_agoq_is_active(fresh: dict) -> None:
