@@ -8,12 +8,14 @@ that each figure in ``docs/results.md`` can name the machine and the moment it c
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import NoReturn
@@ -115,3 +117,14 @@ def reexec_in_snapshot(script: str, argv: list[str], rev: str = "HEAD") -> NoRet
     env = {**os.environ, SNAPSHOT_ENV: commit}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(dest), env.get("PYTHONPATH")]))
     os.execve(sys.executable, [sys.executable, script, *argv], env)
+
+
+def write_results(result: dict, out: Path, plot: Callable[[dict, Path], None] | None) -> None:
+    """Write ``result`` as JSON to ``out`` and, with ``plot``, a chart next to it (``.png``)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+    if plot is not None:
+        png = out.with_suffix(".png")
+        plot(result, png)
+        print(f"wrote {png}")

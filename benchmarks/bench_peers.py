@@ -35,7 +35,6 @@ import argparse
 import ctypes
 import datetime
 import importlib.metadata
-import json
 import os
 import platform
 import sys
@@ -51,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
-from _machine import machine_info
+from _machine import machine_info, write_results
 from tqdm import tqdm
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -580,13 +579,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     result = run(args)
     print_table(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
-    if not args.no_plot:
-        png = args.out.with_suffix(".png")
-        plot(result, png)
-        print(f"wrote {png}")
+    write_results(result, args.out, None if args.no_plot else plot)
     return result
 
 

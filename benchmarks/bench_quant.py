@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -30,8 +29,10 @@ from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
+from _machine import write_results
 from tqdm import tqdm
 
 from agoq_ds.quant import backends, reference
@@ -268,13 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     result = run(args)
     print_table(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
-    if not args.no_plot:
-        png = args.out.with_suffix(".png")
-        plot(result, png)
-        print(f"wrote {png}")
+    write_results(result, args.out, None if args.no_plot else plot)
     return result
 
 

@@ -41,7 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _machine import machine_info
+from _machine import machine_info, write_results
 from _netns import Link, NetnsError, VethPair, cleanup_stale, loadavg, netns_available
 from tqdm import tqdm
 
@@ -514,13 +514,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     result = run(args)
     print_table(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
-    if not args.no_plot:
-        png = args.out.with_suffix(".png")
-        plot(result, png)
-        print(f"wrote {png}")
+    write_results(result, args.out, None if args.no_plot else plot)
     return result
 
 
