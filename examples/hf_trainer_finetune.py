@@ -15,16 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
-import deepspeed.comm
 import torch
 from torch.utils.data import Dataset
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from agoq_ds.data import load_bytes, split
 from agoq_ds.models import SHAPES, build_llama
+from agoq_ds.shutdown import end_distributed_run
 
 
 class ByteWindows(Dataset):
@@ -105,18 +104,7 @@ def main() -> None:
     if args.out and int(os.environ.get("RANK", "0")) == 0:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(recorder.record, indent=1))
-    # An orderly shutdown through DeepSpeed, which also drops its own references to the process
-    # groups. Even then one gloo group stays referenced from C++ (stock configs too), and its threads
-    # have been seen to abort the process at interpreter exit ("terminate called without an active
-    # exception"), so a distributed run ends with os._exit once everything is written and flushed.
-    if trainer.deepspeed is not None:
-        trainer.deepspeed.destroy()
-    if deepspeed.comm.is_initialized():
-        deepspeed.comm.barrier()
-        deepspeed.comm.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    end_distributed_run(trainer.deepspeed)
 
 
 if __name__ == "__main__":

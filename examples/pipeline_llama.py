@@ -15,12 +15,12 @@ import os
 from pathlib import Path
 
 import deepspeed
-import torch
 from deepspeed.pipe import PipelineModule
 from tqdm import tqdm
 
 from agoq_ds.data import batches, load_bytes, split
 from agoq_ds.models import SHAPES, build_llama, causal_lm_loss, llama_pipeline_layers
+from agoq_ds.shutdown import end_distributed_run
 
 
 def main() -> None:
@@ -64,7 +64,7 @@ def main() -> None:
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(record, indent=1))
-    torch.distributed.barrier()
+    end_distributed_run(engine)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from agoq_ds.data import batches, heldout_batches, load_bytes, split
 from agoq_ds.models import SHAPES, build_llama
+from agoq_ds.shutdown import end_distributed_run
 from agoq_ds.stats import CollectiveMeter, SavedActivationMeter, gradient_buffer_bytes
 
 
@@ -127,6 +128,7 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(record, indent=1))
         print(f"wrote {args.out}")
+    end_distributed_run(engine)
 
 
 if __name__ == "__main__":
