@@ -26,6 +26,7 @@ import torch
 
 from ..quant import QuantizedTensor, dequantize, quantize
 from ..quant.format import num_groups
+from ..quant.fused import requantize_add_
 
 Positions = Sequence[tuple[int, int]]
 """``(offset, numel)`` pieces of the accumulator, in the order their values are concatenated."""
@@ -164,15 +165,46 @@ class Int8Accumulator:
         if self.error_feedback:
             self._allocate_residual()
         for i, (lo, hi, members) in enumerate(_spans(positions, self.group_size, self.numel)):
-            x = self._span_value(values, positions, starts, lo, hi, members)
-            if self.error_feedback:
-                x += dequantize(self._view(self.res_codes, self.res_scales, lo, hi))
             span_seed = (seed * 1000003 + i) % (2**31)
+            if not self.error_feedback:
+                # One fused pass: codes := Q(D(codes) + pieces), no full-size fp32 temporaries.
+                g0, g1 = lo // self.group_size, num_groups(hi, self.group_size)
+                requantize_add_(
+                    self.codes[lo:hi],
+                    self.scales[g0:g1],
+                    self._span_addend(values, positions, starts, lo, hi, members),
+                    has_value=self.has_value,
+                    group_size=self.group_size,
+                    stochastic=self.stochastic,
+                    seed=span_seed,
+                )
+                continue
+            x = self._span_value(values, positions, starts, lo, hi, members)
+            x += dequantize(self._view(self.res_codes, self.res_scales, lo, hi))
             stored = self._store(self.codes, self.scales, lo, x, span_seed)
-            if self.error_feedback:  # only error feedback needs what the codes now hold
-                residual = torch.nan_to_num(x - dequantize(stored), nan=0.0, posinf=0.0, neginf=0.0)
-                self._store(self.res_codes, self.res_scales, lo, residual, (span_seed + 7919) % (2**31))
+            residual = torch.nan_to_num(x - dequantize(stored), nan=0.0, posinf=0.0, neginf=0.0)
+            self._store(self.res_codes, self.res_scales, lo, residual, (span_seed + 7919) % (2**31))
         self.has_value = True
+
+    @staticmethod
+    def _span_addend(
+        values: torch.Tensor, positions: Positions, starts: list[int], lo: int, hi: int, members: list[int]
+    ) -> torch.Tensor:
+        """The pieces falling in ``[lo, hi)`` laid out over that span (zeros between pieces); a view of
+        ``values`` when the pieces are consecutive there and cover the span exactly."""
+        first, covered = members[0], lo
+        for p in members:  # consecutive in the accumulator and in ``values``, without gaps
+            if positions[p][0] != covered or starts[p] - starts[first] != covered - lo:
+                break
+            covered += positions[p][1]
+        else:
+            if covered == hi:
+                return values[starts[first] : starts[first] + hi - lo]
+        addend = torch.zeros(hi - lo, dtype=torch.float32, device=values.device)
+        for p in members:
+            off, n = positions[p]
+            addend[off - lo : off - lo + n] += values[starts[p] : starts[p] + n]
+        return addend
 
     def _span_value(
         self, values: torch.Tensor, positions: Positions, starts: list[int], lo: int, hi: int, members: list[int]

@@ -28,6 +28,7 @@ from deepspeed import comm as dist
 
 from ..quant import QuantizedTensor, bound, dequantize, quantize
 from ..quant.format import num_groups
+from ..quant.fused import dequantize_add_
 
 OwnerMap = Sequence[Sequence[tuple[int, int]]]
 """Per destination rank, the ``(offset, numel)`` slices of the flat bucket it owns."""
@@ -193,18 +194,19 @@ def reduce_scatter_8bit(
     recv = torch.empty(sum(recv_splits), dtype=torch.uint8, device=flat.device)
     dist.all_to_all_single(recv, send, output_split_sizes=recv_splits, input_split_sizes=send_splits, group=group)
 
-    total = own
+    # Summed in place: ``own`` is a fresh fp32 copy unless ``flat`` was fp32 already (then a view of it).
+    total = own.clone() if flat.dtype == torch.float32 else own
     group_bound = own.new_zeros(num_groups(mine, group_size))
     offset = 0
     for src in range(world):  # fixed order: the result does not depend on arrival order
         if recv_splits[src] == 0:
             continue
         q = _unpack(recv.narrow(0, offset, recv_splits[src]), mine, group_size, torch.float32)
-        total = total + dequantize(q)  # out of place: ``own`` may be a view of the caller's bucket
+        dequantize_add_(total, q)
         group_bound += bound(q)
         offset += recv_splits[src]
     if scale != 1.0:
-        total = total * scale
+        total.mul_(scale)
         group_bound *= abs(scale)
     sent, received = int(send.numel()), int(recv.numel())
     result = ReduceScatterResult(total, group_bound, sent, received)

@@ -6,6 +6,11 @@ param), where the param's slice starts (``grad_start_offset``) and where it land
 flat partition (``grad_partition_insertion_offset``). This is the same walk
 ``DeepSpeedZeroOptimizer.average_tensor`` does to build ``rank_and_offsets``, without merging
 slices, so that each of this rank's slices keeps its place in the partition.
+
+Each destination's slices are listed in partition order (param group, then insertion offset), not
+bucket order: DeepSpeed fills buckets in backward order, the reverse of the partition layout, and a
+reduce-scatter result already in partition order is added to the accumulator as one contiguous
+piece instead of a scatter of dozens.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ class BucketLayout:
     """The owner map of one bucket and where this rank's slices go in its partitions."""
 
     owner_map: list[list[tuple[int, int]]]
-    """Per destination rank: ``(bucket offset, numel)`` slices it owns, in bucket order."""
+    """Per destination rank: ``(bucket offset, numel)`` slices it owns, in partition order."""
     local: list[tuple[int, int, int]] = field(default_factory=list)
     """For ``owner_map[rank]``, in the same order: ``(param group, partition offset, numel)``."""
     numel: int = 0
@@ -41,8 +46,8 @@ def bucket_layout(optimizer: Any, params: Sequence[tuple[int, int, int]], world_
 
     ``optimizer`` is a ``DeepSpeedZeroOptimizer``; its partition bookkeeping is read, not changed.
     """
-    owner_map: list[list[tuple[int, int]]] = [[] for _ in range(world_size)]
-    local: list[tuple[int, int, int]] = []
+    # Per destination: (param group, partition offset, bucket offset, numel), sorted below.
+    slices: list[list[tuple[int, int, int, int]]] = [[] for _ in range(world_size)]
     cursor = 0
     for group, index_in_group, param_id in params:
         param = optimizer.bit16_groups[group][index_in_group]
@@ -55,10 +60,11 @@ def bucket_layout(optimizer: Any, params: Sequence[tuple[int, int, int]], world_
         )
         for k, (pid, offset) in enumerate(starts):
             end = starts[k + 1][1] if k + 1 < len(starts) else param.numel()
-            numel = end - offset
-            owner_map[pid].append((cursor + offset, numel))
-            if pid == rank:
-                insert_at = int(optimizer.grad_partition_insertion_offset[group][pid][param_id])
-                local.append((group, insert_at, numel))
+            insert_at = int(optimizer.grad_partition_insertion_offset[group][pid][param_id])
+            slices[pid].append((group, insert_at, cursor + offset, end - offset))
         cursor += param.numel()
+    for own in slices:
+        own.sort()
+    owner_map = [[(bucket_offset, n) for _, _, bucket_offset, n in own] for own in slices]
+    local = [(group, insert_at, n) for group, insert_at, _, n in slices[rank]]
     return BucketLayout(owner_map, local, cursor)

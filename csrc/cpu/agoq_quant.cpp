@@ -2,6 +2,9 @@
 //
 //   quantize(x, bits, group_size, symmetric, stochastic, seed, scale_dtype) -> (codes, scales, zeros_or_empty)
 //   dequantize(codes, scales, zeros_or_empty, bits, group_size, numel, out_dtype) -> Tensor
+//   dequantize_add_(codes, scales, group_size, out)       out += dequantized int8 codes (fp32, in place)
+//   requantize_add_(codes, scales, addend, has_value, group_size, stochastic, seed)
+//                                                         int8 codes/scales := Q(D(codes) + addend), in place
 //
 // Round-to-nearest results are bit-exact with agoq_ds/quant/reference.py; stochastic rounding uses
 // a counter-based hash of (seed, group, index), so it does not depend on the thread count.
@@ -24,6 +27,7 @@
 #include <omp.h>
 #endif
 
+#include "agoq_accumulate.h"
 #include "agoq_quant_kernels.h"
 
 namespace {
@@ -227,6 +231,45 @@ Tensor dequantize(const Tensor& codes, const Tensor& scales, const Tensor& zeros
     return out;
 }
 
+void check_int8_fp32(const Tensor& codes, const Tensor& scales, int64_t numel, int64_t group_size, const char* op) {
+    check_params(8, group_size);
+    const int64_t ngroups = (numel + group_size - 1) / group_size;
+    TORCH_CHECK(codes.device().is_cpu() && codes.is_contiguous() && codes.scalar_type() == at::kChar &&
+                    codes.numel() == numel,
+                "agoq ", op, ": codes must be a contiguous CPU int8 tensor of ", numel, " elements");
+    TORCH_CHECK(scales.device().is_cpu() && scales.is_contiguous() && scales.scalar_type() == at::kFloat &&
+                    scales.numel() == ngroups,
+                "agoq ", op, ": scales must be a contiguous CPU float32 tensor of ", ngroups, " elements");
+}
+
+// out += codes * scales (symmetric int8, fp32 scales), out fp32 contiguous.
+void dequantize_add_(const Tensor& codes, const Tensor& scales, int64_t group_size, Tensor& out) {
+    TORCH_CHECK(out.device().is_cpu() && out.is_contiguous() && out.scalar_type() == at::kFloat,
+                "agoq dequantize_add_: out must be a contiguous CPU float32 tensor");
+    check_int8_fp32(codes, scales, out.numel(), group_size, "dequantize_add_");
+    if (out.numel() == 0) return;
+    agoq::dequantize_add_kernel(codes.data_ptr<int8_t>(), scales.data_ptr<float>(), out.numel(), group_size,
+                                out.data_ptr<float>());
+}
+
+// codes/scales := quantize((has_value ? dequantize(codes, scales) : 0) + addend), in place.
+void requantize_add_(Tensor& codes, Tensor& scales, const Tensor& addend, bool has_value, int64_t group_size,
+                     bool stochastic, uint64_t seed) {
+    TORCH_CHECK(addend.device().is_cpu() && addend.is_contiguous() &&
+                    (addend.scalar_type() == at::kFloat || addend.scalar_type() == at::kBFloat16),
+                "agoq requantize_add_: addend must be a contiguous CPU float32 or bfloat16 tensor");
+    const int64_t numel = addend.numel();
+    check_int8_fp32(codes, scales, numel, group_size, "requantize_add_");
+    if (numel == 0) return;
+    const agoq::QuantArgs a{numel, group_size, stochastic, seed, false, g_simd.load(), false};
+    if (addend.scalar_type() == at::kFloat)
+        agoq::requantize_add_kernel<agoq::F32>(codes.data_ptr<int8_t>(), scales.data_ptr<float>(),
+                                               addend.data_ptr<float>(), has_value, a);
+    else
+        agoq::requantize_add_kernel<agoq::BF16>(codes.data_ptr<int8_t>(), scales.data_ptr<float>(),
+                                                reinterpret_cast<const uint16_t*>(addend.data_ptr()), has_value, a);
+}
+
 std::string build_info() {
     std::string simd = "generic";
 #if defined(AGOQ_HAVE_AVX512)
@@ -276,6 +319,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("dequantize_into", &dequantize_into, "dequantize into a preallocated tensor", py::arg("codes"),
           py::arg("scales"), py::arg("zeros"), py::arg("bits"), py::arg("group_size"), py::arg("out"),
           py::call_guard<py::gil_scoped_release>());
+    m.def("dequantize_add_", &dequantize_add_, "out += dequantized symmetric int8 codes (fp32 scales), in place",
+          py::arg("codes"), py::arg("scales"), py::arg("group_size"), py::arg("out"),
+          py::call_guard<py::gil_scoped_release>());
+    m.def("requantize_add_", &requantize_add_, "int8 codes/scales := quantize(dequantize(codes) + addend), in place",
+          py::arg("codes"), py::arg("scales"), py::arg("addend"), py::arg("has_value"), py::arg("group_size"),
+          py::arg("stochastic"), py::arg("seed"), py::call_guard<py::gil_scoped_release>());
     m.def("build_info", &build_info, "SIMD width and threading the module was compiled for");
     m.def("set_simd", &set_simd, "Enable/disable the explicit SIMD loops; returns the previous setting",
           py::arg("enabled"));
