@@ -48,6 +48,8 @@ _lock = threading.Lock()
 _loaded: dict[str, ModuleType] = {}
 _failed: dict[str, str] = {}
 _preferred = "auto"
+_selected: dict[str, str] = {}
+"""``select``'s answer per device type (it is asked on every quantize call); cleared by ``set_preferred``."""
 
 
 def _load(name: str) -> ModuleType | None:
@@ -86,6 +88,9 @@ def all_status() -> list[BackendStatus]:
 
 def get(name: str) -> ModuleType:
     """The module implementing backend ``name``; raises ``BackendUnavailable`` with the reason."""
+    module = _loaded.get(name)
+    if module is not None:
+        return module
     st = status(name)
     if not st.available:
         raise BackendUnavailable(f"kernel backend {name!r} is not available: {st.detail}")
@@ -101,6 +106,7 @@ def set_preferred(name: str) -> None:
     if name != "auto":
         get(name)
     _preferred = name
+    _selected.clear()
 
 
 def preferred() -> str:
@@ -110,9 +116,16 @@ def preferred() -> str:
 
 def select(device: torch.device) -> str:
     """Name of the backend that will handle tensors on ``device``."""
-    if _preferred != "auto" and device.type in _DEVICE_TYPES[_preferred]:
+    name = _selected.get(device.type)
+    if name is None:
+        name = _selected[device.type] = _select(device.type)
+    return name
+
+
+def _select(device_type: str) -> str:
+    if _preferred != "auto" and device_type in _DEVICE_TYPES[_preferred]:
         return _preferred
     for name in BACKEND_NAMES:
-        if device.type in _DEVICE_TYPES[name] and status(name).available:
+        if device_type in _DEVICE_TYPES[name] and status(name).available:
             return name
     return "torch"
