@@ -2,7 +2,7 @@
 
 * ``CollectiveMeter`` counts the bytes each rank hands to ``deepspeed.comm`` collectives and the
   bytes it puts on the wire under the standard ring/pairwise algorithms (all-reduce
-  ``2(n-1)/n * size``, all-to-all the bytes leaving the rank, all-gather ``(n-1) * input``,
+  ``2(n-1)/n * size``, all-to-all and point-to-point sends the bytes leaving the rank, all-gather ``(n-1) * input``,
   reduce-scatter/reduce ``(n-1)/n * size``).
 * ``SavedActivationMeter`` counts the bytes autograd saves for backward (parameters and buffers
   excluded, a tensor saved twice counted once) without changing them: the baseline that agoq's
@@ -31,6 +31,9 @@ def _wire_bytes(op: str, world: int, rank: int, a: dict[str, Any]) -> tuple[int,
     """
     if world <= 1:
         return 0, 0
+    if op == "batch_isend_irecv":  # point-to-point: the sends leave the rank
+        sent = sum(_nbytes(o.tensor) for o in a["p2p_op_list"] if o.op == "isend")
+        return sent, sent
     size = _nbytes(a["tensor"])
     if op == "all_to_all_single":
         splits = a.get("input_split_sizes")
@@ -51,6 +54,7 @@ _POSITIONAL = {
     "all_gather_into_tensor": ("output_tensor", "tensor", "group"),
     "reduce_scatter_tensor": ("output_tensor", "tensor", "op", "group"),
     "broadcast": ("tensor", "src", "group"),
+    "batch_isend_irecv": ("p2p_op_list",),
 }
 """Leading positional parameters of the metered ``deepspeed.comm`` functions (0.19.8 signatures;
 DeepSpeed's ``timed_op`` wrapper hides them from ``inspect``)."""

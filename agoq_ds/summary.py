@@ -36,7 +36,7 @@ def _gradient_line(engine: Any) -> list[str]:
     if cfg.communication_bits != 8:
         comm = "DeepSpeed's own reduction"
     elif partitioned:
-        comm = f"{cfg.communication_bits}-bit reduce-scatter (all_to_all, fp32 sum)"
+        comm = f"{cfg.communication_bits}-bit reduce-scatter (all-to-all exchange, fp32 sum)"
     else:
         comm = f"{cfg.communication_bits}-bit all-reduce (reduce-scatter with fp32 sum + int8 all-gather)"
     store = f"int{cfg.storage_bits} storage" if cfg.storage_bits == 8 else "fp32 storage"

@@ -99,6 +99,7 @@ def collective_checks(rank: int, world: int) -> dict[str, Any]:
         CommCounter,
         all_reduce_8bit,
         even_owner_map,
+        exchange_bytes,
         packed_segment_bytes,
         reduce_scatter_8bit,
         relative_error,
@@ -137,6 +138,18 @@ def collective_checks(rank: int, world: int) -> dict[str, Any]:
             "counted": counter.sent_bytes,
             "fp32_ring": 2 * (world - 1) / world * n * 4,
         }
+
+    # The point-to-point exchange gloo uses and all_to_all_single deliver the same bytes, with
+    # uneven and empty splits (rank r sends r + d + 1 bytes to d, none to itself or to rank 1).
+    send_splits = [0 if d in (rank, 1) else rank + d + 1 for d in range(world)]
+    recv_splits = [0 if rank in (s, 1) else s + rank + 1 for s in range(world)]
+    send = torch.cat([torch.full((n,), 16 * rank + d, dtype=torch.uint8) for d, n in enumerate(send_splits)])
+    by_p2p = torch.full((sum(recv_splits),), 255, dtype=torch.uint8)
+    by_a2a = by_p2p.clone()
+    exchange_bytes(by_p2p, send, recv_splits, send_splits, point_to_point=True)
+    exchange_bytes(by_a2a, send, recv_splits, send_splits, point_to_point=False)
+    expected = torch.cat([torch.full((n,), 16 * src + rank, dtype=torch.uint8) for src, n in enumerate(recv_splits)])
+    out["exchange"] = {"p2p_ok": torch.equal(by_p2p, expected), "a2a_ok": torch.equal(by_a2a, expected)}
 
     y = rank_data(12_345, 7, rank)
     full = all_reduce_8bit(y, group_size=G)

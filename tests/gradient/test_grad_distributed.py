@@ -96,6 +96,11 @@ def test_uneven_and_empty_owner_maps(collectives: list[dict]) -> None:
             assert res["main"]["mine"] == 0  # owns no slice, still takes part
 
 
+def test_point_to_point_exchange_matches_all_to_all(collectives: list[dict]) -> None:
+    for rank, res in enumerate(collectives):
+        assert res["exchange"] == {"p2p_ok": True, "a2a_ok": True}, rank
+
+
 STRADDLE_CASES = [
     "s2",
     "s2_noncontig",
