@@ -34,11 +34,9 @@ SHAPES: dict[str, LlamaShape] = {
     "small": LlamaShape(),
     "10m": LlamaShape(hidden=384, layers=6, heads=6, kv_heads=2, intermediate=1024),
     "bench": LlamaShape(hidden=512, layers=4, heads=8, kv_heads=8, intermediate=1376),
-    "25m": LlamaShape(hidden=768, layers=4, heads=12, kv_heads=4, intermediate=2048),
 }
 """Named shapes: ``tiny`` for tests, ``small`` for examples, ``10m`` (~10M parameters) for the
-convergence benchmark, ``bench`` for activation-memory benchmarks, ``25m`` (~25M parameters) for the
-communication-bound speed benchmark."""
+convergence benchmark, ``bench`` for activation-memory benchmarks."""
 
 
 def llama_config(shape: LlamaShape | str = "small", **overrides):
