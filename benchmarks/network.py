@@ -422,7 +422,10 @@ def print_table(result: dict) -> None:
     for link, mbit in result["meta"]["link_probe_mbit"].items():
         print(f"link probe {link}: {mbit:.0f} Mbit/s TCP goodput")
     v = result["verdict"]
-    print(f"target ({v['target']}): ratio {v['ratio_at_1gbit']} -> {'met' if v['met'] else 'NOT met'}")
+    outcome = (
+        "not measured (needs the agoq variant at 1 Gbit/s)" if v["met"] is None else ("met" if v["met"] else "NOT met")
+    )
+    print(f"target ({v['target']}): ratio {v['ratio_at_1gbit']} -> {outcome}")
     print(f"load average start {result['meta']['loadavg_start']} end {result['meta']['loadavg_end']}")
 
 
