@@ -12,7 +12,7 @@ per rank, counted tensor by tensor:
 * optimizer states: fp32 master partition + Adam moments (the same in both);
 * weights: the bf16 module parameters (the same in both);
 * communicated gradient bytes per optimizer step: what this rank puts on the wire in gradient
-  collectives (``CollectiveMeter``: all-reduce/reduce/reduce-scatter/all-to-all; the ZeRO-2
+  collectives (``CollectiveMeter``: all-reduce/reduce/reduce-scatter/all-to-all/point-to-point; the ZeRO-2
   parameter all-gather after the step is listed separately);
 * peak RSS of the rank process (secondary: it includes Python, torch and DeepSpeed themselves).
 
@@ -39,8 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # run
 
 from _machine import ROOT, SNAPSHOT_ENV, describe, machine_info, reexec_in_snapshot
 
-GRADIENT_OPS = ("all_reduce", "reduce", "reduce_scatter_tensor", "all_to_all_single")
-"""``deepspeed.comm`` ops that carry gradients in ZeRO-2 (stock and agoq)."""
+GRADIENT_OPS = ("all_reduce", "reduce", "reduce_scatter_tensor", "all_to_all_single", "batch_isend_irecv")
+"""``deepspeed.comm`` ops that carry gradients in ZeRO-2 (stock and agoq; agoq's exchange is a batch of
+point-to-point sends on gloo, ``all_to_all_single`` elsewhere)."""
 
 
 @dataclass(frozen=True)
