@@ -19,24 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from agoq_ds.quant import backends, reference
+from agoq_ds.quant import reference
 from agoq_ds.quant.format import levels, qmax
 
 ROOT = Path(__file__).resolve().parents[2]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SCHEMES = [(True, torch.float32), (True, torch.bfloat16), (False, torch.float32)]
 SCHEME_IDS = ["sym-fp32", "sym-bf16", "asym"]
-
-
-@pytest.fixture(scope="module")
-def cpp():
-    """The cpp backend module; skipped only where it is deliberately off or no compiler exists."""
-    st = backends.status("cpp")
-    if not st.available:
-        if os.environ.get("AGOQ_DISABLE_CPP") == "1" or shutil.which("c++") is None:
-            pytest.skip(f"cpp backend unavailable: {st.detail}")
-        pytest.fail(f"cpp backend unavailable although a C++ compiler exists: {st.detail}")
-    return backends.get("cpp")
 
 
 @pytest.fixture(params=["simd", "simd-stream", "generic"])

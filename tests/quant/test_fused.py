@@ -9,25 +9,12 @@ match the same accumulator run through the unfused pure-torch path.
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import pytest
 import torch
 
 from agoq_ds.gradient.accumulator import Int8Accumulator
 from agoq_ds.quant import backends, dequantize, quantize
 from agoq_ds.quant.fused import dequantize_add_, requantize_add_
-
-
-@pytest.fixture(scope="module")
-def cpp():
-    st = backends.status("cpp")
-    if not st.available:
-        if os.environ.get("AGOQ_DISABLE_CPP") == "1" or shutil.which("c++") is None:
-            pytest.skip(f"cpp backend unavailable: {st.detail}")
-        pytest.fail(f"cpp backend unavailable although a C++ compiler exists: {st.detail}")
-    return backends.get("cpp")
 
 
 @pytest.fixture(params=[True, False], ids=["simd", "generic"])
