@@ -20,6 +20,7 @@ NaN (the overflow check must see them); their residual is dropped.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import accumulate
 from typing import Any, Protocol
 
 import torch
@@ -157,10 +158,7 @@ class Int8Accumulator:
             positions = [(0, self.numel)]
         if values.numel() != sum(n for _, n in positions):
             raise ValueError(f"add_: {values.numel()} values for pieces totalling {sum(n for _, n in positions)}")
-        starts, acc = [], 0
-        for _, n in positions:
-            starts.append(acc)
-            acc += n
+        starts = list(accumulate((n for _, n in positions), initial=0))
         self._allocate()
         if self.error_feedback:
             self._allocate_residual()
@@ -209,23 +207,11 @@ class Int8Accumulator:
     def _span_value(
         self, values: torch.Tensor, positions: Positions, starts: list[int], lo: int, hi: int, members: list[int]
     ) -> torch.Tensor:
-        """Accumulated value of ``[lo, hi)`` plus the pieces that fall in it, as a new fp32 tensor.
-
-        Avoids zero-filling a fresh buffer when one piece covers the whole span of an empty
-        accumulator (the common case: a whole partition added at once); a fresh allocation's page
-        faults cost as much as the quantization itself on CPU.
-        """
-        if not self.has_value and len(members) == 1 and positions[members[0]] == (lo, hi - lo):
-            piece = values[starts[members[0]] : starts[members[0]] + hi - lo]
-            return piece.float() if piece.dtype != torch.float32 else piece.clone()
+        """Accumulated value of ``[lo, hi)`` plus the pieces that fall in it, as a new fp32 tensor."""
+        addend = self._span_addend(values, positions, starts, lo, hi, members)
         if self.has_value:
-            x = dequantize(self._view(self.codes, self.scales, lo, hi))
-        else:
-            x = torch.zeros(hi - lo, dtype=torch.float32, device=self.device)
-        for p in members:
-            off, n = positions[p]
-            x[off - lo : off - lo + n] += values[starts[p] : starts[p] + n]
-        return x
+            return dequantize(self._view(self.codes, self.scales, lo, hi)).add_(addend)
+        return addend.float() if addend.dtype != torch.float32 else addend.clone()
 
     def dequantize(self) -> torch.Tensor:
         """The accumulated value as a new fp32 tensor (zeros when nothing was added)."""

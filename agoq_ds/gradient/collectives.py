@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 from deepspeed import comm as dist
@@ -172,23 +173,15 @@ def exchange_bytes(
         return
     rank = dist.get_rank(group=group)
     ops = []
-    for peer, (offset, n) in enumerate(zip(_offsets(recv_splits), recv_splits, strict=True)):
+    for peer, (offset, n) in enumerate(zip(accumulate(recv_splits, initial=0), recv_splits, strict=False)):
         if peer != rank and n:
             ops.append(dist.P2POp(dist.irecv, recv.narrow(0, offset, n), _global_rank(group, peer), group))
-    for peer, (offset, n) in enumerate(zip(_offsets(send_splits), send_splits, strict=True)):
+    for peer, (offset, n) in enumerate(zip(accumulate(send_splits, initial=0), send_splits, strict=False)):
         if peer != rank and n:
             ops.append(dist.P2POp(dist.isend, send.narrow(0, offset, n), _global_rank(group, peer), group))
     if ops:
         for request in dist.batch_isend_irecv(ops):
             request.wait()
-
-
-def _offsets(splits: Sequence[int]) -> list[int]:
-    out, acc = [], 0
-    for n in splits:
-        out.append(acc)
-        acc += n
-    return out
 
 
 def _global_rank(group, group_rank: int) -> int:
@@ -238,7 +231,10 @@ def reduce_scatter_8bit(
         send_splits.append(packed.numel())
     recv_one = packed_segment_bytes(mine, group_size)
     recv_splits = [0 if src == rank else recv_one for src in range(world)]
-    send = torch.cat(send_parts) if send_parts else flat.new_empty(0, dtype=torch.uint8)
+    if len(send_parts) == 1:  # two ranks: the one packed segment is the send buffer, no copy
+        send = send_parts[0]
+    else:
+        send = torch.cat(send_parts) if send_parts else flat.new_empty(0, dtype=torch.uint8)
     recv = torch.empty(sum(recv_splits), dtype=torch.uint8, device=flat.device)
     exchange_bytes(recv, send, recv_splits, send_splits, group=group)
 

@@ -24,6 +24,7 @@ What changes relative to ``DeepSpeedZeroOptimizer`` (everything else is DeepSpee
 from __future__ import annotations
 
 import inspect
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -247,10 +248,7 @@ class AgoqZeroOptimizer(DeepSpeedZeroOptimizer):
         self._agoq_store_owned(owned, layout)
 
     def _agoq_store_owned(self, owned: torch.Tensor, layout: BucketLayout) -> None:
-        starts, acc = [], 0
-        for _, _, n in layout.local:
-            starts.append(acc)
-            acc += n
+        starts = list(accumulate((n for _, _, n in layout.local), initial=0))
         for group, (indices, positions) in layout.local_by_group().items():
             if len(indices) == len(layout.local):
                 values = owned

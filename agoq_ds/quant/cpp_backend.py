@@ -131,3 +131,21 @@ def dequantize_into(
         zeros = torch.empty(0, dtype=torch.float32)
     _kernels().dequantize_into(codes, scales, zeros, bits, group_size, out)
     return out
+
+
+def dequantize_add_(codes: torch.Tensor, scales: torch.Tensor, group_size: int, out: torch.Tensor) -> None:
+    """``out += dequantize`` of symmetric int8 ``codes`` with fp32 ``scales``, in place (``out``: contiguous fp32)."""
+    _kernels().dequantize_add_(codes, scales, group_size, out)
+
+
+def requantize_add_(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    addend: torch.Tensor,
+    has_value: bool,
+    group_size: int,
+    stochastic: bool,
+    seed: int,
+) -> None:
+    """In place: int8 ``codes`` / fp32 ``scales`` := quantize((dequantized if ``has_value`` else 0) + ``addend``)."""
+    _kernels().requantize_add_(codes, scales, addend, has_value, group_size, stochastic, seed & _SEED_MASK)

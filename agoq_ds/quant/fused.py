@@ -16,15 +16,13 @@ from . import backends
 from .format import QuantizedTensor
 from .ops import dequantize, quantize
 
-_SEED_MASK = (1 << 64) - 1
-
 
 def _cpp_kernels(*tensors: torch.Tensor, backend: str | None):
-    """The C++ module when it handles these (CPU) tensors, else ``None``."""
+    """The C++ backend when it handles these (CPU) tensors, else ``None``."""
     name = backend or backends.select(tensors[0].device)
     if name != "cpp" or torch.compiler.is_compiling() or any(t.device.type != "cpu" for t in tensors):
         return None
-    return backends.get("cpp")._kernels()
+    return backends.get("cpp")
 
 
 def _fusable(q: QuantizedTensor) -> bool:
@@ -64,9 +62,7 @@ def requantize_add_(
         raise ValueError(f"requantize_add_: {codes.numel()} codes for an addend of {n} elements")
     kernels = _cpp_kernels(codes, scales, addend, backend=backend)
     if kernels is not None and addend.dtype in (torch.float32, torch.bfloat16):
-        kernels.requantize_add_(
-            codes, scales, addend.contiguous(), has_value, group_size, stochastic, seed & _SEED_MASK
-        )
+        kernels.requantize_add_(codes, scales, addend.contiguous(), has_value, group_size, stochastic, seed)
         return
     if has_value:
         current = QuantizedTensor(codes, scales, None, torch.Size([n]), torch.float32, 8, group_size)
