@@ -1,22 +1,29 @@
 """Golden losses (the torchtitan pattern): a short fixed-seed run whose losses are checked in.
 
 Two ranks (gloo), a tiny LLaMA (``build_llama("tiny")``, 2 layers, hidden 128), DeepSpeed ZeRO-2,
-bf16, AdamW, ``STEPS`` optimizer steps of ``GRAD_ACCUM`` micro-batches of real text with a fixed seed
-and data order. Every micro-batch loss of every rank is recorded, for agoq (``"agoq": {}``, the
-defaults) and for stock DeepSpeed. ``test_golden_loss.py`` compares a fresh run with
-``reference_losses.json``: each step's loss (mean over ranks and micro-batches) must stay within
-``TOLERANCE``. The stock golden tells the
+fp32 compute, AdamW, ``STEPS`` optimizer steps of ``GRAD_ACCUM`` micro-batches of real text with a
+fixed seed and data order. Every micro-batch loss of every rank is recorded, for agoq (``"agoq": {}``,
+the defaults: 4/8-bit saved activations, 8-bit gradient storage and reduce-scatter) and for stock
+DeepSpeed. ``test_golden_loss.py`` compares a fresh run with ``reference_losses.json``: the mean
+relative difference of the per-step losses must stay within ``TOLERANCE``. The stock golden tells the
 two kinds of drift apart: when stock drifts too, torch/DeepSpeed/the CPU changed under us (check the
 versions in the reference, then regenerate); when only agoq drifts, agoq's numerics changed.
+
+fp32, not bf16: the check is about agoq's quantizers, not bf16 arithmetic, and CPUs without native
+bf16 (AVX2-only) run torch's bf16 matmul through a slow reference kernel whose roundings differ from
+oneDNN's by far more than fp32 kernels differ between CPU kinds.
 
     python tests/golden/golden_loss.py               # compare a fresh run with the reference
     python tests/golden/golden_loss.py --regenerate  # rewrite reference_losses.json (review the diff!)
 
 ``BREAKS`` are deliberate numerical bugs (applied in the rank processes only, never to the source
 tree) that the test uses to prove the check catches a broken quantizer; ``BENIGN`` changes float
-arithmetic the way another CPU would, and must pass:
+arithmetic or random draws the way another CPU (or another seed) would, and must pass;
+``KERNEL_PATHS`` run the ranks with torch's kernels for another CPU kind (environment variables read
+by ATen and MKL at start-up), and must pass too:
 
     python tests/golden/golden_loss.py --perturb activation_dequant_1pct   # must report a mismatch
+    python tests/golden/golden_loss.py --kernels avx2                      # as on an AVX2-only CPU
 """
 
 from __future__ import annotations
@@ -42,25 +49,29 @@ SEED, DATA_SEED = 0, 7
 VARIANTS: dict[str, dict | None] = {"stock": None, "agoq": {}}
 """Golden variants: the ``"agoq"`` block of each (``None``: no block, stock DeepSpeed)."""
 
-TOLERANCE = {"rtol": 5e-3}
-"""Allowed relative difference of each optimizer step's loss (mean over ranks and micro-batches)
-from the reference.
+TOLERANCE = {"mean_rtol": 2.5e-3}
+"""Allowed mean, over the optimizer steps, of the relative difference of each step's loss (mean over
+ranks and micro-batches) from the reference.
 
-On one machine the runs are bit-for-bit repeatable (the test checks it). Across machines the matmul
-kernels differ; measured here by turning oneDNN off (``--perturb no_mkldnn``), that moves step losses
-by at most 0.2% in 20 steps, while the deliberate bugs in ``BREAKS`` move them by 1.1% (nearest
-instead of stochastic gradient rounding) and 2.2% (1% activation dequantization error): 0.5% sits
-between. Figures and commands: ``docs/results.md``, "Golden-loss check"."""
+On one machine the runs are bit-for-bit repeatable (the test checks it). Across CPU kinds the float
+kernels differ in the last bits, and agoq's roundings turn that into a different trajectory: a code
+of a 4-bit activation or a stochastic gradient rounding that flips at one element changes everything
+after it. So the trajectory of another CPU is that of another draw of the same rounding noise, and
+the tolerance is set from that spread, measured (2026-12-04, ``docs/results.md``, "Golden-loss check"):
+mean relative difference 0.80e-3 with torch's unvectorised kernels (``--kernels generic``, the most
+different path), 0.30e-3 with other stochastic-rounding draws, 0.04e-3 with AVX2 kernels; the 1%
+activation dequantization error of ``BREAKS`` moves it by 6.9e-3. 2.5e-3 is 3x above the first and
+2.8x below the last. (Step by step, the largest differences are 0.63%, 0.17%, 0.02% and 3.3%: the
+mean separates better than the maximum, which one sensitive step dominates.)"""
 
 
 def ds_config(agoq: dict | None) -> dict:
-    """ZeRO-2, bf16, AdamW with gradient clipping; several reduce buckets; ``agoq`` block if given."""
+    """ZeRO-2, fp32, AdamW with gradient clipping; several reduce buckets; ``agoq`` block if given."""
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": MICRO_BATCH,
         "gradient_accumulation_steps": GRAD_ACCUM,
         "steps_per_print": 10**6,
         "gradient_clipping": 1.0,
-        "bf16": {"enabled": True},
         "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.1, "torch_adam": True}},
         "zero_optimization": {"stage": 2, "reduce_bucket_size": 200_000, "allgather_bucket_size": 200_000},
     }
@@ -82,18 +93,16 @@ def _break_activation_dequant() -> Callable[[], None]:
     return undo
 
 
-def _break_gradient_rounding() -> Callable[[], None]:
-    """Gradient codes round to nearest where the configuration asks for stochastic rounding."""
-    import agoq_ds.gradient.accumulator as accumulator
+def _other_rounding_draws() -> Callable[[], None]:
+    """Other random draws for the gradient path's stochastic rounding (another seed): no bug, another
+    realisation of the same rounding noise, as a tiny float difference on another CPU produces."""
     import agoq_ds.gradient.collectives as collectives
 
-    saved = {m: m.quantize for m in (accumulator, collectives)}
-    for module, real in saved.items():
-        module.quantize = lambda x, *a, _real=real, **k: _real(x, *a, **{**k, "stochastic": False})
+    real = collectives.quantize
+    collectives.quantize = lambda x, *a, **k: real(x, *a, **{**k, "seed": (k.get("seed", 0) + 7919) % 2**31})
 
     def undo() -> None:
-        for module, real in saved.items():
-            module.quantize = real
+        collectives.quantize = real
 
     return undo
 
@@ -113,14 +122,22 @@ def _no_onednn() -> Callable[[], None]:
 Perturbation = Callable[[], Callable[[], None]]
 """Applies itself in the calling process and returns its undo."""
 
-BREAKS: dict[str, Perturbation] = {
-    "activation_dequant_1pct": _break_activation_dequant,
-    "gradient_nearest_rounding": _break_gradient_rounding,
-}
-"""Deliberate numerical bugs, by name: the check must catch each."""
+BREAKS: dict[str, Perturbation] = {"activation_dequant_1pct": _break_activation_dequant}
+"""Deliberate numerical bugs, by name: the check must catch each. (Round-to-nearest instead of
+stochastic gradient rounding is no longer one: its trajectory is one more draw of the rounding noise,
+inside the spread of ``BENIGN`` and ``KERNEL_PATHS`` (step 17: 0.63%, as torch's generic kernels), so no
+loss check of 20 steps can tell it apart; ``tests/gradient/test_rounding.py`` catches it directly.)"""
 
-BENIGN: dict[str, Perturbation] = {"no_mkldnn": _no_onednn}
-"""Changes of float arithmetic that are no bug (as another CPU's kernels would make): the check must pass."""
+BENIGN: dict[str, Perturbation] = {"no_mkldnn": _no_onednn, "other_rounding_draws": _other_rounding_draws}
+"""Changes that are no bug (other matmul kernels, other random draws): the check must pass."""
+
+KERNEL_PATHS: dict[str, dict[str, str]] = {
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    "generic": {"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+}
+"""torch's kernels of other CPU kinds, chosen by environment variables that ATen, MKL and oneDNN read
+at start-up (so they apply to freshly spawned ranks): as on an AVX2-only CPU, and the unvectorised
+ATen kernels (the most different arithmetic torch has). The check must pass under each."""
 
 PERTURBATIONS: dict[str, Perturbation] = {**BREAKS, **BENIGN}
 
@@ -172,11 +189,20 @@ def train_losses(
     return out
 
 
-def collect(runs: list[tuple[str, str | None]], steps: int = STEPS, threads: int = 1) -> dict[str, list[list[float]]]:
-    """Run ``runs`` in one pair of gloo processes; per run key, the losses of each rank."""
+def collect(
+    runs: list[tuple[str, str | None]], steps: int = STEPS, threads: int = 1, kernels: str | None = None
+) -> dict[str, list[list[float]]]:
+    """Run ``runs`` in one pair of gloo processes (with torch's ``KERNEL_PATHS[kernels]`` if given);
+    per run key, the losses of each rank."""
     from distributed import run_ranks
 
-    per_rank = run_ranks(train_losses, WORLD, (runs, steps, threads))
+    saved = dict(os.environ)
+    os.environ.update(KERNEL_PATHS[kernels] if kernels is not None else {})
+    try:
+        per_rank = run_ranks(train_losses, WORLD, (runs, steps, threads))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     return {key: [r[key] for r in per_rank] for key in per_rank[0]}
 
 
@@ -214,20 +240,31 @@ def step_means(losses: list[list[float]]) -> list[float]:
     return [sum(v) / len(v) for v in per_step]
 
 
+def rel_diffs(reference: list[list[float]], fresh: list[list[float]]) -> list[float]:
+    """Each step's relative difference of the loss from the reference."""
+    return [g / r - 1 for r, g in zip(step_means(reference), step_means(fresh), strict=True)]
+
+
+def mean_rel_diff(reference: list[list[float]], fresh: list[list[float]]) -> float:
+    """Mean over the steps of the absolute relative difference (NaN when a loss is not finite)."""
+    diffs = rel_diffs(reference, fresh)
+    return sum(abs(d) for d in diffs) / len(diffs)
+
+
 def mismatches(reference: list[list[float]], fresh: list[list[float]], tol: dict = TOLERANCE) -> list[str]:
-    """Descriptions of every step whose loss is outside the tolerance (empty: the run matches)."""
+    """Why the run does not match the reference: empty when it does; else the mean difference and
+    the steps that differ most."""
     if [len(r) for r in reference] != [len(r) for r in fresh]:
         return [f"{[len(r) for r in fresh]} losses per rank, reference has {[len(r) for r in reference]}"]
-    problems = []
-    for step, (r, g) in enumerate(zip(step_means(reference), step_means(fresh), strict=True)):
-        if not math.isclose(g, r, rel_tol=tol["rtol"]):
-            problems.append(f"step {step}: loss {g:.6f} vs reference {r:.6f} ({g / r - 1:+.3%})")
+    mean = mean_rel_diff(reference, fresh)
+    if mean <= tol["mean_rtol"]:  # False for NaN: a non-finite loss never matches
+        return []
+    diffs = rel_diffs(reference, fresh)
+    worst = sorted(range(len(diffs)), key=lambda i: -abs(diffs[i]) if math.isfinite(diffs[i]) else -math.inf)[:5]
+    problems = [f"mean relative difference {mean:.2e} > {tol['mean_rtol']:.1e}"]
+    ref, got = step_means(reference), step_means(fresh)
+    problems += [f"step {i}: loss {got[i]:.6f} vs reference {ref[i]:.6f} ({diffs[i]:+.3%})" for i in sorted(worst)]
     return problems
-
-
-def max_rel_diff(reference: list[list[float]], fresh: list[list[float]]) -> float:
-    """Largest relative difference of a step's loss."""
-    return max(abs(g / r - 1) for r, g in zip(step_means(reference), step_means(fresh), strict=True))
 
 
 def regenerate() -> dict:
@@ -239,7 +276,7 @@ def regenerate() -> dict:
             "model": "build_llama('tiny')",
             "world_size": WORLD,
             "zero_stage": 2,
-            "bf16": True,
+            "bf16": False,
             "steps": STEPS,
             "micro_batch": MICRO_BATCH,
             "grad_accum": GRAD_ACCUM,
@@ -264,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--perturb", choices=sorted(PERTURBATIONS), help="apply a deliberate bug (or a benign change) to the agoq run"
     )
+    parser.add_argument("--kernels", choices=sorted(KERNEL_PATHS), help="torch's kernels of another CPU kind")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank (the reference uses 1)")
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -272,14 +310,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {REFERENCE} ({ref['versions']})")
         return 0
     reference = json.loads(REFERENCE.read_text())
-    fresh = collect([("stock", None), ("agoq", args.perturb)], threads=args.threads)
+    fresh = collect([("stock", None), ("agoq", args.perturb)], threads=args.threads, kernels=args.kernels)
     fresh["agoq"] = fresh.pop(run_key("agoq", args.perturb))
     failed = False
     for variant in VARIANTS:
         bad = mismatches(reference["losses"][variant], fresh[variant], reference["tolerance"])
-        worst = max_rel_diff(reference["losses"][variant], fresh[variant])
-        print(f"{variant:6s}: {'OK' if not bad else f'{len(bad)} losses off'} (max relative difference {worst:.2e})")
-        for line in bad[:5]:
+        mean = mean_rel_diff(reference["losses"][variant], fresh[variant])
+        worst = max(abs(d) for d in rel_diffs(reference["losses"][variant], fresh[variant]))
+        print(f"{variant:6s}: {'OK' if not bad else 'MISMATCH'} (mean relative difference {mean:.2e}, max {worst:.2e})")
+        for line in bad[:6]:
             print("   ", line)
         failed |= bool(bad)
     return 1 if failed else 0

@@ -676,3 +676,30 @@ def world3(rank: int, world: int) -> dict[str, Any]:
 
 def world4(rank: int, world: int) -> dict[str, Any]:
     return {"collectives": collective_checks(rank, world)}
+
+
+def rounding_bias(rank: int, world: int, draws: int, stochastic: bool) -> dict[str, float]:
+    """Mean over ``draws`` seeds of the 8-bit reduce-scatter's error, in units of the sender's
+    quantization step: per element, the largest ``|mean error| / (step / (2 sqrt(draws)))``.
+
+    With stochastic rounding each draw's error of an element is unbiased with standard deviation at
+    most ``step / 2``, so the mean of ``draws`` errors has standard deviation at most
+    ``step / (2 sqrt(draws))``: the statistic stays near a few units. Round-to-nearest repeats one
+    error of up to ``step / 2`` every draw: the statistic grows like ``sqrt(draws)``.
+    """
+    from agoq_ds.gradient.collectives import even_owner_map, reduce_scatter_8bit
+    from agoq_ds.quant import quantize
+
+    n, seed = 8 * G, 11
+    owner_map = even_owner_map(n, world)
+    mine = _segment(rank_data(n, seed, rank), owner_map[rank]).double()
+    others = [_segment(rank_data(n, seed, r), owner_map[rank]) for r in range(world) if r != rank]
+    exact = mine + sum(o.double() for o in others)
+    x = rank_data(n, seed, rank)
+    total = torch.zeros_like(exact)
+    for draw in range(draws):
+        total += reduce_scatter_8bit(x, owner_map, group_size=G, stochastic=stochastic, seed=draw).values.double()
+    mean_error = total / draws - exact
+    # One sender (two ranks): the step of each element is its group's scale on that sender.
+    steps = quantize(others[0], 8, G).scales.double().repeat_interleave(G)[: exact.numel()]
+    return {"max_z": float((mean_error.abs() / (steps / (2 * draws**0.5))).max())}
