@@ -23,6 +23,9 @@ input bytes per second, the same yardstick for every method. Error is ``dequanti
 against ``x`` on the same tensors for every method: relative L2 and max abs, on a normal input and
 on one with 0.1% outliers (x50). A peer that cannot be imported or fails is listed with the reason.
 
+The peers live in ``.peers/`` (``pip install --no-deps --target .peers -c requirements/constraints.txt
+-r requirements/bench.txt``; ``scripts/bootstrap.sh`` does it), not in the product's venv.
+
     python benchmarks/bench_peers.py                                  # 16M elements, JSON + PNG
     python benchmarks/bench_peers.py --numel 65536 --reps 1 --no-compile --out /tmp/p.json   # smoke
 
@@ -48,6 +51,9 @@ from pathlib import Path
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The peers (requirements/bench.txt), installed by scripts/bootstrap.sh outside the product's venv:
+# transformers imports torchao whenever it is importable, so every training run would load it too.
+sys.path.append(str(Path(__file__).resolve().parent.parent / ".peers"))
 
 import torch
 from _machine import machine_info, write_results

@@ -23,6 +23,9 @@ else
   constraints=(-c requirements/constraints.txt)
 fi
 "${pip[@]}" install "${constraints[@]}" -r requirements/dev.txt
+# Benchmark peers (bitsandbytes, torchao) outside the venv: see requirements/bench.txt.
+rm -rf "$root/.peers"
+"${pip[@]}" install --no-deps --target "$root/.peers" "${constraints[@]}" -r requirements/bench.txt
 export DS_BUILD_OPS=0
 export TORCH_EXTENSIONS_DIR="$root/.torch_extensions"
 "${pip[@]}" install --no-build-isolation --no-deps -e .
