@@ -135,6 +135,11 @@ class PackEngine:
         self._watcher = OpWatcher(
             self._on_op, self._sdpa.append, self._end_sdpa, self._set_log_softmax, self._on_activation, self._set_exact
         )
+        self.nonfinite_sources: set[tuple[int, str, int]] = set()
+        """(module index, class, elements) of spans found holding NaN/Inf while tracing: kept
+        unquantized in every later forward. Only traced forwards check (the check reads the device);
+        later a non-finite value in a quantized span reads back as NaN in its group, never as a
+        finite number."""
         self._unpack_fn = self._unpack
         self._packers = [functools.partial(self._pack, i, None) for i in range(len(self.classifier.names))]
         self._handles: list[Any] = []
@@ -321,15 +326,27 @@ class PackEngine:
     def _finalize(self, holder: SavedTensor, force_raw: bool = False) -> None:
         module, cls = holder.requests[0]
         bits = max(self._bits_for(m, c) for m, c in holder.requests)
+        source = (module, self._class(module, cls), holder.numel)
+        tracing = self.trace is not None
         holder.finalize(
-            self._class(module, cls),
+            source[1],
             self.classifier.names[module],
             bits,
-            force_raw,
+            force_raw or source in self.nonfinite_sources,
             self.spec,
             self._seed_for(holder),
             self.on_saved,
+            check_finite=tracing,
         )
+        if getattr(holder, "nonfinite", False) and source not in self.nonfinite_sources:
+            self.nonfinite_sources.add(source)
+            logger.warning(
+                "agoq: a tensor saved by %s (%s, %d elements) holds NaN/Inf in a traced forward; "
+                "tensors saved there are kept unquantized from now on",
+                self.classifier.names[module] or "<model>",
+                source[1],
+                holder.numel,
+            )
 
     def _number(self, holder: Any) -> None:
         self._span_index[id(holder)] = self._spans

@@ -223,6 +223,7 @@ class SavedTensor:
         "ledger",
         "log_space",
         "module",
+        "nonfinite",
         "numel",
         "q",
         "quantizable",
@@ -252,6 +253,8 @@ class SavedTensor:
         self.log_space = False
         """True for log-probabilities (a log-softmax output): stored as probabilities, see
         ``_store_quantized``."""
+        self.nonfinite = False
+        """True when a finiteness check found NaN/Inf in the span (it is then kept as it is)."""
 
     def hold(self) -> None:
         """Start counting this holder's bytes as live (at the latest when it is finalised; earlier
@@ -265,11 +268,21 @@ class SavedTensor:
         return SavedView(self, tuple(t.shape), t.stride())
 
     def finalize(
-        self, cls: str, module: str, bits: int, force_raw: bool, spec: QuantSpec, seed: int, calibrate=None
+        self,
+        cls: str,
+        module: str,
+        bits: int,
+        force_raw: bool,
+        spec: QuantSpec,
+        seed: int,
+        calibrate=None,
+        check_finite: bool = False,
     ) -> None:
         """Fix class, module and bit-width and release the full-precision tensor if quantized.
 
-        ``calibrate(t, cls, module, quantizable)`` (optional) sees the tensor first.
+        ``calibrate(t, cls, module, quantizable)`` (optional) sees the tensor first. ``check_finite``:
+        keep the span as it is if it holds NaN/Inf (sets ``nonfinite``; reads the device, so only
+        while tracing).
         """
         assert self.raw is not None and not self.final
         self.cls, self.module, self.final = cls, module, True
@@ -277,13 +290,14 @@ class SavedTensor:
         if calibrate is not None:
             calibrate(self._source() if self.quantizable else self.raw, cls, module, self.quantizable)
         if self.quantizable and bits < 16:
-            self._store_quantized(bits, spec, seed)
+            self._store_quantized(bits, spec, seed, check_finite)
         self.hold()
         self.ledger.record(cls, module, self.numel, self.stored, self.baseline, self.q is not None)
 
     def upgrade(self, t: torch.Tensor, bits: int, spec: QuantSpec, seed: int) -> None:
         """Another consumer saved the same data (``t``, still alive) and wants ``bits``: store the
-        span at that width if it is more than now."""
+        span at that width if it is more than now (a span stored quantized passed any finiteness
+        check already)."""
         if not self.final or self.q is None or bits <= self.bits:
             return
         self.ledger.record(self.cls, self.module, -self.numel, -self.stored, -self.baseline, True, n=-1)
@@ -308,13 +322,14 @@ class SavedTensor:
             src = src.float().exp()
         return src
 
-    def _store_quantized(self, bits: int, spec: QuantSpec, seed: int) -> None:
+    def _store_quantized(self, bits: int, spec: QuantSpec, seed: int, check_finite: bool = False) -> None:
         src = self._source()
         q = quantize(src, bits, spec.group_size, stochastic=spec.stochastic, seed=seed, scale_dtype=spec.scale_dtype)
-        if bool(q.scales.isnan().any()):
+        if check_finite and bool(q.scales.isnan().any()):
             # A group holding NaN/Inf reads back all-NaN (format.py). Stock backward may never read
             # the non-finite entries (-inf at masked positions under amax/logsumexp/clamp), so the
             # span is kept as it is: backward sees exactly what it would see without agoq.
+            self.nonfinite = True
             if self.held:
                 self.ledger.change(self.baseline - self.stored)
             self.q, self.bits, self.stored = None, 16, self.baseline
@@ -416,7 +431,15 @@ class DerivedTensor:
         return SavedView(self, tuple(t.shape), t.stride())
 
     def finalize(
-        self, cls: str, module: str, bits: int, force_raw: bool, spec: QuantSpec, seed: int, calibrate=None
+        self,
+        cls: str,
+        module: str,
+        bits: int,
+        force_raw: bool,
+        spec: QuantSpec,
+        seed: int,
+        calibrate=None,
+        check_finite: bool = False,
     ) -> None:
         """Fix class and module and count the tensor (nothing is stored)."""
         self.cls, self.module, self.final = cls, module, True

@@ -21,8 +21,8 @@ class GradientAccounting:
         """fp32 bytes of the same gradient elements, at that peak."""
         self.ef_bytes = 0
         """Peak error-feedback residual bytes in the step in progress."""
-        self.last: dict[str, float] = {}
-        """Snapshot of the last finished step (what ``agoq_stats`` reports)."""
+        self._last: dict[str, float] = {}
+        self._last_error: tuple = ()
         self.steps = 0
         """Finished steps."""
 
@@ -33,10 +33,21 @@ class GradientAccounting:
             self.buffer_fp32_bytes = fp32_bytes
         self.ef_bytes = max(self.ef_bytes, ef_bytes)
 
+    @property
+    def last(self) -> dict[str, float]:
+        """Figures of the last finished step (what ``agoq_stats`` reports); the error estimate, summed
+        on the device during the step, is read here, when asked for, not at the end of every step."""
+        if self._last_error:
+            self._last.update(_error_figures(*self._last_error))
+            self._last_error = ()
+        return self._last
+
     def snapshot(self) -> dict[str, float]:
         """The figures of the step in progress."""
+        return {**self._counts(), **_error_figures(self.comm.error_bound_sq, self.comm.reduced_sq)}
+
+    def _counts(self) -> dict[str, float]:
         c = self.comm
-        rel = math.sqrt(c.error_bound_sq / c.reduced_sq) if c.reduced_sq > 0 else 0.0
         return {
             "comm_bytes": float(c.sent_bytes),
             "comm_bytes_received": float(c.received_bytes),
@@ -54,18 +65,23 @@ class GradientAccounting:
             "state_bytes_ratio_fp32": (
                 (self.buffer_bytes + self.ef_bytes) / self.buffer_fp32_bytes if self.buffer_fp32_bytes else 0.0
             ),
-            "rs_error_bound_rel": rel,
-            # Round-to-nearest errors are close to uniform on [-b, b]: RMS = b / sqrt(3).
-            "rs_error_est_rel": rel / math.sqrt(3.0),
             "micro_steps": float(self.micro_steps),
         }
 
-    def finish_step(self) -> dict[str, float]:
-        """Snapshot the step, reset the counters for the next one, and return the snapshot."""
-        self.last = self.snapshot()
+    def finish_step(self) -> None:
+        """Snapshot the step (without reading the device) and reset the counters for the next one."""
         self.steps += 1
-        self.last["steps"] = float(self.steps)
+        self._last = {**self._counts(), "steps": float(self.steps)}
+        self._last_error = (self.comm.error_bound_sq, self.comm.reduced_sq)
         self.comm.reset()
         self.micro_steps = 0
         self.buffer_bytes = self.buffer_fp32_bytes = self.ef_bytes = 0
-        return self.last
+
+
+def _error_figures(error_bound_sq, reduced_sq) -> dict[str, float]:
+    """Relative error bound of the step's reduce-scatter results, and its RMS estimate (reads the
+    device when the sums are device tensors)."""
+    err, ref = float(error_bound_sq), float(reduced_sq)
+    rel = math.sqrt(err / ref) if ref > 0 else 0.0
+    # Round-to-nearest errors are close to uniform on [-b, b]: RMS = b / sqrt(3).
+    return {"rs_error_bound_rel": rel, "rs_error_est_rel": rel / math.sqrt(3.0)}

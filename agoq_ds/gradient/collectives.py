@@ -66,10 +66,13 @@ class CommCounter:
     """What DeepSpeed's bf16 ring all-reduce of the same buckets would send."""
     calls: int = 0
     """Collective launches."""
-    error_bound_sq: float = 0.0
-    """Sum of squared per-element error bounds of the reduce-scatter results (receiver side)."""
-    reduced_sq: float = 0.0
-    """Squared L2 norm of the reduce-scatter results (receiver side)."""
+    error_bound_sq: torch.Tensor | float = 0.0
+    """Sum of squared per-element error bounds of the reduce-scatter results (receiver side). A
+    device tensor once something was reduced: summed on the device, read only when reported, so
+    that the diagnostic never makes the host wait for the device."""
+    reduced_sq: torch.Tensor | float = 0.0
+    """Squared L2 norm of the reduce-scatter results (receiver side); a device tensor like
+    ``error_bound_sq``."""
 
     def add_baseline(self, numel: int, world_size: int) -> None:
         """Record that a bucket of ``numel`` elements was reduced among ``world_size`` ranks."""
@@ -97,15 +100,19 @@ class ReduceScatterResult:
     received_bytes: int
     """Bytes this rank received."""
 
-    def error_bound_l2(self, group_size: int) -> float:
-        """L2 norm of the per-element error bound of ``values``."""
+    def error_bound_sq(self, group_size: int) -> torch.Tensor:
+        """Squared L2 norm of the per-element error bound of ``values`` (a 0-d device tensor)."""
         n = self.values.numel()
         if n == 0:
-            return 0.0
+            return self.values.new_zeros(())
         # fp32 dot products: a diagnostic on the hot path, not worth fp64 passes over the data.
         sizes = torch.full_like(self.group_bound, float(group_size))
         sizes[-1] = n - group_size * (self.group_bound.numel() - 1)
-        return math.sqrt(float(torch.dot(self.group_bound * self.group_bound, sizes)))
+        return torch.dot(self.group_bound * self.group_bound, sizes)
+
+    def error_bound_l2(self, group_size: int) -> float:
+        """L2 norm of the per-element error bound of ``values`` (reads the device: not for the hot path)."""
+        return math.sqrt(float(self.error_bound_sq(group_size)))
 
 
 def _round_up(n: int, k: int) -> int:
@@ -258,8 +265,8 @@ def reduce_scatter_8bit(
         counter.sent_bytes += sent
         counter.received_bytes += received
         counter.calls += 1
-        counter.error_bound_sq += result.error_bound_l2(group_size) ** 2
-        counter.reduced_sq += float(torch.dot(total, total))
+        counter.error_bound_sq = counter.error_bound_sq + result.error_bound_sq(group_size)
+        counter.reduced_sq = counter.reduced_sq + torch.dot(total, total)
     return result
 
 

@@ -140,3 +140,25 @@ def _same_state(a: Any, b: Any) -> bool:
     if isinstance(a, list | tuple) and isinstance(b, list | tuple):
         return len(a) == len(b) and all(_same_state(x, y) for x, y in zip(a, b, strict=True))
     return a == b
+
+
+def host_syncs_per_step(rank: int, world: int, configs: dict[str, dict], warmup_steps: int = 2) -> dict[str, Any]:
+    """Per named config: host synchronisations of one steady-state optimizer step (forward, backward
+    and step of every micro-batch) after ``warmup_steps`` (the first traces the model), and where
+    each was asked for."""
+    from host_sync import HostSyncCounter
+
+    out = {}
+    for name, config in configs.items():
+        engine = make_engine(config)
+        stream = data_stream(rank, world)
+        train(engine, stream, warmup_steps)
+        with HostSyncCounter() as syncs:
+            for _ in range(engine.gradient_accumulation_steps()):
+                batch = next(stream)
+                loss = engine(input_ids=batch, labels=batch).loss
+                engine.backward(loss)
+                engine.step()
+        out[name] = {"total": syncs.total, "where": dict(syncs.where), "agoq": hasattr(engine, "agoq_stats")}
+        del engine
+    return out
