@@ -35,7 +35,6 @@ from .format import TINY, num_groups, packed_bytes
 
 _FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
 _INF: tl.constexpr = tl.constexpr(float("inf"))
-_NAN: tl.constexpr = tl.constexpr(float("nan"))
 _TINY: tl.constexpr = tl.constexpr(TINY)
 _MAGIC: tl.constexpr = tl.constexpr(12582912.0)  # 1.5 * 2**23
 
@@ -152,9 +151,12 @@ def _quantize_kernel(
     else:
         tl.store(codes_ptr + byte_idx, packed.to(tl.uint8), mask=first < numel)
     rmask = rows < ngroups
-    tl.store(scales_ptr + rows, tl.where(bad, _NAN, scale), mask=rmask)
+    # NaN is made here, not read from a module global: Triton checks at every launch that the globals
+    # a kernel read still equal their compile-time values, and NaN != NaN fails that check on a GPU.
+    nan = tl.full([ROWS], float("nan"), tl.float32)
+    tl.store(scales_ptr + rows, tl.where(bad, nan, scale), mask=rmask)
     if not SYMMETRIC:
-        tl.store(zeros_ptr + rows, tl.where(bad, _NAN, mn), mask=rmask)
+        tl.store(zeros_ptr + rows, tl.where(bad, nan, mn), mask=rmask)
 
 
 @triton.jit

@@ -88,3 +88,20 @@ def test_tiling() -> None:
     assert triton_backend.rows_per_program(4096, 4096) == 1
     assert triton_backend.rows_per_program(4096, 1024) == 1
     assert triton_backend.COMPILE_OPTIONS["enable_fp_fusion"] is False
+
+
+def _unequal_to_itself(value: object) -> bool:
+    raw = getattr(value, "value", value)  # a tl.constexpr wraps its value
+    return isinstance(raw, float) and raw != raw
+
+
+def test_kernel_globals_compare_equal_to_themselves() -> None:
+    """Triton re-checks, at every launch on a GPU, that each module global a kernel read still equals
+    its compile-time value; a NaN constant never does, so every launch would fail ("Global variable
+    _NAN has changed since we compiled this kernel"). The interpreter skips the check: guard here."""
+    triton = pytest.importorskip("triton")
+    from agoq_ds.quant import triton_backend
+
+    bad = [name for name, value in vars(triton_backend).items() if _unequal_to_itself(value)]
+    assert not bad, f"module globals that do not equal themselves (build them inside the kernel): {bad}"
+    assert _unequal_to_itself(triton.language.constexpr(float("nan")))  # the guard can fail
