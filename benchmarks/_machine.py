@@ -34,6 +34,27 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_isa() -> dict[str, bool]:
+    """What the CPU offers the kernels compared here: AVX2, AVX-512 (agoq's C++ loops), and native
+    bf16 (AVX512_BF16 or AMX: torch's bf16 matmul runs through oneDNN; without it, a slow fallback)."""
+    try:
+        flags = next(
+            (
+                line.split(":", 1)[1].split()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("flags")
+            ),
+            [],
+        )
+    except OSError:
+        flags = []
+    return {
+        "avx2": "avx2" in flags,
+        "avx512": "avx512f" in flags and "avx512bw" in flags,
+        "native_bf16": "avx512_bf16" in flags or "amx_bf16" in flags,
+    }
+
+
 def load_average() -> list[float]:
     """1, 5 and 15 minute load averages (empty where the OS has none)."""
     try:
@@ -71,6 +92,7 @@ def machine_info() -> dict:
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "nproc": os.cpu_count(),
         "cpu": cpu_model(),
+        "cpu_isa": cpu_isa(),
         "platform": platform.platform(),
         "load_average": load_average(),
         "python": platform.python_version(),
@@ -82,10 +104,13 @@ def machine_info() -> dict:
 
 
 def describe(machine: dict) -> str:
-    """One line for docs: date, cores, CPU model and load averages."""
+    """One line for docs: date, cores, CPU model and instruction sets, load averages."""
     load = machine.get("load_average", [])
     load_s = ", ".join(f"{x:.2f}" for x in load) if load else "n/a"
-    return f"{machine['date']} · {machine['nproc']} cores · {machine['cpu']} · load average {load_s}"
+    isa = machine.get("cpu_isa", {})
+    isa_s = ", ".join(k for k, v in isa.items() if v and k != "native_bf16") or "no AVX2"
+    bf16 = "native bf16" if isa.get("native_bf16") else "no native bf16"
+    return f"{machine['date']} · {machine['nproc']} cores · {machine['cpu']} ({isa_s}; {bf16}) · load average {load_s}"
 
 
 def snapshot(rev: str = "HEAD") -> tuple[Path, str]:
