@@ -83,7 +83,10 @@ def main() -> None:
     baseline, agoq = (json.loads(p.read_text()) for p in (args.baseline, args.agoq))
     rows = compare(baseline, agoq)
 
-    table = Table(title=f"agoq vs stock DeepSpeed ({len(agoq['loss'])} steps, {agoq['world_size']} ranks)")
+    compute = agoq.get("compute_dtype", "as configured")
+    table = Table(
+        title=f"agoq vs stock DeepSpeed ({len(agoq['loss'])} steps, {agoq['world_size']} ranks, {compute} compute)"
+    )
     for col in ("metric", "baseline", "agoq", "agoq / baseline"):
         table.add_column(col, justify="left" if col == "metric" else "right")
     for row, (_, _, fmt) in zip(rows, ROWS, strict=True):

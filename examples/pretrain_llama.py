@@ -42,6 +42,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-batches", type=int, default=4)
     parser.add_argument("--out", type=Path, help="write the measured run as JSON (rank 0)")
     parser.add_argument("--label", help="name of this run in --out (default: config file stem)")
+    parser.add_argument(
+        "--precision",
+        choices=["config", "auto", "fp32"],
+        default="config",
+        help="compute dtype: as the config says; auto = the config's bf16 unless this is a CPU without "
+        "native bf16 matmul (AVX2-only: torch's bf16 fallback is several times slower than fp32), then "
+        "fp32; fp32 = drop the config's bf16/fp16 block (agoq's stored formats do not change)",
+    )
+    parser.add_argument(
+        "--fit-schedule", action="store_true", help="stretch the config's learning-rate schedule to --steps"
+    )
     parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     return deepspeed.add_config_arguments(parser).parse_args()
 
@@ -61,6 +72,35 @@ def heldout_loss(engine, held: list[torch.Tensor]) -> float:
     return mean_over_ranks(sum(losses) / len(losses))
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether torch runs bf16 matmuls on this CPU through oneDNN's native kernels (AVX512-BF16/AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def adjusted_config(args: argparse.Namespace) -> tuple[dict | None, list[str]]:
+    """The config to pass instead of ``--deepspeed_config`` when this run changes it, and what changed:
+    fp32 compute per ``--precision``, and with ``--fit-schedule`` the schedule stretched to ``--steps``. ``None``:
+    the file is used as it is."""
+    with open(args.deepspeed_config) as f:
+        config = json.load(f)
+    changes = []
+    half = [k for k in ("bf16", "fp16") if (config.get(k) or {}).get("enabled")]
+    slow_bf16 = not torch.cuda.is_available() and not cpu_has_fast_bf16()
+    if half and (args.precision == "fp32" or (args.precision == "auto" and slow_bf16)):
+        for key in half:
+            config.pop(key)
+        reason = "no native bf16 matmul on this CPU" if args.precision == "auto" else "--precision fp32"
+        changes.append(f"fp32 compute ({reason})")
+    schedule = (config.get("scheduler") or {}).get("params", {})
+    if args.fit_schedule and schedule.get("total_num_steps") not in (None, args.steps):
+        schedule["total_num_steps"] = args.steps
+        changes.append(f"learning-rate schedule over {args.steps} steps")
+    return (config if changes else None), changes
+
+
 def main() -> None:
     args = parse_args()
     deepspeed.init_distributed()
@@ -68,7 +108,12 @@ def main() -> None:
     train_tokens, heldout_tokens = split(load_bytes(args.data))
 
     model = build_llama(args.model, seed=args.seed)
-    engine, _, _, _ = deepspeed.initialize(args=args, model=model, model_parameters=model.parameters())
+    config, changes = adjusted_config(args)
+    if config is not None:
+        if rank == 0:
+            print(f"{args.deepspeed_config} with: " + "; ".join(changes), flush=True)
+        args.deepspeed_config = None
+    engine, _, _, _ = deepspeed.initialize(args=args, model=model, model_parameters=model.parameters(), config=config)
     is_agoq = hasattr(engine, "agoq_stats")
     micro_bs, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     data = batches(train_tokens, micro_bs, args.seq_len, seed=args.seed, rank=rank, world_size=world)
@@ -83,6 +128,7 @@ def main() -> None:
         "parameters": sum(p.numel() for p in model.parameters()),
         "seq_len": args.seq_len,
         "micro_batch": micro_bs,
+        "compute_dtype": "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32",
         "grad_accum": gas,
         "loss": [],
         "heldout": [],
