@@ -90,6 +90,6 @@ def test_same_scheme_same_error(run) -> None:
     _, data, _ = run
     ao = _rows(data, "torchao quantize_affine", bits=8, dtype="fp32")
     if not ao:
-        pytest.skip("torchao not installed (scripts/bootstrap.sh puts the peers in .peers/, see requirements/bench.txt)")
+        pytest.skip("torchao not installed (scripts/bootstrap.sh puts the peers in .peers/: requirements/bench.txt)")
     agoq = _rows(data, "agoq torch (eager reference)", bits=8, dtype="fp32")[0]
     assert ao[0]["error"]["normal"]["rel_l2"] == pytest.approx(agoq["error"]["normal"]["rel_l2"], rel=0.02)
