@@ -43,20 +43,32 @@ class _PatchAfterExec:
 
 
 class DeepSpeedImportHook:
-    """Finds ``deepspeed`` with the other finders and hands back its spec with a patching loader."""
+    """Finds ``deepspeed`` with the other finders and hands back its spec with a patching loader.
+
+    Another finder of the same kind (a profiler's or a test harness's post-import hook) asks every
+    finder, this one included, while this one is asking it: the search is not reentrant, so the
+    inner call answers None instead of recursing forever.
+    """
+
+    def __init__(self) -> None:
+        self._searching = False
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != "deepspeed":
+        if fullname != "deepspeed" or self._searching:
             return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                if spec.loader is not None:
-                    spec.loader = _PatchAfterExec(spec.loader)
-                return spec
-        return None
+        self._searching = True
+        try:
+            for finder in sys.meta_path:
+                if finder is self or not hasattr(finder, "find_spec"):
+                    continue
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    if spec.loader is not None and not isinstance(spec.loader, _PatchAfterExec):
+                        spec.loader = _PatchAfterExec(spec.loader)
+                    return spec
+            return None
+        finally:
+            self._searching = False
 
 
 _hook = DeepSpeedImportHook()

@@ -121,3 +121,30 @@ def test_untested_version_only_blocks_agoq_configs() -> None:
     assert fake.initialize(config={"train_batch_size": 1}) == "stock"
     with pytest.raises(UntestedDeepSpeedError, match=re.escape("9.9.9")):
         fake.initialize(config={"agoq": {}})
+
+
+_OTHER_HOOK = """
+import sys
+
+class OtherPostImportHook:  # the usual shape: ask the other finders for the spec, then wrap it
+    def find_spec(self, fullname, path, target=None):
+        if fullname != "deepspeed":
+            return None
+        for finder in sys.meta_path:
+            if finder is not self and hasattr(finder, "find_spec"):
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    return spec
+        return None
+
+sys.meta_path.insert(0, OtherPostImportHook())
+import deepspeed
+print(getattr(deepspeed.initialize, '__agoq_ds_patched__', False))
+"""
+
+
+def test_a_second_post_import_hook_neither_recurses_nor_unpatches() -> None:
+    """Profilers and test harnesses install ``sys.meta_path`` finders that ask the others (agoq's
+    included) for DeepSpeed's spec; agoq's asks them back. Without a reentrancy guard the two call
+    each other until RecursionError."""
+    assert _python(_OTHER_HOOK) == "True"
