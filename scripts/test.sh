@@ -4,4 +4,4 @@ set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$root"
 ruff check .
-python -m pytest "$@"
+python -m pytest --durations=25 "$@"  # lists the 25 slowest tests
