@@ -83,6 +83,12 @@ def agoq_bf16_optimizer(agoq_config: AgoqConfig) -> Iterator[type]:
             ds_engine.BF16_Optimizer = saved
 
 
+def device_name(device: Any) -> str:
+    """An offload device as DeepSpeed spells it in JSON (``"cpu"``, ``"nvme"``, ``"none"``), whether it
+    arrives as DeepSpeed's ``OffloadDeviceEnum`` or as a plain string."""
+    return str(getattr(device, "value", device) or "none").lower()
+
+
 def _settings_from_dict(ds_config: dict[str, Any]) -> dict[str, Any]:
     zero = ds_config.get("zero_optimization") or {}
     stage = zero.get("stage", 0)
@@ -91,7 +97,7 @@ def _settings_from_dict(ds_config: dict[str, Any]) -> dict[str, Any]:
         block = zero.get(key)
         if not isinstance(block, dict):
             return "none"
-        return str(block.get("device", "none") or "none").lower()
+        return device_name(block.get("device"))
 
     def enabled(key: str) -> bool:
         block = ds_config.get(key)
@@ -119,10 +125,8 @@ def _settings_from_engine(engine: Any) -> dict[str, Any]:
     _, grad_accum = engine.get_data_types()
     return {
         "stage": int(engine.zero_optimization_stage()),
-        "offload_optimizer": str(
-            engine.zero_offload_optimizer().device.value if engine.zero_offload_optimizer() else "none"
-        ),
-        "offload_param": str(engine.zero_offload_param().device.value if engine.zero_offload_param() else "none"),
+        "offload_optimizer": device_name(getattr(engine.zero_offload_optimizer(), "device", None)),
+        "offload_param": device_name(getattr(engine.zero_offload_param(), "device", None)),
         "fp16": engine.fp16_enabled(),
         "bf16": engine.bfloat16_enabled(),
         "grad_accum_dtype": "fp32" if grad_accum == torch.float32 else str(grad_accum),

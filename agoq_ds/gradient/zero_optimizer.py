@@ -39,6 +39,7 @@ from ..seeding import mix_seed as _mix
 from .accounting import GradientAccounting
 from .accumulator import Accumulator, Fp32Accumulator, Int8Accumulator
 from .collectives import all_reduce_8bit, gather_slices, reduce_scatter_8bit, ring_allreduce_bytes
+from .install import device_name
 from .layout import BucketLayout, bucket_layout
 
 STATE_KEY = "agoq_gradient"
@@ -52,9 +53,10 @@ _SIGNATURE = inspect.signature(DeepSpeedZeroOptimizer.__init__)
 def reject_unsupported_arguments(arguments: dict[str, Any]) -> None:
     """Raise ``ValueError`` for ``DeepSpeedZeroOptimizer`` arguments the 8-bit path cannot honour."""
     offload = arguments.get("offload_optimizer_config")
-    if offload is not None and offload.device != OffloadDeviceEnum.none:
+    device = device_name(getattr(offload, "device", None))
+    if device != OffloadDeviceEnum.none.value:
         raise ValueError(
-            f"agoq.gradient: zero_optimization.offload_optimizer.device={offload.device.value!r} is not supported "
+            f"agoq.gradient: zero_optimization.offload_optimizer.device={device!r} is not supported "
             "by the 8-bit gradient path; remove the offload or set agoq.gradient.enabled=false"
         )
     if arguments.get("has_moe_layers"):

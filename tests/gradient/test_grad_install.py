@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from agoq_ds.config import AgoqConfig, parse_agoq_config
@@ -90,3 +92,19 @@ def test_bf16_context_manager_rebinds_only_inside_the_block() -> None:
 def test_fp16_at_stage0_is_rejected() -> None:
     with pytest.raises(UnsupportedConfigError, match=r"fp16\.enabled"):
         check_supported(_cfg(0, bf16={"enabled": False}, fp16={"enabled": True}), AgoqConfig())
+
+
+@pytest.mark.parametrize("device", ["cpu", "nvme"])
+def test_offload_refused_by_name_whether_enum_or_string(device: str) -> None:
+    """DeepSpeed hands the offload device as its enum or, from some paths, as a plain string; either
+    is refused with the device's JSON spelling (no AttributeError, no 'offloaddeviceenum.cpu')."""
+    from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
+
+    from agoq_ds.gradient.zero_optimizer import reject_unsupported_arguments
+
+    for given in (device, OffloadDeviceEnum(device)):
+        offload = SimpleNamespace(device=given)
+        with pytest.raises(ValueError, match=f"offload_optimizer.device='{device}' is not supported"):
+            reject_unsupported_arguments({"offload_optimizer_config": offload})
+    reject_unsupported_arguments({"offload_optimizer_config": SimpleNamespace(device="none")})
+    reject_unsupported_arguments({"offload_optimizer_config": None})
