@@ -67,6 +67,13 @@ element (hidden 512, 8 heads, MLP 1376; 4.8 without recomputation).
 """
 
 
+LOSS_HEAD_MIN_BITS = 8
+"""Floor for the log-probabilities a log-softmax/cross-entropy saves, under every policy and rule:
+backward turns them into ``softmax - onehot`` over the whole vocabulary, the largest saved tensor of
+the step and the one every gradient starts from; at 4 bits (``policy: uniform``) a 76M model's run
+diverged on a GPU (issue 13). Stored as probabilities (see ``storage.SavedTensor._source``)."""
+
+
 def resolve_class_bits(default_bits: int, class_bits: dict[str, int]) -> dict[str, int]:
     """The full class -> bits table: ``default_bits`` for every class, then ``class_bits`` on top."""
     table = {c.value: default_bits for c in LayerClass}

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ..seeding import mix_seed
-from .classes import LayerClass
+from .classes import LOSS_HEAD_MIN_BITS, LayerClass
 from .classify import Classifier, Structure
 from .storage import DedupCache, DerivedTensor, Ledger, QuantSpec, SavedTensor, SavedView, dedup_key
 from .trace import AttentionOp, OpWatcher, Trace, tensor_key
@@ -326,6 +326,8 @@ class PackEngine:
     def _finalize(self, holder: SavedTensor, force_raw: bool = False) -> None:
         module, cls = holder.requests[0]
         bits = max(self._bits_for(m, c) for m, c in holder.requests)
+        if getattr(holder, "log_space", False) and bits < 16:
+            bits = max(bits, LOSS_HEAD_MIN_BITS)
         source = (module, self._class(module, cls), holder.numel)
         tracing = self.trace is not None
         holder.finalize(

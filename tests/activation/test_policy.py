@@ -151,3 +151,33 @@ def test_stage_balancing_4_stages_within_tolerance():
     assert all(b < 8 or c.endswith("attn_core") for (m, c), b in changed[0].items())
     for s, plan in plans.items():
         assert plan.peak(2, changed[s]) == after[s]
+
+
+@pytest.mark.parametrize("policy", ["uniform", "agoq"])
+def test_loss_head_log_probabilities_never_below_the_floor(policy: str) -> None:
+    """Under ``policy: uniform`` at 2 bits, and a rule asking 2 bits of the head's class, the
+    log-probabilities the loss saves (the largest tensor of the tiny LLaMA's head: vocab 256 > hidden
+    128) are still stored at ``LOSS_HEAD_MIN_BITS``; everything else of the class follows the policy."""
+    from act_helpers import lm_step, text_batch
+
+    from agoq_ds.activation import ActivationQuantizer
+    from agoq_ds.activation.classes import LOSS_HEAD_MIN_BITS
+    from agoq_ds.config import ActivationConfig
+    from agoq_ds.models import build_llama
+
+    model = build_llama("tiny", seed=0)
+    config = ActivationConfig(
+        policy=policy, default_bits=2, min_numel=0, rules=[{"class": "embedding", "bits": 2}], recompute=False
+    )
+    quantizer = ActivationQuantizer(model, config).install()
+    ids = text_batch()
+    lm_step(model, ids)  # traced
+    quantizer.on_step_end()
+    lm_step(model, ids)
+    head = quantizer.engine.ledger.by_class["embedding"]
+    quantizer.remove()
+    log_probs = ids.numel() * 256  # one per token and vocabulary entry
+    at_floor = log_probs * (LOSS_HEAD_MIN_BITS + 16 / 128) / 8  # codes + bf16 scales
+    assert head.quantized_numel >= log_probs
+    assert head.stored >= at_floor, f"{head.stored} bytes: the log-probabilities went below {LOSS_HEAD_MIN_BITS} bits"
+    assert head.stored < at_floor + (head.numel - log_probs) * 1.0  # the rest of the class at <= 8 bits
