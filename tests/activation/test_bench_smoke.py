@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_activation.py"
+from benchmark_scripts import load_benchmark
 
 
 def test_bench_activation_smoke(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("bench_activation", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_activation")
     out = tmp_path / "bench.json"
     argv = ["--batch", "1", "--seq", "64", "--steps", "1", "--train-steps", "2", "--train-seq", "32", "--out", str(out)]
     assert bench.main(argv) == 0

@@ -3,24 +3,14 @@ launcher, stock and agoq, two optimizer steps, JSON + PNG."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "convergence.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("convergence_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from benchmark_scripts import load_benchmark
 
 
 def test_variant_configs() -> None:
-    bench = _load()
+    bench = load_benchmark("convergence", "convergence_bench")
     args = bench.parse_args(["--steps", "40"])
     configs = {v.slug: bench.ds_config(v, args) for v in bench.VARIANTS}
     assert "agoq" not in configs["stock"]
@@ -37,7 +27,7 @@ def test_variant_configs() -> None:
 
 
 def test_convergence_smoke(tmp_path: Path) -> None:
-    bench = _load()
+    bench = load_benchmark("convergence", "convergence_bench")
     argv = ["--model", "tiny", "--steps", "2", "--seq-len", "32", "--eval-every", "1", "--eval-batches", "1"]
     argv += ["--variants", "agoq", "--out", str(tmp_path)]
     assert bench.main(argv) == 0

@@ -3,24 +3,17 @@ own process from the same initialisation and batches, and the record carries wha
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_step.py"
+from benchmark_scripts import load_benchmark
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    spec = importlib.util.spec_from_file_location("gpu_step", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = load_benchmark("gpu_step")
     out = tmp_path_factory.mktemp("gpu_step") / "gpu_step.json"
     argv = ["--device", "cpu", "--shapes", "tiny", "--variants", "stock", "agoq", "agoq-ckpt"]
     return module.main([*argv, "--steps", "2", "--warmup", "1", "--out", str(out)])

@@ -3,23 +3,15 @@ rot), and the measured bytes agree with the planner."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_bench", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_memory_smoke(tmp_path: Path) -> None:
@@ -48,7 +40,7 @@ def test_memory_smoke(tmp_path: Path) -> None:
 
 
 def test_plan_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    bench = _load("plan_table")
+    bench = load_benchmark("plan_table", "plan_table_bench")
     out = tmp_path / "plan.json"
     assert bench.main(["--out", str(out)]) == 0
     data = json.loads(out.read_text())

@@ -4,28 +4,15 @@ collective meter. Needs root (``ip netns``); skipped with the reason where names
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _load(name: str):
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-netns = _load("_netns")
+netns = load_benchmark("_netns")
 AVAILABLE, WHY = netns.netns_available()
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f"network namespaces unavailable: {WHY}")
 
@@ -48,7 +35,7 @@ def test_veth_pair_shapes_and_cleans_up() -> None:
 
 @pytest.mark.slow
 def test_network_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    bench = _load("network")
+    bench = load_benchmark("network")
     out = tmp_path / "net.json"
     result = bench.main(["--quick", "--out", str(out), "--log-dir", str(tmp_path / "logs")])
     printed = capsys.readouterr().out

@@ -3,28 +3,17 @@ family are either measured or listed as unavailable with a reason, on the same i
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_peers.py"
 NUMEL = 8192
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_peers", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, dict, str]:
-    bench = _load()
+    bench = load_benchmark("bench_peers")
     out = tmp_path_factory.mktemp("peers") / "peers.json"
     # --no-malloc-tuning: mallopt is process-wide and would outlive this test in the pytest process.
     argv = ["--numel", str(NUMEL), "--reps", "1", "--no-compile", "--threads", "1", "--no-malloc-tuning"]

@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_quant.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_quant", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from benchmark_scripts import load_benchmark
 
 
 def test_bench_quant_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    bench = _load()
+    bench = load_benchmark("bench_quant")
     out = tmp_path / "bench.json"
     result = bench.main(["--numel", "5000", "--reps", "1", "--no-compile", "--out", str(out)])
     printed = capsys.readouterr().out
