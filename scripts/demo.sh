@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: stock DeepSpeed and agoq side by side — same model, seed and data — on 2 CPU ranks
 # with the deepspeed launcher, then a table of agoq/baseline ratios and a PNG of both loss curves.
-#   STEPS=150 MODEL=small ZERO=2 PRECISION=auto ./scripts/demo.sh      (defaults shown)
+#   STEPS=120 MODEL=small ZERO=2 PRECISION=auto ./scripts/demo.sh      (defaults shown)
 # ZERO=1 for ZeRO-1. PRECISION=auto keeps the configs' bf16 on a CPU with native bf16 matmul
 # (AVX512-BF16/AMX) and computes in fp32 on one without (AVX2-only), where torch's bf16 fallback is
 # several times slower; the stored activation and gradient formats are the same either way.
@@ -9,7 +9,7 @@
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$root"
-steps="${STEPS:-150}"
+steps="${STEPS:-120}"
 model="${MODEL:-small}"
 zero="${ZERO:-2}"
 precision="${PRECISION:-auto}"
