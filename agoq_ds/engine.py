@@ -28,6 +28,7 @@ from . import quant
 from ._compat import check_deepspeed_version
 from .config import AgoqConfig, AgoqConfigError, parse_agoq_config
 from .constants import CHECKPOINT_KEY, CONFIG_KEY, MONITOR_PREFIX
+from .overflow_watch import OverflowStreak, overflow_message
 from .summary import startup_summary
 
 check_deepspeed_version(deepspeed.__version__)
@@ -56,6 +57,7 @@ class AgoqEngineMixin:
         object.__setattr__(self, "agoq_config", agoq_config)
         object.__setattr__(self, "agoq_activation", None)
         object.__setattr__(self, "_agoq_summary_logged", False)
+        object.__setattr__(self, "_agoq_overflows", OverflowStreak())
         object.__setattr__(self, "agoq_param_gradients", None)
         super().__init__(*args, **kwargs)
         if hasattr(self, "using_bf16_optimizer"):
@@ -186,9 +188,14 @@ class AgoqEngineMixin:
         if gradients is not None and gradients.pending():
             gradients.materialize()  # a step without reduction (no_sync): DeepSpeed steps on local sums
         super()._take_model_step(lr_kwargs)
+        overflow = bool(getattr(self.optimizer, "overflow", False))  # a host bool DeepSpeed already has
         if gradients is not None:
-            gradients.finish_step(overflow=bool(getattr(self.optimizer, "overflow", False)))
+            gradients.finish_step(overflow=overflow)
         if self.agoq_activation is not None:
+            if self._agoq_overflows.update(overflow):
+                table = self.agoq_activation.table()
+                bits = ", ".join(f"{c} {b}" for c, b in sorted(table.items()))
+                logger.warning(overflow_message(self._agoq_overflows.streak, f"bits per class: {bits}"))
             self.agoq_activation.on_step_end()
             if not self._agoq_summary_logged and self.agoq_config.log_summary:
                 object.__setattr__(self, "_agoq_summary_logged", True)

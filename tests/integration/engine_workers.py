@@ -162,3 +162,26 @@ def host_syncs_per_step(rank: int, world: int, configs: dict[str, dict], warmup_
         out[name] = {"total": syncs.total, "where": dict(syncs.where), "agoq": hasattr(engine, "agoq_stats")}
         del engine
     return out
+
+
+def overflow_streak_warnings(rank: int, world: int, overflowing_steps: range, steps: int) -> int:
+    """Train ``steps`` optimizer steps with an infinite loss in ``overflowing_steps``; how many times
+    the engine logged the overflow-streak warning."""
+    import logging
+
+    from deepspeed.utils import logger
+
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger.addHandler(handler)
+    engine = make_engine(ds_config(2, {}))
+    stream = data_stream(rank, world)
+    for step in range(steps):
+        for _ in range(engine.gradient_accumulation_steps()):
+            batch = next(stream)
+            loss = engine(input_ids=batch, labels=batch).loss
+            engine.backward(loss * float("inf") if step in overflowing_steps else loss)
+            engine.step()
+    logger.removeHandler(handler)
+    return sum("consecutive optimizer steps" in m for m in messages)
