@@ -88,9 +88,13 @@ class Int8Accumulator:
         stochastic: bool = False,
         error_feedback: bool = True,
         device: torch.device | str | None = None,
+        release_on_reset: bool = False,
     ) -> None:
         self.numel = int(numel)
         """Elements held."""
+        self.release_on_reset = release_on_reset
+        """Free the value's storage on ``reset`` (allocated again by the next ``add_``) instead of
+        zeroing it: a buffer that lives only within an optimizer step."""
         self.group_size = group_size
         """Elements per scale."""
         self.stochastic = stochastic
@@ -235,8 +239,11 @@ class Int8Accumulator:
         return dequantize(self._view(self.res_codes, self.res_scales, 0, self.numel))
 
     def reset(self) -> None:
-        """Forget the accumulated value (storage is kept); the residual is carried on."""
-        if self.codes is not None and self.has_value:
+        """Forget the accumulated value (storage kept, or freed with ``release_on_reset``); the
+        residual is carried on."""
+        if self.release_on_reset:
+            self.release()
+        elif self.codes is not None and self.has_value:
             self.codes.zero_()
             self.scales.zero_()
         self.has_value = False

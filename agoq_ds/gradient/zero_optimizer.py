@@ -121,8 +121,14 @@ class AgoqZeroOptimizer(DeepSpeedZeroOptimizer):
         for i in range(len(self.bit16_groups)):
             numel = int(self.partition_size[i])
             if self.partition_gradients and self._agoq_store8:
+                # Freed after each step: between steps stock DeepSpeed holds no gradient buffer either.
                 self._agoq_stores[i] = Int8Accumulator(
-                    numel, g.group_size, stochastic=stochastic, error_feedback=g.error_feedback, device=device
+                    numel,
+                    g.group_size,
+                    stochastic=stochastic,
+                    error_feedback=g.error_feedback,
+                    device=device,
+                    release_on_reset=True,
                 )
             else:
                 # Stage 1 only holds its partition from the boundary reduction to step().

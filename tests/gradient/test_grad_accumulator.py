@@ -188,3 +188,22 @@ def test_dequantize_range_matches_the_whole() -> None:
     dense = Fp32Accumulator(n)
     dense.add_(whole)
     assert torch.equal(dense.dequantize_range(G, 2 * G), whole[G : 2 * G])
+
+
+@pytest.mark.parametrize("error_feedback", [False, True])
+def test_release_on_reset_frees_the_value_and_starts_fresh(error_feedback: bool) -> None:
+    """A step-scoped store (ZeRO-2's partition) holds nothing between steps, like stock DeepSpeed, and
+    accumulates after the release exactly as a store that zeroed its buffer does."""
+    gen = torch.Generator().manual_seed(3)
+    steps = [[torch.randn(1000, generator=gen) for _ in range(3)] for _ in range(2)]
+    released = Int8Accumulator(1000, 128, error_feedback=error_feedback, release_on_reset=True)
+    kept = Int8Accumulator(1000, 128, error_feedback=error_feedback)
+    for step in steps:
+        for acc in (released, kept):
+            for k, g in enumerate(step):
+                acc.add_(g, seed=k)
+        assert torch.equal(released.dequantize(), kept.dequantize())
+        for acc in (released, kept):
+            acc.reset()
+        assert released.nbytes == 0 and kept.nbytes == 1000 + 4 * 8
+        assert released.residual_nbytes == kept.residual_nbytes  # the residual carries on in both
