@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,7 +124,7 @@ def worker(args: argparse.Namespace) -> dict:
         counter = HostSyncCounter() if step == args.steps - 1 else None
         start = time.perf_counter()
         step_losses = []
-        with counter if counter is not None else _null():
+        with counter if counter is not None else nullcontext():
             for _ in range(gas):
                 batch = next(data).to(device)
                 before = allocated()
@@ -154,14 +155,6 @@ def worker(args: argparse.Namespace) -> dict:
         "loss": losses,
         "step_s": times,
     }
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def run_variant(shape: str, variant: str, args: argparse.Namespace) -> dict:
