@@ -3,10 +3,12 @@
 On a GPU the quantize/dequantize kernels are asynchronous; what the host spends around them (module
 hooks, the op watcher, holders, accounting) is what can make a step CPU-bound. This measures it on the
 CPU: the same HF LLaMA forward + backward, stock and with agoq's ``ActivationQuantizer`` whose kernels
-are replaced by allocation-only stand-ins (quantize returns empty codes, dequantize an uninitialised
-tensor of the right shape), in alternating rounds; the difference of the median times divided by the
-number of tensors saved per forward (after deduplication, from agoq's ledger) is the overhead per
-saved tensor (pack + unpack). Target (issue 12): <= 15 us.
+are replaced by stand-ins that neither compute nor allocate (quantize keeps the source as its "codes",
+dequantize returns them), in alternating rounds with an identity ``saved_tensors_hooks`` (torch's
+hook dispatch alone) and with agoq's plan replay off. The difference of the median times divided by
+the tensors autograd saves per forward (parameters included) and by the spans agoq stores (after
+deduplication) is the overhead per saved tensor and per stored span (pack + unpack). Target (issue 12):
+<= 15 us.
 
     python benchmarks/bench_pack_overhead.py                 # tiny LLaMA, seq 16: compute stays small
     python benchmarks/bench_pack_overhead.py --model small --seq-len 32 --out results/pack_overhead.json
@@ -32,16 +34,18 @@ from agoq_ds.config import ActivationConfig  # noqa: E402
 from agoq_ds.models import build_llama  # noqa: E402
 from agoq_ds.quant import QuantizedTensor  # noqa: E402
 
-_EMPTY_CODES = torch.empty(0, dtype=torch.uint8)
-_EMPTY_SCALES = torch.empty(0)
-
 
 def _quantize_stand_in(x, bits, group_size, **_):
-    return QuantizedTensor(_EMPTY_CODES, _EMPTY_SCALES, None, x.shape, x.dtype, bits, group_size)
+    # The "codes" are the source itself: no kernel, no allocation, and backward computes on exactly
+    # the values stock computes on (uninitialised stand-ins can hold denormals, slow on CPUs).
+    return QuantizedTensor(x, _NO_SCALES, None, x.shape, x.dtype, bits, group_size)
 
 
 def _dequantize_stand_in(q):
-    return torch.empty(q.shape, dtype=q.dtype)
+    return q.codes
+
+
+_NO_SCALES = torch.empty(0)
 
 
 def _step(model, batch) -> None:
@@ -49,45 +53,68 @@ def _step(model, batch) -> None:
     model.zero_grad(set_to_none=True)
 
 
+def _identity(x):
+    return x
+
+
+VARIANTS = ("stock", "hooks_only", "agoq", "agoq_hooks")
+"""stock; an identity ``saved_tensors_hooks`` around the step (what torch's hook dispatch alone
+costs); agoq replaying its per-forward plan (the default); agoq with replay off (every forward runs
+the per-module hooks and the op watcher, as a traced or recorded forward does)."""
+
+
 def measure(args: argparse.Namespace) -> dict:
-    """Median step time stock and agoq (kernels stubbed), saved tensors per forward, overhead per tensor."""
+    """Median step time of each of ``VARIANTS``, tensors saved and spans stored per forward, and the
+    overhead per saved tensor and per stored span."""
     torch.set_num_threads(1)
     model = build_llama(args.model, seed=0)
     batch = torch.randint(0, 256, (args.batch, args.seq_len))
     quantizer = ActivationQuantizer(model, ActivationConfig(min_numel=0))
+    engine = quantizer.engine
     real = storage_module.quantize, storage_module.dequantize
     storage_module.quantize, storage_module.dequantize = _quantize_stand_in, _dequantize_stand_in
     try:
         quantizer.install()
-        _step(model, batch)  # traced forward
-        quantizer.on_step_end()
-        _step(model, batch)
-        saved = quantizer.engine.ledger.forwards[-1].tensors
-        quantizer.on_step_end()
+        for _ in range(3):  # traced, recorded, replayed
+            _step(model, batch)
+            quantizer.on_step_end()
         quantizer.remove()
-        times: dict[str, list[float]] = {"stock": [], "agoq": []}
+        (plan,) = engine.plans._plans.values()
+        saved, spans = len(plan.steps), len(plan.spans)
+        times: dict[str, list[float]] = {v: [] for v in VARIANTS}
         for _ in range(args.rounds):
-            for variant in ("stock", "agoq"):
-                if variant == "agoq":
+            for variant in VARIANTS:
+                if variant.startswith("agoq"):
+                    engine.replay = variant == "agoq"
                     quantizer.install()
                 start = time.perf_counter()
-                _step(model, batch)
+                if variant == "hooks_only":
+                    with torch.autograd.graph.saved_tensors_hooks(_identity, _identity):
+                        _step(model, batch)
+                else:
+                    _step(model, batch)
                 times[variant].append(time.perf_counter() - start)
-                if variant == "agoq":
+                if variant.startswith("agoq"):
                     quantizer.on_step_end()
                     quantizer.remove()
     finally:
         storage_module.quantize, storage_module.dequantize = real
-    stock, agoq = statistics.median(times["stock"]), statistics.median(times["agoq"])
+        engine.replay = True
+    median = {v: statistics.median(t) for v, t in times.items()}
+    extra = {v: median[v] - median["stock"] for v in VARIANTS}
     return {
         "machine": machine_info(),
         "model": args.model,
         "seq_len": args.seq_len,
         "batch": args.batch,
-        "stock_step_ms": stock * 1e3,
-        "agoq_step_ms": agoq * 1e3,
+        **{f"{v}_step_ms": median[v] * 1e3 for v in VARIANTS},
         "saved_tensors_per_forward": saved,
-        "overhead_us_per_saved_tensor": (agoq - stock) / saved * 1e6 if saved else float("nan"),
+        "stored_spans_per_forward": spans,
+        "overhead_us_per_saved_tensor": extra["agoq"] / saved * 1e6,
+        "overhead_us_per_stored_span": extra["agoq"] / spans * 1e6,
+        "hook_dispatch_us_per_stored_span": extra["hooks_only"] / spans * 1e6,
+        "agoq_python_us_per_stored_span": (median["agoq"] - median["hooks_only"]) / spans * 1e6,
+        "no_replay_overhead_us_per_stored_span": extra["agoq_hooks"] / spans * 1e6,
     }
 
 
@@ -101,9 +128,14 @@ def main(argv: list[str] | None = None) -> dict:
     result = measure(p.parse_args(argv))
     write_results(result, p.parse_args(argv).out, None)
     print(
-        f"stock {result['stock_step_ms']:.2f} ms, agoq (kernels stubbed) {result['agoq_step_ms']:.2f} ms, "
-        f"{result['saved_tensors_per_forward']} saved tensors: "
-        f"{result['overhead_us_per_saved_tensor']:.1f} us of Python per saved tensor (target <= 15)"
+        f"step: stock {result['stock_step_ms']:.2f} ms, identity hooks {result['hooks_only_step_ms']:.2f} ms, "
+        f"agoq (kernels stubbed) {result['agoq_step_ms']:.2f} ms, agoq without plan replay "
+        f"{result['agoq_hooks_step_ms']:.2f} ms\n"
+        f"{result['saved_tensors_per_forward']} tensors saved, {result['stored_spans_per_forward']} spans stored "
+        f"per forward: {result['overhead_us_per_saved_tensor']:.1f} us per saved tensor, "
+        f"{result['overhead_us_per_stored_span']:.1f} us per stored span (target <= 15), of which torch's hook "
+        f"dispatch {result['hook_dispatch_us_per_stored_span']:.1f} us; without replay "
+        f"{result['no_replay_overhead_us_per_stored_span']:.1f} us per span"
     )
     return result
 

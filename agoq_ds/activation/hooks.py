@@ -41,6 +41,7 @@ from torch import nn
 from ..seeding import mix_seed
 from .classes import LOSS_HEAD_MIN_BITS, LayerClass
 from .classify import Classifier, Structure
+from .plan import PlanCache, Replay, build_plan, plan_key
 from .storage import DedupCache, DerivedTensor, Ledger, QuantSpec, SavedTensor, SavedView, dedup_key
 from .trace import AttentionOp, OpWatcher, Trace, tensor_key
 
@@ -140,36 +141,73 @@ class PackEngine:
         unquantized in every later forward. Only traced forwards check (the check reads the device);
         later a non-finite value in a quantized span reads back as NaN in its group, never as a
         finite number."""
+        self.replay = True
+        """Replay recorded per-forward plans (``plan.py``) instead of running the per-module hooks."""
+        self.plans = PlanCache()
+        """Recorded plans of this model."""
+        self.replayed = 0
+        """Forwards that followed a recorded plan to the end."""
+        self._replay: Replay | None = None
+        self._replay_ctx: Any = None
+        self._kept_ids: frozenset[int] = frozenset()
+        self._recording: list[tuple] | None = None
+        self._plan_key: tuple | None = None
+        self._root_modes: list[int] = []
+        self._root = self.classifier.index[id(model)]
         self._unpack_fn = self._unpack
         self._packers = [functools.partial(self._pack, i, None) for i in range(len(self.classifier.names))]
         self._handles: list[Any] = []
+        self._module_handles: list[Any] = []
 
     # --- installation ------------------------------------------------------------------------------
 
     def install(self) -> None:
-        """Register the forward pre/post hooks on every module of the model."""
+        """Register the root module's forward pre/post hooks; the other modules get theirs while a
+        forward is traced or recorded (a replayed forward runs without them)."""
         if self._handles:
             return
-        for module in self.model.modules():
-            i = self.classifier.index[id(module)]
-            self._handles.append(module.register_forward_pre_hook(functools.partial(self._pre, i), with_kwargs=True))
-            self._handles.append(
-                module.register_forward_hook(functools.partial(self._post, i), with_kwargs=True, always_call=True)
-            )
+        self._handles.append(self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(self._root_post, with_kwargs=True, always_call=True))
 
     def remove(self) -> None:
         """Remove the hooks (tensors already packed stay valid for their backward)."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._remove_module_hooks()
+
+    def invalidate_plans(self) -> None:
+        """Forget the recorded plans (the bit-widths changed); the next forward is recorded again."""
+        self.plans.clear()
+
+    def _install_module_hooks(self) -> None:
+        if self._module_handles:
+            return
+        for module in self.model.modules():
+            i = self.classifier.index[id(module)]
+            if i == self._root:
+                continue
+            pre = module.register_forward_pre_hook(functools.partial(self._pre, i), with_kwargs=True)
+            post = module.register_forward_hook(functools.partial(self._post, i), with_kwargs=True, always_call=True)
+            self._module_handles += (pre, post)
+
+    def _remove_module_hooks(self) -> None:
+        for h in self._module_handles:
+            h.remove()
+        self._module_handles.clear()
 
     def scoped(self, fn: Callable, module: int = 0) -> Callable:
         """``fn`` run as if it were the forward of module ``module`` (default: the root), so what it
         saves is packed too, e.g. a ``PipelineModule``'s loss function, which the pipeline engine
         calls outside the module's forward."""
 
+        # A scoped function is a second outermost scope per micro-batch: it runs with the hooks.
+        self.replay = False
+        self.plans.clear()
+
         @functools.wraps(fn)
         def run(*args: Any, **kwargs: Any) -> Any:
+            self._install_module_hooks()
             if self._traced_depth == 0:
                 self._scoped_outermost = True
             self._pre(module, None, args, kwargs)
@@ -188,6 +226,65 @@ class PackEngine:
         if self.trace is not None and self.trace.calls:
             self.structure = self.classifier.classify(self.trace)
             self.trace = None
+
+    # --- root hooks: replay a plan, or run the module hooks ---------------------------------------
+
+    _NONE, _HOOKS, _REPLAY = 0, 1, 2
+
+    def _root_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mode = self._root_mode(module, args, kwargs)
+        self._root_modes.append(mode)
+        if mode == self._REPLAY:
+            self._remove_module_hooks()
+            assert self._replay is not None
+            _ACTIVE.engine = self
+            ctx = torch.autograd.graph.saved_tensors_hooks(self._replay.pack, self._unpack_fn)
+            ctx.__enter__()
+            self._replay_ctx = ctx
+        elif mode == self._HOOKS:
+            self._install_module_hooks()
+            self._pre(self._root, module, args, kwargs)
+
+    def _root_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        mode = self._root_modes.pop() if self._root_modes else self._NONE
+        if mode == self._REPLAY:
+            self._replay_ctx.__exit__(None, None, None)
+            replay, self._replay, self._replay_ctx = self._replay, None, None
+            _ACTIVE.engine = None
+            assert replay is not None
+            if replay.finish():
+                self.replayed += 1
+            else:
+                self.plans.drop(replay.key)
+            self.ledger.end_forward()
+            self.forwards += 1
+        elif mode == self._HOOKS:
+            self._post(self._root, module, args, kwargs, output)
+
+    def _root_mode(self, module: nn.Module, args: tuple, kwargs: dict) -> int:
+        """How this call of the root runs: nested in a forward already running, not packing at all,
+        replaying a plan (setting ``_replay``), or with the module hooks (recording a plan under
+        ``_plan_key`` when one can be recorded)."""
+        if self._replay is not None:
+            return self._NONE  # nested: the running replay's hooks are innermost
+        if self._stack:
+            return self._HOOKS
+        if not (self.enabled and torch.is_grad_enabled() and not _in_backward()):
+            return self._NONE
+        self._plan_key = None
+        if self.replay and self.trace is None and not self.calibrating and self.on_saved is None:
+            if _top_hooks() is None:
+                key = plan_key(module, args, kwargs)
+                plan = self.plans.get(key)
+                if plan is not None:
+                    self._replay = Replay(plan, key, self.ledger, self.spec, self._plan_seed, self._kept_ids)
+                    return self._REPLAY
+                self._plan_key = key
+        return self._HOOKS
+
+    def _plan_seed(self, span: int) -> int:
+        """Stochastic-rounding seed of the ``span``-th span of a replayed forward (as ``_seed_for``)."""
+        return mix_seed(self.seed, self.forwards, span)
 
     # --- module hooks --------------------------------------------------------------------------
 
@@ -208,6 +305,7 @@ class PackEngine:
                 ctx.__enter__()
             elif self._traced_depth == 1 and not self._warned_foreign:
                 self._warned_foreign = True
+                self._recording = None  # another owner packs some tensors: nothing to replay
                 logger.warning(
                     "agoq: another saved_tensors_hooks owner is active around the model forward; "
                     "activations inside it are left to that owner (not quantized)"
@@ -230,6 +328,7 @@ class PackEngine:
     def _begin_forward(self) -> None:
         # By identity (held for the forward): a stale address or id could match an activation.
         self._kept = {id(x): x for x in (*self.model.parameters(), *self.model.buffers())}
+        self._recording = [] if self._plan_key is not None and self.trace is None else None
         self._cache.clear()
         self._derivable.clear()
         self._watcher.__enter__()
@@ -237,7 +336,7 @@ class PackEngine:
 
     def _end_forward(self) -> None:
         self._watcher.__exit__(None, None, None)
-        self._kept = {}
+        kept, self._kept = self._kept, {}
         _ACTIVE.engine = None
         if self.trace is not None:
             self.trace.reset_open()
@@ -247,6 +346,13 @@ class PackEngine:
         for holder in pending:
             if not holder.final:
                 self._finalize(holder)
+        recording, self._recording = self._recording, None
+        if recording is not None and self._plan_key is not None and not self._scoped_outermost:
+            plan = build_plan(recording)
+            if plan is not None:
+                self.plans.put(self._plan_key, plan)
+                self._kept_ids = frozenset(kept)
+        self._plan_key = None
         self._cache.clear()
         self._derivable.clear()
         if self._scoped_outermost:
@@ -262,6 +368,12 @@ class PackEngine:
     # --- pack / unpack -------------------------------------------------------------------------
 
     def _pack(self, module: int, cls: str | None, t: torch.Tensor) -> Any:
+        packed = self._pack_one(module, cls, t)
+        if self._recording is not None:
+            self._recording.append((tuple(t.shape), t.stride(), t.dtype, None if packed is t else packed))
+        return packed
+
+    def _pack_one(self, module: int, cls: str | None, t: torch.Tensor) -> Any:
         if t.layout != torch.strided or self._is_parameter_or_buffer(t):
             return t
         key = dedup_key(t)
@@ -435,6 +547,9 @@ class PackEngine:
     def checkpoint_inputs(self):
         """Context in which tensors saved (by a checkpoint function: the block inputs) are packed as
         ``checkpoint_input`` of the innermost running module; a no-op where agoq must not pack."""
+        if self._replay is not None:
+            yield  # the replay's hooks are innermost and pack the block inputs as planned
+            return
         top = _top_hooks()
         usable = (
             self.enabled

@@ -15,7 +15,6 @@ of those steps the allocators fix the bits (budget table, then per-stage balanci
 
 from __future__ import annotations
 
-import copy
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -164,8 +163,8 @@ class ActivationQuantizer:
         self._snapshot = Snapshot(
             self.step,
             len(ledger.forwards),
-            copy.deepcopy(dict(ledger.by_class)),
-            copy.deepcopy(dict(ledger.by_module)),
+            dict(ledger.by_class),  # reset_usage below starts new dicts: these stay as they are
+            dict(ledger.by_module),
             ledger.peak_stored,
             ledger.peak_baseline,
             ledger.peak_bf16,
@@ -198,6 +197,7 @@ class ActivationQuantizer:
         self.calibration = None
         self.engine.on_saved = None
         self.engine.calibrating = False
+        self.engine.invalidate_plans()
         scale_bytes = self.spec.scale_dtype.itemsize
         for u in units:
             pinned = self.policy.pinned_bits(u.module, u.cls)
@@ -404,6 +404,7 @@ class ActivationQuantizer:
         self.sensitivity = {c: {int(b): float(e) for b, e in v.items()} for c, v in state["sensitivity"].items()}
         self.stage_peaks = {k: {int(s): int(p) for s, p in v.items()} for k, v in state.get("stage_peaks", {}).items()}
         self.decisions = list(state.get("decisions", []))
+        self.engine.invalidate_plans()
         if state["calibrated"]:
             self.calibration = None
             self.engine.on_saved = None

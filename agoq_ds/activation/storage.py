@@ -15,10 +15,14 @@ import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..quant import QuantizedTensor, dequantize, quantize
+
+if TYPE_CHECKING:
+    from .plan import SpanPlan
 
 QUANTIZABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 """Floating types the quantizer accepts."""
@@ -92,14 +96,14 @@ class Usage:
         self.quantized_numel += numel if quantized else 0
         self.derived_numel += numel if derived else 0
 
-    def merge(self, other: Usage) -> None:
-        """Add all of ``other``."""
-        self.tensors += other.tensors
-        self.numel += other.numel
-        self.stored += other.stored
-        self.baseline += other.baseline
-        self.quantized_numel += other.quantized_numel
-        self.derived_numel += other.derived_numel
+    def merge(self, other: Usage, times: int = 1) -> None:
+        """Add all of ``other``, ``times`` times."""
+        self.tensors += times * other.tensors
+        self.numel += times * other.numel
+        self.stored += times * other.stored
+        self.baseline += times * other.baseline
+        self.quantized_numel += times * other.quantized_numel
+        self.derived_numel += times * other.derived_numel
 
     @property
     def avg_bits(self) -> float:
@@ -126,23 +130,48 @@ class Ledger:
     """Highest ``live_bf16`` since ``reset_peaks``."""
     live_tensors: int = 0
     """Holders alive."""
-    by_class: dict[str, Usage] = field(default_factory=lambda: defaultdict(Usage))
-    """Usage per layer class since ``reset_usage``."""
-    by_module: dict[tuple[str, str], Usage] = field(default_factory=lambda: defaultdict(Usage))
-    """Usage per (module name, class) since ``reset_usage``."""
+    _class_usage: dict[str, Usage] = field(default_factory=lambda: defaultdict(Usage), repr=False)
+    _module_usage: dict[tuple[str, str], Usage] = field(default_factory=lambda: defaultdict(Usage), repr=False)
+    _replayed: dict[int, list] = field(default_factory=dict, repr=False)
+    """Per replayed plan: [usage per class, usage per module, forwards], added up when read."""
     forward: Usage = field(default_factory=Usage)
     """Usage of the forward in progress."""
     forwards: list[Usage] = field(default_factory=list)
     """Usage of each completed forward since ``reset_usage``."""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    @property
+    def by_class(self) -> dict[str, Usage]:
+        """Usage per layer class since ``reset_usage``."""
+        self._settle()
+        return self._class_usage
+
+    @property
+    def by_module(self) -> dict[tuple[str, str], Usage]:
+        """Usage per (module name, class) since ``reset_usage``."""
+        self._settle()
+        return self._module_usage
+
+    def _settle(self) -> None:
+        with self._lock:
+            for by_class, by_module, times in self._replayed.values():
+                for cls, usage in by_class.items():
+                    self._class_usage[cls].merge(usage, times)
+                for key, usage in by_module.items():
+                    self._module_usage[key].merge(usage, times)
+            self._replayed.clear()
+
     def hold(self, stored: int, baseline: int, numel: int) -> None:
         """A holder started keeping ``stored`` bytes (``baseline`` unquantized)."""
+        self.hold_many(stored, baseline, numel, 1)
+
+    def hold_many(self, stored: int, baseline: int, numel: int, tensors: int) -> None:
+        """``tensors`` holders started keeping ``stored`` bytes in all (one replayed forward)."""
         with self._lock:
             self.live_stored += stored
             self.live_baseline += baseline
             self.live_bf16 += 2 * numel
-            self.live_tensors += 1
+            self.live_tensors += tensors
             self.peak_stored = max(self.peak_stored, self.live_stored)
             self.peak_baseline = max(self.peak_baseline, self.live_baseline)
             self.peak_bf16 = max(self.peak_bf16, self.live_bf16)
@@ -174,9 +203,20 @@ class Ledger:
     ) -> None:
         """Count a finalised holder (``n = -1`` with the old numbers takes it back)."""
         with self._lock:
-            self.by_class[cls].add(numel, stored, baseline, quantized, n, derived)
-            self.by_module[(module, cls)].add(numel, stored, baseline, quantized, n, derived)
+            self._class_usage[cls].add(numel, stored, baseline, quantized, n, derived)
+            self._module_usage[(module, cls)].add(numel, stored, baseline, quantized, n, derived)
             self.forward.add(numel, stored, baseline, quantized, n, derived)
+
+    def add_forward(self, by_class: dict[str, Usage], by_module: dict[tuple[str, str], Usage], total: Usage) -> None:
+        """Count a whole forward's finalised holders at once (a replayed plan, ``plan.py``; the
+        per-class and per-module counts are added up when read)."""
+        with self._lock:
+            entry = self._replayed.get(id(by_class))
+            if entry is None or entry[0] is not by_class:
+                self._replayed[id(by_class)] = [by_class, by_module, 1]
+            else:
+                entry[2] += 1
+            self.forward.merge(total)
 
     def end_forward(self, merge: bool = False) -> None:
         """Close the usage of the forward in progress (``merge``: add it to the last one instead)."""
@@ -195,9 +235,14 @@ class Ledger:
     def reset_usage(self) -> None:
         """Forget per-class/module/forward usage (called once per optimizer step)."""
         with self._lock:
-            self.by_class = defaultdict(Usage)
-            self.by_module = defaultdict(Usage)
+            self._class_usage = defaultdict(Usage)
+            self._module_usage = defaultdict(Usage)
+            self._replayed = {}
             self.forwards = []
+
+
+_NO_REQUESTS: tuple = ()
+"""``requests`` of a replayed holder (nothing asks for it again: the plan decided)."""
 
 
 class SavedTensor:
@@ -225,6 +270,7 @@ class SavedTensor:
         "module",
         "nonfinite",
         "numel",
+        "perm",
         "q",
         "quantizable",
         "raw",
@@ -235,6 +281,8 @@ class SavedTensor:
     def __init__(self, t: torch.Tensor, ledger: Ledger, min_numel: int) -> None:
         perm = dense_permutation(t)
         self.dense = perm is not None
+        self.perm: tuple[int, ...] | None = tuple(perm) if perm is not None else None
+        """Permutation of the first saved view to memory order (``None``: not dense)."""
         self.raw: torch.Tensor | None = t.permute(perm) if perm is not None else t
         self.quantizable = quantizable(t, min_numel)
         self.q: QuantizedTensor | None = None
@@ -255,6 +303,44 @@ class SavedTensor:
         ``_store_quantized``."""
         self.nonfinite = False
         """True when a finiteness check found NaN/Inf in the span (it is then kept as it is)."""
+
+    @classmethod
+    def planned(cls, t: torch.Tensor, span: SpanPlan, ledger: Ledger, spec: QuantSpec, seed: int) -> SavedTensor:
+        """A final holder of ``t`` stored as ``span`` (``plan.py``) says: what ``__init__`` and
+        ``finalize`` would make of it, without working out layout, class and bits again."""
+        self = cls.__new__(cls)
+        self.perm, self.dense, self.quantizable, self.log_space = (
+            span.perm,
+            span.dense,
+            span.quantizable,
+            span.log_space,
+        )
+        self.q, self._dequantized, self.nonfinite, self.final = None, None, False, True
+        self.numel, self.baseline, self._dtype, self.cls, self.module = (
+            span.numel,
+            span.baseline,
+            t.dtype,
+            span.cls,
+            span.module,
+        )
+        self.requests, self.ledger = _NO_REQUESTS, ledger
+        if span.bits < 16:
+            # ``_source`` of the permuted tensor, without keeping the permutation.
+            src = t.detach() if span.perm is None else t.detach().permute(span.perm)
+            if not span.dense:
+                src = src.contiguous()
+            if span.log_space:
+                src = src.float().exp()
+            self.q = quantize(
+                src, span.bits, spec.group_size, stochastic=spec.stochastic, seed=seed, scale_dtype=spec.scale_dtype
+            )
+            self.raw, self.bits, self.stored = None, span.bits, span.stored
+        else:
+            # Unpacking views ``raw`` through ``as_strided``, which reads only its storage and offset:
+            # ``t`` serves as well as its memory-order permutation.
+            self.raw, self.bits, self.stored = t, 16, span.baseline
+        self.held = True  # counted live by the replay, for the whole forward at once (Ledger.hold_many)
+        return self
 
     def hold(self) -> None:
         """Start counting this holder's bytes as live (at the latest when it is finalised; earlier
