@@ -315,13 +315,14 @@ def _format_error(err: dict[str, Any]) -> str:
         return f"{path}={json.dumps(err['input'])}: must be one of {', '.join(c.value for c in LayerClass)}"
     value = err.get("input")
     shown = json.dumps(value) if isinstance(value, str | int | float | bool | None) else repr(value)
-    if err["type"] == "missing":
-        return f"{path}: required key is missing"
     annotation = _annotation_at(loc)
-    if typing.get_origin(annotation) is Literal:
+    choices = [str(c) for c in typing.get_args(annotation)] if typing.get_origin(annotation) is Literal else []
+    one_of = f"must be one of {', '.join(choices[:-1])} or {choices[-1]}" if choices else ""
+    if err["type"] == "missing":
+        return f"{path}: required key is missing" + (f"; {one_of}" if one_of else "")
+    if one_of:
         # Whatever pydantic says (a wrong type, an integer too large to parse, ...): list the choices.
-        choices = [str(c) for c in typing.get_args(annotation)]
-        return f"{path}={shown}: must be one of {', '.join(choices[:-1])} or {choices[-1]}"
+        return f"{path}={shown}: {one_of}"
     return f"{path}={shown}: {_allowed(err)}"
 
 
