@@ -41,7 +41,7 @@ def _quantize_stand_in(x, bits, group_size, **_):
     return QuantizedTensor(x, _NO_SCALES, None, x.shape, x.dtype, bits, group_size)
 
 
-def _dequantize_stand_in(q):
+def _dequantize_stand_in(q, **_):
     return q.codes
 
 
@@ -118,6 +118,27 @@ def measure(args: argparse.Namespace) -> dict:
     }
 
 
+def op_call_costs(repeat: int = 20000) -> dict[str, float]:
+    """Host time of one call, on a 256-element tensor: ``agoq::quantize``/``agoq::dequantize`` through
+    the dispatcher (the public API), the same backend kernels called directly, and an aten op."""
+    import timeit
+
+    from agoq_ds.quant import backends, dequantize, quantize
+
+    x = torch.randn(256)
+    impl = backends.get(backends.select(x.device))
+    q = quantize(x, 4, 128, scale_dtype=torch.bfloat16)
+    zeros = torch.empty(0)
+    calls = {
+        "quantize_op_us": lambda: quantize(x, 4, 128, scale_dtype=torch.bfloat16),
+        "quantize_kernel_direct_us": lambda: impl.quantize(x, 4, 128, True, False, 0, torch.bfloat16),
+        "dequantize_op_us": lambda: dequantize(q),
+        "dequantize_kernel_direct_us": lambda: impl.dequantize(q.codes, q.scales, zeros, 4, 128, 256, x.dtype),
+        "aten_add_us": lambda: torch.add(x, x),
+    }
+    return {k: min(timeit.repeat(f, number=repeat, repeat=3)) / repeat * 1e6 for k, f in calls.items()}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny")
@@ -126,6 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--out", type=Path, default=ROOT / "results" / "pack_overhead.json")
     result = measure(p.parse_args(argv))
+    result["calls"] = op_call_costs()
     write_results(result, p.parse_args(argv).out, None)
     print(
         f"step: stock {result['stock_step_ms']:.2f} ms, identity hooks {result['hooks_only_step_ms']:.2f} ms, "
@@ -135,7 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"per forward: {result['overhead_us_per_saved_tensor']:.1f} us per saved tensor, "
         f"{result['overhead_us_per_stored_span']:.1f} us per stored span (target <= 15), of which torch's hook "
         f"dispatch {result['hook_dispatch_us_per_stored_span']:.1f} us; without replay "
-        f"{result['no_replay_overhead_us_per_stored_span']:.1f} us per span"
+        f"{result['no_replay_overhead_us_per_stored_span']:.1f} us per span\n"
+        "one call (us): " + ", ".join(f"{k[:-3]} {v:.1f}" for k, v in result["calls"].items())
     )
     return result
 

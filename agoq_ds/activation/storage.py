@@ -436,13 +436,13 @@ class SavedTensor:
         if flat is None:
             flat = self._dequantized() if self._dequantized is not None else None
             if flat is None:
-                flat = dequantize(self.q)
+                flat = dequantize(self.q, flat=True)
                 if self.log_space:
                     flat = flat.log().to(self._dtype)
                 self._dequantized = weakref.ref(flat)
             if not self.dense:
                 return flat.view(shape)
-        return flat.as_strided(shape, stride)
+        return flat.as_strided(shape, stride)  # a dense span in memory order: any view's strides apply
 
     def __del__(self) -> None:
         if getattr(self, "held", False):

@@ -1,12 +1,15 @@
 """The quantization ops, registered with the dispatcher per device, the way bitsandbytes does.
 
-``agoq::quantize`` / ``agoq::dequantize`` are defined once with ``torch.library``; each device type
-has its own kernel (``cpu``: the C++ kernels, ``cuda``: the CUDA or Triton kernels, as
-``backends.select`` picks for that device), the pure-torch reference is the default for every other
-device, and a fake kernel describes the outputs for ``torch.compile``/FakeTensor tracing. The public
-``quantize()`` / ``dequantize()`` below always go through the ops, eager or compiled, so a call costs
-one dispatcher lookup on top of the kernel; ``backend=`` calls one named backend directly instead
-(to compare backends).
+``agoq::quantize`` / ``agoq::dequantize`` are defined once here with ``torch.library``. Each device's
+native kernels register themselves when their extension loads, in C++ (``TORCH_LIBRARY_IMPL``:
+``cpu`` in ``csrc/cpu/agoq_quant.cpp``, ``cuda`` in ``csrc/cuda/agoq_quant_binding.cpp``), so a call
+costs what an aten op costs; the pure-torch reference is the default kernel of every device without
+one, and a fake kernel describes the outputs for ``torch.compile``/FakeTensor tracing.
+
+The public ``quantize()`` / ``dequantize()`` below go through the ops whenever the backend
+``backends.select`` picks for the device is its native one (``cpp`` on CPUs, ``cuda`` on GPUs), and
+always under ``torch.compile``. Another choice (``kernel_backend: "triton"`` or ``"torch"``, or
+``backend=`` to compare backends) calls that backend's Python entry point.
 """
 
 from __future__ import annotations
@@ -37,16 +40,6 @@ def _dequantize_with(impl, codes, scales, zeros, bits, group_size, numel, out_dt
     return impl.dequantize(codes, scales, zeros if zeros.numel() else None, bits, group_size, numel, out_dtype)
 
 
-def _quantize_selected(x, bits, group_size, symmetric, stochastic, seed, scale_dtype):
-    impl = backends.get(backends.select(x.device))
-    return _quantize_with(impl, x, bits, group_size, symmetric, stochastic, seed, scale_dtype)
-
-
-def _dequantize_selected(codes, scales, zeros, bits, group_size, numel, out_dtype):
-    impl = backends.get(backends.select(codes.device))
-    return _dequantize_with(impl, codes, scales, zeros, bits, group_size, numel, out_dtype)
-
-
 def _quantize_reference(x, bits, group_size, symmetric, stochastic, seed, scale_dtype):
     impl = backends.get("torch")
     return _quantize_with(impl, x, bits, group_size, symmetric, stochastic, seed, scale_dtype)
@@ -56,12 +49,20 @@ def _dequantize_reference(codes, scales, zeros, bits, group_size, numel, out_dty
     return _dequantize_with(backends.get("torch"), codes, scales, zeros, bits, group_size, numel, out_dtype)
 
 
-# Plain ``Library.impl`` registrations: ``torch.library.register_kernel`` wraps each call in more Python.
-for _key in ("CPU", "CUDA"):
-    _lib.impl("quantize", _quantize_selected, _key)
-    _lib.impl("dequantize", _dequantize_selected, _key)
 _lib.impl("quantize", _quantize_reference, "CompositeExplicitAutograd")
 _lib.impl("dequantize", _dequantize_reference, "CompositeExplicitAutograd")
+
+_CHECKED: set[tuple] = set()
+"""Parameter combinations ``check_params`` accepted already."""
+
+NATIVE = {"cpu": "cpp", "cuda": "cuda"}
+"""Device type -> the backend whose kernels are the device's dispatcher kernels."""
+
+
+def _signed64(seed: int) -> int:
+    """``seed``'s low 64 bits as the schema's int64 (the kernels read the same bits as uint64)."""
+    seed &= (1 << 64) - 1
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
 
 
 @torch.library.register_fake("agoq::quantize")
@@ -99,22 +100,41 @@ def quantize(
     selects unbiased stochastic rounding driven by ``seed``. ``backend`` forces one backend (by
     name) instead of the automatic per-device choice. NaN/Inf are preserved (see ``format.py``).
     """
-    check_params(bits, group_size, symmetric, scale_dtype)
+    params = (bits, group_size, symmetric, scale_dtype)
+    if params not in _CHECKED:
+        check_params(bits, group_size, symmetric, scale_dtype)
+        _CHECKED.add(params)
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"quantize: dtype {x.dtype} not supported; use float32, bfloat16 or float16")
-    if backend is None:
-        codes, scales, zeros = _quantize_op(x, bits, group_size, symmetric, stochastic, seed, scale_dtype)
+    if backend is None and torch.compiler.is_compiling():
+        codes, scales, zeros = _quantize_op(x, bits, group_size, symmetric, stochastic, _signed64(seed), scale_dtype)
+        return QuantizedTensor(codes, scales, None if symmetric else zeros, x.shape, x.dtype, bits, group_size)
+    name = backend or backends.select(x.device)  # loads the backend: native kernels register here
+    if backend is None and NATIVE.get(x.device.type) == name:
+        codes, scales, zeros = _quantize_op(x, bits, group_size, symmetric, stochastic, _signed64(seed), scale_dtype)
     else:
-        impl = backends.get(backend)
+        impl = backends.get(name)
         codes, scales, zeros = _quantize_with(impl, x, bits, group_size, symmetric, stochastic, seed, scale_dtype)
     return QuantizedTensor(codes, scales, None if symmetric else zeros, x.shape, x.dtype, bits, group_size)
 
 
-def dequantize(q: QuantizedTensor, *, backend: str | None = None) -> torch.Tensor:
-    """Restore a tensor of the original shape and dtype from ``q``."""
-    zeros = q.zeros if q.zeros is not None else q.scales.new_empty(0, dtype=torch.float32)
-    if backend is None:
-        flat = _dequantize_op(q.codes, q.scales, zeros, q.bits, q.group_size, q.numel, q.dtype)
+def dequantize(q: QuantizedTensor, *, backend: str | None = None, flat: bool = False) -> torch.Tensor:
+    """Restore a tensor of the original shape and dtype from ``q`` (``flat``: as a 1-D tensor, for
+    callers that give it their own shape or strides)."""
+    device = q.codes.device
+    zeros = q.zeros
+    if zeros is None:
+        zeros = _NO_ZEROS.get(device)
+        if zeros is None:
+            zeros = _NO_ZEROS[device] = torch.empty(0, dtype=torch.float32, device=device)
+    compiling = backend is None and torch.compiler.is_compiling()
+    name = "" if compiling else backend or backends.select(device)
+    if compiling or (backend is None and NATIVE.get(device.type) == name):
+        out = _dequantize_op(q.codes, q.scales, zeros, q.bits, q.group_size, q.numel, q.dtype)
     else:
-        flat = _dequantize_with(backends.get(backend), q.codes, q.scales, zeros, q.bits, q.group_size, q.numel, q.dtype)
-    return flat.view(q.shape)
+        out = _dequantize_with(backends.get(name), q.codes, q.scales, zeros, q.bits, q.group_size, q.numel, q.dtype)
+    return out if flat else out.view(tuple(q.shape))
+
+
+_NO_ZEROS: dict[torch.device, torch.Tensor] = {}
+"""Per device, the empty ``zeros`` input of symmetric codes (an input, so one tensor serves every call)."""

@@ -15,6 +15,7 @@
 #endif
 
 #include <torch/extension.h>
+#include <torch/library.h>
 #include <torch/version.h>
 
 #include <atomic>
@@ -304,6 +305,28 @@ std::string source_hash() { return AGOQ_STRINGIFY(AGOQ_SOURCE_HASH); }
 std::string torch_version() { return std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR); }
 
 }  // namespace
+
+namespace {
+
+// The dispatcher's CPU kernels of agoq::quantize / agoq::dequantize (schemas: agoq_ds/quant/ops.py):
+// a call through torch.ops costs what an aten op costs, no Python in between. The seed is the
+// int64 of the schema; its bits are the uint64 seed the pybind entry point takes.
+std::tuple<Tensor, Tensor, Tensor> quantize_op(const Tensor& x, int64_t bits, int64_t group_size, bool symmetric,
+                                               bool stochastic, int64_t seed, at::ScalarType scale_dtype) {
+    return quantize(x.contiguous(), bits, group_size, symmetric, stochastic, static_cast<uint64_t>(seed), scale_dtype);
+}
+
+Tensor dequantize_op(const Tensor& codes, const Tensor& scales, const Tensor& zeros, int64_t bits, int64_t group_size,
+                     int64_t numel, at::ScalarType out_dtype) {
+    return dequantize(codes, scales, zeros, bits, group_size, numel, out_dtype);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(agoq, CPU, m) {
+    m.impl("quantize", &quantize_op);
+    m.impl("dequantize", &dequantize_op);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "agoq-ds blockwise quantization kernels for CPU";

@@ -33,3 +33,37 @@ def test_public_api_compiles_to_the_custom_ops() -> None:
     x = torch.randn(4, 333)
     compiled = torch.compile(roundtrip, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(x), roundtrip(x))
+
+
+def test_cpu_dispatcher_kernel_is_the_native_cpp_one() -> None:
+    """With the C++ kernels loaded, the op's CPU kernel is registered from C++ (no Python between the
+    dispatcher and the kernel); every other device falls back to the reference."""
+    from agoq_ds.quant import backends
+
+    if not backends.status("cpp").available:
+        pytest.skip("C++ kernels unavailable here")
+    backends.select(torch.device("cpu"))
+    for op in ("agoq::quantize", "agoq::dequantize"):
+        lines = {line.split(":", 1)[0]: line for line in torch._C._dispatch_dump(op).splitlines()}
+        assert "agoq_quant.cpp" in lines["CPU"], lines["CPU"]
+        assert "CompositeExplicitAutograd[alias]" in lines
+
+
+@pytest.mark.parametrize("preferred", ["cpp", "torch"])
+def test_public_api_follows_the_backend_preference(preferred: str) -> None:
+    """Stochastic draws differ between the C++ kernels and the reference, so they show which ran."""
+    from agoq_ds.quant import backends
+
+    if not backends.status("cpp").available:
+        pytest.skip("C++ kernels unavailable here")
+    x = torch.randn(4096)
+    before = backends.preferred()
+    backends.set_preferred(preferred)
+    try:
+        got = quantize(x, 4, 128, stochastic=True, seed=7)
+    finally:
+        backends.set_preferred(before)
+    want = quantize(x, 4, 128, stochastic=True, seed=7, backend=preferred)
+    other = quantize(x, 4, 128, stochastic=True, seed=7, backend="torch" if preferred == "cpp" else "cpp")
+    assert torch.equal(got.codes, want.codes)
+    assert not torch.equal(got.codes, other.codes)
