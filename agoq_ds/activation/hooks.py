@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from ..seeding import mix_seed
 from .classes import LOSS_HEAD_MIN_BITS, LayerClass
@@ -494,13 +495,15 @@ class PackEngine:
         source = self._cache.get(dedup_key(x))  # the activation saved its input: that holder
         if source is None or isinstance(source, DerivedTensor):
             return
-        record = (weakref.ref(source), tuple(x.shape), x.stride(), func, args[1:], dict(kwargs), weakref.ref(out))
+        # The output's storage, not the tensor, must be alive: ZeRO-3 hands the next op an alias of it.
+        alive = StorageWeakRef(out.untyped_storage())
+        record = (weakref.ref(source), tuple(x.shape), x.stride(), func, args[1:], dict(kwargs), alive)
         self._derivable[dedup_key(out)] = record
 
     def _derive(self, key: tuple, t: torch.Tensor, module: int, cls: str | None) -> DerivedTensor | None:
-        source_ref, shape, stride, func, args, kwargs, out_ref = self._derivable[key]
+        source_ref, shape, stride, func, args, kwargs, out_storage = self._derivable[key]
         source = source_ref()
-        if out_ref() is None or source is None:
+        if out_storage.expired() or source is None:
             return None
         if source.final and self.trace is None and source.bits < self._bits_for(module, cls):
             return None  # the input was stored coarser than this consumer wants

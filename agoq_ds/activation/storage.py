@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from ..quant import QuantizedTensor, dequantize, quantize
 
@@ -568,29 +569,30 @@ def dedup_key(t: torch.Tensor) -> DedupKey:
 class DedupCache:
     """Maps saved data to its holder for the duration of one forward.
 
-    An address can be reused once its tensor is freed, so an entry only matches while the tensor
-    that created it (or the base it is a view of) is still alive; the in-place version counter is
-    part of the key, so data modified after saving is not confused with its old self.
+    An address can be reused once its memory is freed, so an entry only matches while the storage
+    that held the data is still alive (a weak reference to the storage, not to one tensor: ZeRO-3
+    hands every module a fresh alias of its input, which dies with the call while the data lives
+    on); the in-place version counter is part of the key, so data modified after saving is not
+    confused with its old self.
     """
 
     def __init__(self) -> None:
-        self._entries: dict[DedupKey, tuple[weakref.ref, weakref.ref]] = {}
+        self._entries: dict[DedupKey, tuple[StorageWeakRef, weakref.ref]] = {}
 
     def get(self, key: DedupKey) -> SavedTensor | None:
         """The live holder of ``key``, if its data is still the same."""
         entry = self._entries.get(key)
         if entry is None:
             return None
-        owner, holder = entry[0](), entry[1]()
-        if owner is None or holder is None:
+        holder = entry[1]()
+        if entry[0].expired() or holder is None:
             del self._entries[key]
             return None
         return holder
 
     def put(self, key: DedupKey, t: torch.Tensor, holder: SavedTensor) -> None:
         """Remember ``holder`` for ``t``'s data (weakly: the cache keeps nothing alive)."""
-        base = t._base if t._base is not None else t
-        self._entries[key] = (weakref.ref(base), weakref.ref(holder))
+        self._entries[key] = (StorageWeakRef(t.untyped_storage()), weakref.ref(holder))
 
     def clear(self) -> None:
         """Forget everything (end of a forward)."""

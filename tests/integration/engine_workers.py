@@ -185,3 +185,15 @@ def overflow_streak_warnings(rank: int, world: int, overflowing_steps: range, st
             engine.step()
     logger.removeHandler(handler)
     return sum("consecutive optimizer steps" in m for m in messages)
+
+
+def activation_storage(rank: int, world: int, config: dict, steps: int) -> dict:
+    """Train; return the activation statistics (per class and module) and the classification."""
+    engine = make_engine(config)
+    train(engine, data_stream(rank, world), steps)
+    quantizer = engine.agoq_activation
+    return {
+        "stats": quantizer.stats(per_module=True),
+        "classes": quantizer.classes(),
+        "replayed": quantizer.engine.replayed,
+    }

@@ -94,3 +94,21 @@ def test_checkpoints_interoperate_with_stock_deepspeed(tmp_path: Path, save_with
     for result in results:
         assert result["loaded"] and result["params_match"]
         assert all(loss == loss and loss < 10 for loss in result["losses"])
+
+
+def test_activation_storage_is_the_same_at_every_zero_stage() -> None:
+    """ZeRO-3 hands every module fresh aliases of its inputs and outputs (its parameter-gathering
+    hooks); deduplication (the q/k/v projections' shared input) and recomputation (the MLP's
+    activation output) must survive that: the same model and batches store the same bytes, class by
+    class and module by module, at stages 0 to 3, recorded and replayed forwards alike."""
+    config = {"gradient": {"enabled": False}, "activation": {"min_numel": 1024}}
+    results = {
+        stage: run_ranks(w.activation_storage, 1, (w.ds_config(stage=stage, agoq=config), 3))[0] for stage in range(4)
+    }
+    reference = results[2]
+    assert reference["replayed"] >= 2  # step 3's micro-batches follow the plan recorded in step 2
+    assert reference["stats"]["class/mlp_act/avg_bits"] < 3  # the activation output is recomputed
+    for stage, got in results.items():
+        assert got["classes"] == reference["classes"], f"stage {stage} classifies differently"
+        assert got["stats"] == reference["stats"], f"stage {stage} stores differently"
+        assert got["replayed"] == reference["replayed"]
