@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -51,7 +52,10 @@ from tqdm import tqdm
 EXAMPLE = ROOT / "examples" / "pretrain_llama.py"
 BASE_CONFIG = ROOT / "ds_configs" / "zero2_baseline.json"
 TARGET_REL = 0.01
-"""agoq's final held-out loss may be at most this much (relative) above stock's."""
+"""agoq's final held-out loss may be at most this much (relative) above stock's (with ``--seeds``:
+the mean paired gap)."""
+TARGET_CI_UPPER = 0.015
+"""With ``--seeds``: the upper end of the mean paired gap's 95% interval may be at most this."""
 
 
 @dataclass(frozen=True)
@@ -246,6 +250,30 @@ def summarize(runs: dict[str, dict], tail: int = 20) -> dict[str, dict]:
     return rows
 
 
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131)
+"""Two-sided 95% quantiles of Student's t for 1..15 degrees of freedom."""
+
+
+def paired_gaps(runs_by_seed: list[dict[str, dict]]) -> dict[str, dict]:
+    """Per variant, the final held-out loss relative to stock's *of the same seed* (same
+    initialisation and batches), over the seeds: each gap, their mean and its 95% interval."""
+    out = {}
+    for slug in runs_by_seed[0]:
+        if slug == "stock":
+            continue
+        gaps = [runs[slug]["heldout"][-1][1] / runs["stock"]["heldout"][-1][1] - 1 for runs in runs_by_seed]
+        mean = statistics.fmean(gaps)
+        half = T_975[len(gaps) - 2] * statistics.stdev(gaps) / len(gaps) ** 0.5 if len(gaps) > 1 else float("nan")
+        out[slug] = {
+            "name": runs_by_seed[0][slug]["name"],
+            "gaps": gaps,
+            "mean": mean,
+            "ci95": [mean - half, mean + half],
+            "seeds": len(gaps),
+        }
+    return out
+
+
 def smooth(values: list[float], window: int) -> list[float]:
     """Trailing moving average."""
     out, acc = [], 0.0
@@ -257,8 +285,11 @@ def smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot(runs: dict[str, dict], summary: dict[str, dict], path: Path, title: str) -> None:
-    """Train loss (moving average), held-out loss, and final held-out loss relative to stock."""
+def plot(
+    runs: dict[str, dict], summary: dict[str, dict], path: Path, title: str, paired: dict[str, dict] | None = None
+) -> None:
+    """Train loss (moving average), held-out loss, and final held-out loss relative to stock (with
+    ``paired``: the mean paired gap over the seeds and its 95% interval)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -284,12 +315,20 @@ def plot(runs: dict[str, dict], summary: dict[str, dict], path: Path, title: str
     ax = axes[2]
     slugs = list(summary)
     values = [100 * summary[s]["heldout_final_vs_stock"] for s in slugs]
-    bars = ax.bar([summary[s]["name"] for s in slugs], values, color=[colors[s] for s in slugs])
+    errors = None
+    if paired:
+        values = [0.0 if s == "stock" else 100 * paired[s]["mean"] for s in slugs]
+        errors = [
+            [0.0 if s == "stock" else values[i] - 100 * paired[s]["ci95"][0] for i, s in enumerate(slugs)],
+            [0.0 if s == "stock" else 100 * paired[s]["ci95"][1] - values[i] for i, s in enumerate(slugs)],
+        ]
+    bars = ax.bar([summary[s]["name"] for s in slugs], values, color=[colors[s] for s in slugs], yerr=errors, capsize=4)
     for bar, v in zip(bars, values, strict=True):
         ax.text(bar.get_x() + bar.get_width() / 2, v, f"{v:+.2f}%", ha="center", va="bottom" if v >= 0 else "top")
     ax.axhspan(-100 * TARGET_REL, 100 * TARGET_REL, color="green", alpha=0.1, label="±1% of stock")
     ax.axhline(0, color="black", lw=0.8)
-    ax.set(ylabel="final held-out loss vs stock (%)", title="final held-out loss relative to stock")
+    seeds = f", mean of {next(iter(paired.values()))['seeds']} paired seeds, 95% interval" if paired else ""
+    ax.set(ylabel="final held-out loss vs stock (%)", title=f"final held-out loss relative to stock{seeds}")
     ax.tick_params(axis="x", rotation=25)
     ax.legend(fontsize=8)
     fig.suptitle(title)
@@ -334,6 +373,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--grad-accum", type=int, default=2, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (warm-up 5%%, cosine to 10%%)")
     p.add_argument("--seed", type=int, default=1234, help="model initialisation and data order (all variants)")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="paired seeds: every variant and stock run with seed, seed+1, ...; the target is judged on the "
+        "mean paired gap and its 95%% interval",
+    )
     p.add_argument("--eval-every", type=int, default=20, help="held-out evaluation interval (steps)")
     p.add_argument("--eval-batches", type=int, default=32, help="held-out batches (micro-batch x ranks rows each)")
     p.add_argument("--world-size", type=int, default=2, help="data-parallel CPU ranks")
@@ -366,26 +412,41 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()
     if shutil.which("g++") is None:
         print("warning: no C++ compiler: DeepSpeed's CPU comm op cannot be JIT-built", file=sys.stderr)
-    runs: dict[str, dict] = {}
-    progress = tqdm(variants, desc="convergence", unit="variant")
-    for variant in progress:
-        progress.set_postfix_str(f"{variant.name} (log: {args.out / 'logs' / variant.slug}.log)")
-        runs[variant.slug] = run_variant(variant, args)
-        last = runs[variant.slug]
+    runs_by_seed: list[dict[str, dict]] = [{} for _ in range(args.seeds)]
+    jobs = [(k, v) for k in range(args.seeds) for v in variants]
+    progress = tqdm(jobs, desc="convergence", unit="run")
+    for k, variant in progress:
+        if args.seeds > 1:  # the same variant from seed + k, paired with stock from seed + k
+            variant = dataclasses.replace(variant, slug=f"{variant.slug}.s{k}", seed_offset=variant.seed_offset + k)
+        progress.set_postfix_str(f"{variant.name} seed +{k} (log: {args.out / 'logs' / variant.slug}.log)")
+        last = run_variant(variant, args)
+        runs_by_seed[k][variant.slug.split(".s")[0]] = last
         tqdm.write(
-            f"{variant.name:20s} held-out {last['heldout'][-1][1]:.4f}  train(last) {last['loss'][-1]:.4f}  "
+            f"{variant.name:20s} seed +{k} held-out {last['heldout'][-1][1]:.4f}  train(last) {last['loss'][-1]:.4f}  "
             f"{last['wall_s']:.0f}s  load {last['load_average_after']}"
         )
+    runs = runs_by_seed[0]
     tail = min(20, args.steps)
     summary = summarize(runs, tail)
+    paired = paired_gaps(runs_by_seed) if args.seeds > 1 else None
     agoq = summary.get("agoq")
     target = None
-    if agoq is not None:
+    if agoq is not None and paired is None:
         target = {
             "metric": "final held-out loss, agoq relative to stock",
             "limit": TARGET_REL,
             "value": agoq["heldout_final_vs_stock"],
             "met": agoq["heldout_final_vs_stock"] <= TARGET_REL,
+        }
+    elif agoq is not None:
+        gap = paired["agoq"]
+        target = {
+            "metric": f"mean paired gap of the final held-out loss over {args.seeds} seeds, agoq vs stock",
+            "limit": TARGET_REL,
+            "ci95_upper_limit": TARGET_CI_UPPER,
+            "value": gap["mean"],
+            "ci95": gap["ci95"],
+            "met": gap["mean"] <= TARGET_REL and gap["ci95"][1] <= TARGET_CI_UPPER,
         }
     machine_end = machine_info()
     result = {
@@ -407,15 +468,24 @@ def main(argv: list[str] | None = None) -> int:
             "tokens_per_step": args.steps and args.seq_len * args.micro_batch * args.grad_accum * args.world_size,
             "lr": args.lr,
             "seed": args.seed,
+            "seeds": args.seeds,
             "eval_every": args.eval_every,
             "heldout_tokens": args.eval_batches * args.micro_batch * args.world_size * args.seq_len,
             "threads_per_rank": args.threads,
         },
         "target": target,
         "summary": summary,
+        "paired": paired,
         "curves": {
-            slug: {"name": r["name"], "agoq": r["agoq_block"], "loss": r["loss"], "heldout": r["heldout"]}
-            for slug, r in runs.items()
+            (slug if args.seeds == 1 else f"{slug}.s{k}"): {
+                "name": r["name"],
+                "seed": r["seed"],
+                "agoq": r["agoq_block"],
+                "loss": r["loss"],
+                "heldout": r["heldout"],
+            }
+            for k, seed_runs in enumerate(runs_by_seed)
+            for slug, r in seed_runs.items()
         },
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -427,11 +497,19 @@ def main(argv: list[str] | None = None) -> int:
         f"LLaMA {args.model} ({s['parameters'] / 1e6:.1f}M params), {args.world_size} CPU ranks, ZeRO-2 bf16, "
         f"{args.steps} steps x {s['tokens_per_step']} tokens, seq {args.seq_len}; {describe(machine)}"
     )
-    plot(runs, summary, png, title)
+    plot(runs, summary, png, title, paired)
     print_table(summary, tail)
+    if paired is not None:
+        for gap in paired.values():
+            lo, hi = gap["ci95"]
+            gaps = ", ".join(f"{g:+.2%}" for g in gap["gaps"])
+            interval = f"95% interval {lo:+.2%} .. {hi:+.2%}"
+            print(f"{gap['name']:20s} paired gap {gap['mean']:+.2%} ({interval}; seeds: {gaps})")
     if target is not None:
         verdict = "met" if target["met"] else "MISSED"
-        print(f"target (agoq final held-out within {TARGET_REL:.0%} of stock): {target['value']:+.2%} -> {verdict}")
+        bound = f", interval upper end <= {TARGET_CI_UPPER:.1%}" if paired is not None else ""
+        what = f"agoq final held-out within {TARGET_REL:.0%} of stock{bound}"
+        print(f"target ({what}): {target['value']:+.2%} -> {verdict}")
     print(f"wrote {out_json} and {png}")
     return 0
 

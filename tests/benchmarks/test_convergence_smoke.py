@@ -41,3 +41,22 @@ def test_convergence_smoke(tmp_path: Path) -> None:
     assert agoq["comm_bytes_per_step"] < stock["comm_bytes_per_step"]
     assert result["target"]["limit"] == 0.01
     assert (tmp_path / "convergence.png").stat().st_size > 10_000
+
+
+def test_paired_gaps_and_interval() -> None:
+    bench = load_benchmark("convergence", "convergence_bench")
+
+    def run(name: str, final: float) -> dict:
+        return {"name": name, "heldout": [(10, 9.0), (20, final)]}
+
+    runs_by_seed = [
+        {"stock": run("stock", 2.00), "agoq": run("agoq", 2.02)},
+        {"stock": run("stock", 2.10), "agoq": run("agoq", 2.1105)},
+        {"stock": run("stock", 1.90), "agoq": run("agoq", 1.9095)},
+    ]
+    gap = bench.paired_gaps(runs_by_seed)["agoq"]
+    assert gap["gaps"] == [2.02 / 2.00 - 1, 2.1105 / 2.10 - 1, 1.9095 / 1.90 - 1]
+    mean = (0.01 + 0.005 + 0.005) / 3
+    assert abs(gap["mean"] - mean) < 1e-12
+    half = 4.303 * 0.002886751 / 3**0.5  # t(0.975, 2) * sample stdev / sqrt(n)
+    assert abs(gap["ci95"][1] - (mean + half)) < 1e-6 and abs(gap["ci95"][0] - (mean - half)) < 1e-6
