@@ -194,6 +194,10 @@ class GradientConfig(_Model):
     rounding: Rounding = "stochastic"
     """Rounding of gradient codes (communication and storage). Stochastic rounding is unbiased, so
     errors of accumulated micro-batches average out instead of adding up."""
+    min_numel: int = Field(1024, ge=0)
+    """Reductions of fewer elements (a whole bucket or chunk) travel in fp32, and gradient buffers of
+    fewer elements (a partition, a parameter) are kept in fp32: quantizing a few elements saves
+    nothing and costs their precision."""
     error_feedback: bool = False
     """Carry each rank's storage quantization residual into the next accumulation. The residual is
     held in 8 bits, as large as the gradient buffer itself (total gradient state 0.52x fp32 instead

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from itertools import accumulate
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -31,6 +31,10 @@ from ..quant.fused import requantize_add_
 
 Positions = Sequence[tuple[int, int]]
 """``(offset, numel)`` pieces of the accumulator, in the order their values are concatenated."""
+
+
+if TYPE_CHECKING:
+    from ..config import GradientConfig
 
 
 class Accumulator(Protocol):
@@ -342,3 +346,33 @@ class Fp32Accumulator:
 
     def reset_residual(self) -> None:
         """Nothing to do."""
+
+    def release(self) -> None:
+        """Free the buffer (allocated again on the next ``add_``)."""
+        self.buffer = None
+        self.has_value = False
+
+    def residual_state(self) -> None:
+        """Always ``None``: nothing is rounded."""
+        return None
+
+    def load_residual_state(self, state: dict[str, Any] | None) -> bool:
+        """Nothing to restore; False when ``state`` holds a residual (it does not fit)."""
+        return state is None
+
+
+def gradient_accumulator(
+    numel: int, config: GradientConfig, *, device: torch.device | str | None = None, release_on_reset: bool = False
+) -> Int8Accumulator | Fp32Accumulator:
+    """The accumulator for ``numel`` gradient elements: int8 codes, or fp32 below ``config.min_numel``
+    elements (quantizing a few elements saves nothing and costs their precision)."""
+    if numel < config.min_numel:
+        return Fp32Accumulator(numel, device=device, release_on_reset=release_on_reset)
+    return Int8Accumulator(
+        numel,
+        config.group_size,
+        stochastic=config.rounding == "stochastic",
+        error_feedback=config.error_feedback,
+        device=device,
+        release_on_reset=release_on_reset,
+    )

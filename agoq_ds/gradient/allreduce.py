@@ -63,6 +63,7 @@ def all_reduce_chunked(
                 seed=seed(start),
                 scale=scale,
                 counter=counter,
+                exact_below=config.min_numel,
             )
         else:
             reduced = values.to(comm_dtype, copy=True)

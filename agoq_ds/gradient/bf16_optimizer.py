@@ -36,7 +36,7 @@ from deepspeed.utils import logger
 from ..config import AgoqConfig, GradientConfig
 from ..seeding import mix_seed as _mix
 from .accounting import GradientAccounting
-from .accumulator import Int8Accumulator
+from .accumulator import Accumulator, gradient_accumulator
 from .allreduce import CHUNK_ELEMENTS, all_reduce_chunked, chunk_bounds
 from .zero_optimizer import STATE_KEY
 
@@ -77,7 +77,7 @@ class AgoqBF16Optimizer(BF16_Optimizer):
         self.agoq_config = agoq_config or type(self).agoq_config or AgoqConfig()
         self._agoq_active = False  # DeepSpeed's own code paths until the setup below
         self._agoq_store8 = False
-        self._agoq_accs: dict[int, Int8Accumulator] = {}
+        self._agoq_accs: dict[int, Accumulator] = {}
         self._agoq_live: dict[int, bool] = {}
         self._agoq_offsets: dict[int, list[int]] = {}
         self._agoq_step = 0
@@ -114,13 +114,7 @@ class AgoqBF16Optimizer(BF16_Optimizer):
                 starts.append(total)
                 total += lp.numel()
             self._agoq_offsets[i] = starts
-            self._agoq_accs[i] = Int8Accumulator(
-                self.fp32_groups_gradients_flat[i].numel(),
-                g.group_size,
-                stochastic=g.rounding == "stochastic",
-                error_feedback=g.error_feedback,
-                device=device,
-            )
+            self._agoq_accs[i] = gradient_accumulator(self.fp32_groups_gradients_flat[i].numel(), g, device=device)
             self._agoq_release(i)
         if self._agoq_rank == 0:
             logger.info(

@@ -205,13 +205,15 @@ def reduce_scatter_8bit(
     seed: int = 0,
     scale: float = 1.0,
     counter: CommCounter | None = None,
+    exact_below: int = 0,
 ) -> ReduceScatterResult:
     """Sum ``flat`` over the ranks of ``group``, each rank receiving only the slices it owns.
 
     ``flat`` is 1-D (fp32, bf16 or fp16) with the same layout on every rank; ``owner_map`` must be
     identical on every rank. Returns this rank's slices of ``scale * sum_r flat_r`` in fp32, in
     ``owner_map[rank]`` order. Exactly one exchange is issued (none when ``flat`` is empty), so every
-    rank must call this with the same owner map.
+    rank must call this with the same owner map. Fewer than ``exact_below`` elements are summed
+    exactly instead (one fp32 all-reduce; the error bound is 0).
     """
     world = dist.get_world_size(group=group)
     rank = dist.get_rank(group=group)
@@ -220,6 +222,10 @@ def reduce_scatter_8bit(
     _check_owner_map(owner_map, world, flat.numel())
     lengths = [sum(n for _, n in slices) for slices in owner_map]
     mine = lengths[rank]
+    if 0 < flat.numel() < exact_below and world > 1:
+        full = _exact_all_reduce(flat, group, scale, counter)
+        values = gather_slices(full, owner_map[rank])
+        return ReduceScatterResult(values, values.new_zeros(num_groups(mine, group_size)), 0, 0)
     own = gather_slices(flat, owner_map[rank]).float()
     if flat.numel() == 0 or world == 1:
         values = own * scale if scale != 1.0 else own.clone()
@@ -270,6 +276,18 @@ def reduce_scatter_8bit(
     return result
 
 
+def _exact_all_reduce(flat: torch.Tensor, group, scale: float, counter: CommCounter | None) -> torch.Tensor:
+    """``scale * sum_r flat_r`` in fp32 by one fp32 all-reduce (counted like one)."""
+    full = flat.float().clone() if flat.dtype == torch.float32 else flat.float()
+    dist.all_reduce(full, group=group)
+    if scale != 1.0:
+        full.mul_(scale)
+    if counter is not None:
+        counter.sent_bytes += int(ring_allreduce_bytes(flat.numel(), dist.get_world_size(group=group), 4))
+        counter.calls += 1
+    return full
+
+
 def even_owner_map(numel: int, world_size: int) -> list[list[tuple[int, int]]]:
     """Contiguous near-equal chunks, the first ``numel % world_size`` one element longer."""
     base, extra = divmod(numel, world_size)
@@ -290,8 +308,10 @@ def all_reduce_8bit(
     seed: int = 0,
     scale: float = 1.0,
     counter: CommCounter | None = None,
+    exact_below: int = 0,
 ) -> torch.Tensor:
-    """``scale * sum_r flat_r`` on every rank, in fp32, identical on all ranks.
+    """``scale * sum_r flat_r`` on every rank, in fp32, identical on all ranks (exactly, by one fp32
+    all-reduce, for fewer than ``exact_below`` elements).
 
     An 8-bit reduce-scatter over even chunks, then each owner quantizes its reduced chunk (int8,
     fp32 scales) and one all-gather distributes the chunks; every rank, the owner included, uses the
@@ -301,6 +321,8 @@ def all_reduce_8bit(
     rank = dist.get_rank(group=group)
     if world == 1 or flat.numel() == 0:
         return flat.float() * scale
+    if flat.numel() < exact_below:
+        return _exact_all_reduce(flat, group, scale, counter)
     owner_map = even_owner_map(flat.numel(), world)
     reduced = reduce_scatter_8bit(
         flat,

@@ -24,7 +24,7 @@ from torch import nn
 from ..config import AgoqConfig
 from ..seeding import mix_seed as _mix
 from .accounting import GradientAccounting
-from .accumulator import Int8Accumulator
+from .accumulator import Accumulator, gradient_accumulator
 from .allreduce import CHUNK_ELEMENTS, all_reduce_chunked
 
 STATE_VERSION = 1
@@ -59,18 +59,12 @@ class ParamGradients:
         """Optimizer steps finished (seeds stochastic rounding; saved in checkpoints)."""
         self._is_boundary = is_boundary
         self._calls = 0
-        self._accs: dict[int, Int8Accumulator] = {}
+        self._accs: dict[int, Accumulator] = {}
         self._folds: dict[int, int] = {}
         self._handles: list[Any] = []
         if g.storage_bits == 8:
             for param in self.params:
-                self._accs[id(param)] = Int8Accumulator(
-                    param.numel(),
-                    g.group_size,
-                    stochastic=g.rounding == "stochastic",
-                    error_feedback=g.error_feedback,
-                    device=device,
-                )
+                self._accs[id(param)] = gradient_accumulator(param.numel(), g, device=device)
                 self._handles.append(param.register_post_accumulate_grad_hook(self._fold))
 
     def _seed(self, *parts: int) -> int:

@@ -37,7 +37,7 @@ from deepspeed.utils import logger
 from ..config import AgoqConfig, GradientConfig
 from ..seeding import mix_seed as _mix
 from .accounting import GradientAccounting
-from .accumulator import Accumulator, Fp32Accumulator, Int8Accumulator
+from .accumulator import Accumulator, Fp32Accumulator, Int8Accumulator, gradient_accumulator
 from .collectives import all_reduce_8bit, gather_slices, reduce_scatter_8bit, ring_allreduce_bytes
 from .install import device_name
 from .layout import BucketLayout, bucket_layout
@@ -91,7 +91,7 @@ class AgoqZeroOptimizer(DeepSpeedZeroOptimizer):
         self.agoq_config = agoq_config or type(self).agoq_config or AgoqConfig()
         self._agoq_active = False  # DeepSpeed's own code paths until the setup below
         self._agoq_stores: dict[int, Accumulator] = {}
-        self._agoq_param_acc: dict[int, Int8Accumulator] = {}
+        self._agoq_param_acc: dict[int, Accumulator] = {}
         self._agoq_hook_handles: list[Any] = []
         self._agoq_step = 0
         self._agoq_calls = 0
@@ -117,19 +117,11 @@ class AgoqZeroOptimizer(DeepSpeedZeroOptimizer):
         if not self._agoq_active:
             return
         device = get_accelerator().current_device_name()
-        stochastic = g.rounding == "stochastic"
         for i in range(len(self.bit16_groups)):
             numel = int(self.partition_size[i])
             if self.partition_gradients and self._agoq_store8:
                 # Freed after each step: between steps stock DeepSpeed holds no gradient buffer either.
-                self._agoq_stores[i] = Int8Accumulator(
-                    numel,
-                    g.group_size,
-                    stochastic=stochastic,
-                    error_feedback=g.error_feedback,
-                    device=device,
-                    release_on_reset=True,
-                )
+                self._agoq_stores[i] = gradient_accumulator(numel, g, device=device, release_on_reset=True)
             else:
                 # Stage 1 only holds its partition from the boundary reduction to step().
                 self._agoq_stores[i] = Fp32Accumulator(
@@ -139,12 +131,8 @@ class AgoqZeroOptimizer(DeepSpeedZeroOptimizer):
             for group in self.bit16_groups:
                 for param in group:
                     if param.requires_grad:
-                        self._agoq_param_acc[self.get_param_id(param)] = Int8Accumulator(
-                            param.numel(),
-                            g.group_size,
-                            stochastic=stochastic,
-                            error_feedback=g.error_feedback,
-                            device=device,
+                        self._agoq_param_acc[self.get_param_id(param)] = gradient_accumulator(
+                            param.numel(), g, device=device
                         )
                         self._agoq_hook_handles.append(param.register_post_accumulate_grad_hook(self._agoq_fold))
         if self._agoq_rank == 0:
@@ -243,6 +231,7 @@ class AgoqZeroOptimizer(DeepSpeedZeroOptimizer):
                 seed=self._agoq_seed(2),
                 scale=self._agoq_average_factor(),
                 counter=counter,
+                exact_below=g.min_numel,
             )
             with get_accelerator().stream(self._agoq_stream(communication_data_type)):
                 if self.reduce_scatter:

@@ -193,10 +193,11 @@ def ds_config(stage: int, ga: int = 1, bf16: bool = False, micro: int = 4, lr: f
     }
 
 
-PINNED_GRADIENT = {"rounding": "nearest", "error_feedback": True}
-"""Gradient settings these workers assume unless a case overrides them."""
+PINNED_GRADIENT = {"rounding": "nearest", "error_feedback": True, "min_numel": 0}
+"""Gradient settings these workers assume unless a case overrides them (``min_numel`` 0: the test
+model's 277 parameters would otherwise all travel and rest in fp32)."""
 
-SHIPPED_GRADIENT = {"rounding": "stochastic", "error_feedback": False}
+SHIPPED_GRADIENT = {"rounding": "stochastic", "error_feedback": False, "min_numel": 1024}
 """The defaults of ``GradientConfig`` as shipped (a test checks they still are)."""
 
 
@@ -309,8 +310,8 @@ def straddle_checks(rank: int, world: int) -> dict[str, Any]:
         "s2_two_groups": (2, {}, {"two_groups": True}),
         "s2_fp32_storage": (2, {"gradient": {"storage_bits": 32}}, {}),
         "s2_fp32_comm": (2, {"gradient": {"communication_bits": 32}}, {}),
-        "s2_shipped_defaults": (2, {"gradient": {"rounding": "stochastic", "error_feedback": False}}, {}),
-        "s1_shipped_defaults": (1, {"gradient": {"rounding": "stochastic", "error_feedback": False}}, {}),
+        "s2_shipped_defaults": (2, {"gradient": dict(SHIPPED_GRADIENT)}, {}),
+        "s1_shipped_defaults": (1, {"gradient": dict(SHIPPED_GRADIENT)}, {}),
         "s1": (1, {}, {}),
         "s1_noncontig_overlap": (1, {}, {"contiguous_gradients": False, "overlap_comm": True}),
         "s1_allreduce": (1, {}, {"reduce_scatter": False}),
@@ -703,3 +704,34 @@ def rounding_bias(rank: int, world: int, draws: int, stochastic: bool) -> dict[s
     # One sender (two ranks): the step of each element is its group's scale on that sender.
     steps = quantize(others[0], 8, G).scales.double().repeat_interleave(G)[: exact.numel()]
     return {"max_z": float((mean_error.abs() / (steps / (2 * draws**0.5))).max())}
+
+
+def small_gradient_checks(rank: int, world: int) -> dict[str, Any]:
+    """Few-element reductions travel exactly (``exact_below``) while the 8-bit path rounds them, and an
+    engine whose every gradient is below the default ``min_numel`` trains like stock."""
+    from agoq_ds.gradient.collectives import all_reduce_8bit, even_owner_map, reduce_scatter_8bit
+
+    _quiet()
+    out: dict[str, Any] = {}
+    x = rank_data(4, 11, rank)
+    exact = sum(rank_data(4, 11, r) for r in range(world)) / world
+    owner = even_owner_map(4, world)
+    for label, below in (("exact", 1024), ("int8", 0)):
+        full = all_reduce_8bit(x, scale=1 / world, exact_below=below)
+        mine = reduce_scatter_8bit(x, owner, scale=1 / world, exact_below=below).values
+        out[f"allreduce_{label}"] = float(((full - exact).abs() / exact.abs()).max())
+        out[f"reduce_scatter_{label}"] = float(((mine - _segment(exact, owner[rank])).abs()).max())
+    weights = {}
+    for label, agoq in (("stock", None), ("agoq", {"gradient": dict(SHIPPED_GRADIENT)})):
+        engine = make_engine(small_mlp(), ds_config(2, ga=2), agoq)
+        gen = torch.Generator().manual_seed(5 + rank)
+        for _ in range(2 * 2):
+            inputs, targets = _mlp_batch(gen)
+            loss = torch.nn.functional.mse_loss(engine(inputs), targets)
+            engine.backward(loss)
+            engine.step()
+        weights[label] = torch.cat([p.detach().float().flatten() for p in engine.module.parameters()])
+    out["engine_max_diff"] = float((weights["agoq"] - weights["stock"]).abs().max())
+    initial = torch.cat([p.detach().flatten() for p in small_mlp().parameters()])
+    out["engine_moved"] = float((weights["stock"] - initial).abs().max())
+    return out

@@ -66,7 +66,8 @@ def ds_config(route: dict, *, ga: int, agoq: dict | None, micro: int = 4, lr: fl
     if "grad_accum_dtype" in route:
         cfg["data_types"] = {"grad_accum_dtype": route["grad_accum_dtype"]}
     if agoq is not None:
-        cfg["agoq"] = {"activation": {"enabled": False}, "gradient": agoq, "log_summary": False}
+        # min_numel 0: the test MLP's parameters are all smaller than the default, which keeps them fp32.
+        cfg["agoq"] = {"activation": {"enabled": False}, "gradient": {"min_numel": 0, **agoq}, "log_summary": False}
     return cfg
 
 
