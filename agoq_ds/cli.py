@@ -69,13 +69,14 @@ def report(_: argparse.Namespace) -> int:
         backends.add_row(st.name, ",".join(st.device_types), "yes" if st.available else "no", st.detail)
     console.print(backends)
 
-    ops = Table(title="op -> backend (automatic choice)")
-    for col in ("op", "device", "backend"):
+    ops = Table(title=f"op -> backend ({quant.backends.preferred()}; auto: measured, agoq_ds/quant/autotune.py)")
+    for col in ("op", "bits", "device", "backend"):
         ops.add_column(col)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for op in ("agoq::quantize", "agoq::dequantize"):
-        for dev in devices:
-            ops.add_row(op, dev, quant.select(torch.device(dev)))
+    for op in ("quantize", "dequantize"):
+        for bits in (2, 4, 8):
+            for dev in devices:
+                ops.add_row(f"agoq::{op}", str(bits), dev, quant.select(torch.device(dev), op, bits))
     console.print(ops)
     return 0
 

@@ -33,6 +33,7 @@ if ! $py -c "import deepspeed, pydantic" 2>/dev/null; then
   export PYTHONPATH="/tmp/agoq-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export DS_ACCELERATOR=cuda TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" PYTHONWARNINGS=ignore
+export AGOQ_CACHE_DIR="$out/agoq_cache"  # the measured kernel table (kernel_backend auto) comes back with OUT
 stage build $py -m pip install --no-build-isolation --no-deps --no-index -e .
 stage report $py -m agoq_ds report
 if $py -c "import pytest" 2>/dev/null; then
@@ -55,6 +56,8 @@ stage gpu_step_076b $py benchmarks/gpu_step.py --shapes 0.76b --variants stock a
   tail -n 2 "$out/pytest_gpu.log" 2>/dev/null
   echo "--- kernels (bandwidth / device copy; target >= 0.85)"
   grep -E "^(cuda|triton) " "$out/gpu_kernels.log" 2>/dev/null | awk '{print $1, $2, $3"b", "g"$4, $5, $6, $9}' | column -t
+  echo "--- kernel_backend auto: fastest backend per op/width (measured, $out/agoq_cache)"
+  cat "$out"/agoq_cache/kernels-cuda-*.json 2>/dev/null | $py -c "import json,sys; print(json.load(sys.stdin)['choices'])"
   echo "--- step benchmark"
   grep -A20 "^shape" "$out/gpu_step_76m.log" 2>/dev/null
   grep -A20 "^shape" "$out/gpu_step_076b.log" 2>/dev/null

@@ -14,8 +14,11 @@ from types import ModuleType
 
 import torch
 
+from . import autotune
+
 BACKEND_NAMES = ("cuda", "triton", "cpp", "torch")
-"""Every backend, in ``auto`` preference order."""
+"""Every backend, in preference order (``auto`` measures among the available ones, see ``autotune``;
+without measuring, the first available one is used)."""
 
 _MODULES = {
     "torch": "agoq_ds.quant.reference",
@@ -48,8 +51,10 @@ _lock = threading.Lock()
 _loaded: dict[str, ModuleType] = {}
 _failed: dict[str, str] = {}
 _preferred = "auto"
-_selected: dict[str, str] = {}
-"""``select``'s answer per device type (it is asked on every quantize call); cleared by ``set_preferred``."""
+_selected: dict[tuple[str, str, int], str] = {}
+"""``select``'s answer per (device type, op, bits) (it is asked on every call); cleared by ``set_preferred``."""
+_measured: dict[str, dict[str, str]] = {}
+"""``autotune.choices`` per device type (``auto``: the fastest backend per op and width)."""
 
 
 def _load(name: str) -> ModuleType | None:
@@ -114,18 +119,26 @@ def preferred() -> str:
     return _preferred
 
 
-def select(device: torch.device) -> str:
-    """Name of the backend that will handle tensors on ``device``."""
-    name = _selected.get(device.type)
+def select(device: torch.device, op: str = "quantize", bits: int = 8) -> str:
+    """Name of the backend that will run ``op`` (``quantize``/``dequantize``) at ``bits`` on ``device``."""
+    key = (device.type, op, bits)
+    name = _selected.get(key)
     if name is None:
-        name = _selected[device.type] = _select(device.type)
+        name = _selected[key] = _select(device, op, bits)
     return name
 
 
-def _select(device_type: str) -> str:
-    if _preferred != "auto" and device_type in _DEVICE_TYPES[_preferred]:
+def _select(device: torch.device, op: str, bits: int) -> str:
+    if _preferred != "auto" and device.type in _DEVICE_TYPES[_preferred]:
         return _preferred
-    for name in BACKEND_NAMES:
-        if device_type in _DEVICE_TYPES[name] and status(name).available:
-            return name
-    return "torch"
+    # The pure-torch reference is the fallback and the correctness baseline, not a speed contender:
+    # compiled kernels are measured against each other (CUDA against Triton on a GPU).
+    candidates = [n for n in BACKEND_NAMES[:-1] if device.type in _DEVICE_TYPES[n] and status(n).available]
+    if not candidates:
+        return "torch"
+    if len(candidates) == 1 or not autotune.enabled():
+        return candidates[0]
+    table = _measured.get(device.type)
+    if table is None:
+        table = _measured[device.type] = autotune.choices(device, {n: get(n) for n in candidates})
+    return table.get(f"{op}/{bits}", candidates[0])

@@ -7,8 +7,8 @@ costs what an aten op costs; the pure-torch reference is the default kernel of e
 one, and a fake kernel describes the outputs for ``torch.compile``/FakeTensor tracing.
 
 The public ``quantize()`` / ``dequantize()`` below go through the ops whenever the backend
-``backends.select`` picks for the device is its native one (``cpp`` on CPUs, ``cuda`` on GPUs), and
-always under ``torch.compile``. Another choice (``kernel_backend: "triton"`` or ``"torch"``, or
+``backends.select`` picks for the device, op and width is the device's native one (``cpp`` on CPUs,
+``cuda`` on GPUs), and always under ``torch.compile``. Another choice (``kernel_backend: "triton"`` or ``"torch"``, or
 ``backend=`` to compare backends) calls that backend's Python entry point.
 """
 
@@ -109,7 +109,7 @@ def quantize(
     if backend is None and torch.compiler.is_compiling():
         codes, scales, zeros = _quantize_op(x, bits, group_size, symmetric, stochastic, _signed64(seed), scale_dtype)
         return QuantizedTensor(codes, scales, None if symmetric else zeros, x.shape, x.dtype, bits, group_size)
-    name = backend or backends.select(x.device)  # loads the backend: native kernels register here
+    name = backend or backends.select(x.device, "quantize", bits)  # loads it: native kernels register here
     if backend is None and NATIVE.get(x.device.type) == name:
         codes, scales, zeros = _quantize_op(x, bits, group_size, symmetric, stochastic, _signed64(seed), scale_dtype)
     else:
@@ -128,7 +128,7 @@ def dequantize(q: QuantizedTensor, *, backend: str | None = None, flat: bool = F
         if zeros is None:
             zeros = _NO_ZEROS[device] = torch.empty(0, dtype=torch.float32, device=device)
     compiling = backend is None and torch.compiler.is_compiling()
-    name = "" if compiling else backend or backends.select(device)
+    name = "" if compiling else backend or backends.select(device, "dequantize", q.bits)
     if compiling or (backend is None and NATIVE.get(device.type) == name):
         out = _dequantize_op(q.codes, q.scales, zeros, q.bits, q.group_size, q.numel, q.dtype)
     else:

@@ -1,0 +1,70 @@
+"""``kernel_backend: "auto"``: the per-op, per-width table is measured once per machine and cached."""
+
+from __future__ import annotations
+
+import json
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from agoq_ds.quant import autotune, backends
+
+
+def _backend(delay: dict[str, float]) -> SimpleNamespace:
+    """A stand-in backend (the reference's results) that takes ``delay[op/bits]`` extra seconds."""
+    ref = backends.get("torch")
+
+    def quantize(x, bits, *args):
+        time.sleep(delay.get(f"quantize/{bits}", 0.0))
+        return ref.quantize(x, bits, *args)
+
+    def dequantize(codes, scales, zeros, bits, *args):
+        time.sleep(delay.get(f"dequantize/{bits}", 0.0))
+        return ref.dequantize(codes, scales, zeros, bits, *args)
+
+    return SimpleNamespace(quantize=quantize, dequantize=dequantize)
+
+
+def test_fastest_per_op_and_width_measured_once_then_read_from_the_cache(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("AGOQ_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autotune, "PROBE_NUMEL", {"cpu": 4096})
+    monkeypatch.setattr(autotune, "REPEATS", 2)
+    slow = 0.01
+    fast_at_8 = _backend({"quantize/2": slow, "quantize/4": slow, "dequantize/2": slow, "dequantize/4": slow})
+    fast_below_8 = _backend({"quantize/8": slow, "dequantize/8": slow})
+    candidates = {"a": fast_at_8, "b": fast_below_8}
+    cpu = torch.device("cpu")
+    picked = autotune.choices(cpu, candidates)
+    assert picked == {
+        "quantize/2": "b",
+        "dequantize/2": "b",
+        "quantize/4": "b",
+        "dequantize/4": "b",
+        "quantize/8": "a",
+        "dequantize/8": "a",
+    }
+    record = json.loads(autotune.cache_path(cpu).read_text())
+    assert record["choices"] == picked and record["candidates"] == ["a", "b"]
+    assert record["seconds"]["quantize/2"]["a"] >= slow > record["seconds"]["quantize/2"]["b"]
+
+    def no_measuring(*_):
+        raise AssertionError("the cached table should have been used")
+
+    monkeypatch.setattr(autotune, "measure", no_measuring)
+    assert autotune.choices(cpu, candidates) == picked
+    with pytest.raises(AssertionError, match="cached table"):  # other candidates: measured again
+        autotune.choices(cpu, {"a": fast_at_8})
+
+
+def test_reference_never_competes(monkeypatch) -> None:
+    calls = []
+    monkeypatch.setattr(autotune, "choices", lambda device, candidates: calls.append(candidates) or {})
+    backends._selected.clear()
+    try:
+        name = backends.select(torch.device("cpu"), "dequantize", 2)
+    finally:
+        backends._selected.clear()
+    assert name == ("cpp" if backends.status("cpp").available else "torch")
+    assert not calls  # one compiled CPU backend: nothing to measure, the reference is no contender
