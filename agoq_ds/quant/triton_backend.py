@@ -1,10 +1,10 @@
 """Triton kernels of the blockwise quantizer (same contract as ``reference.py``, see ``format.py``).
 
-One program handles ``ROWS`` whole groups. A group's codes are laid out as ``GROUP // PER`` bytes
-(``PER = 8 // BITS`` codes per byte), so the kernels work on a ``[ROWS, GROUP // PER]`` tile of
-*bytes* and visit the ``PER`` codes of every byte with a strided load each (``static_range``):
-packing is then plain shifts and ORs, no reshapes. Quantization reads its input twice (statistics,
-then codes); the second read is served from cache.
+One program handles ``ROWS`` whole groups as one contiguous ``[ROWS, GROUP]`` tile of elements, so
+loads and stores are coalesced and vectorised and the input is read once. A group's codes are
+``GROUP // PER`` bytes (``PER = 8 // BITS`` codes per byte): quantization splits the tile's last
+axis into ``(bytes, codes of a byte)`` and ORs the codes together; dequantization interleaves the
+codes of each byte back into element order.
 
 Bit-exactness with the reference on round-to-nearest rests on four choices:
 
@@ -85,26 +85,16 @@ def _quantize_kernel(
     OFFSET: tl.constexpr = 1 << (BITS - 1)
 
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    byte_idx = rows[:, None] * NBYTES + tl.arange(0, NBYTES)[None, :]
+    elem = rows[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    m = elem < numel
+    # One contiguous [ROWS, GROUP] tile: coalesced (vectorised) loads, the input read once.
+    x = tl.load(x_ptr + elem, mask=m, other=0.0).to(tl.float32)
 
-    # Pass 1: per-group statistics over the finite values, and a count of non-finite ones.
-    nbad = tl.zeros([ROWS], dtype=tl.int32)
-    amax = tl.zeros([ROWS], dtype=tl.float32)
-    mn = tl.full([ROWS], _INF, dtype=tl.float32)
-    mx = tl.full([ROWS], -_INF, dtype=tl.float32)
-    for i in tl.static_range(PER):
-        elem = byte_idx * PER + i
-        m = elem < numel
-        x = tl.load(x_ptr + elem, mask=m, other=0.0).to(tl.float32)
-        ok = tl.abs(x) <= _FLT_MAX
-        nbad += tl.sum(tl.where(ok, 0, 1), axis=1)
-        if SYMMETRIC:
-            amax = tl.maximum(amax, tl.max(tl.where(ok, tl.abs(x), 0.0), axis=1))
-        else:
-            mn = tl.minimum(mn, tl.min(tl.where(m & ok, x, _INF), axis=1))
-            mx = tl.maximum(mx, tl.max(tl.where(m & ok, x, -_INF), axis=1))
-
+    # Per-group statistics over the finite values, and a count of non-finite ones.
+    ok = tl.abs(x) <= _FLT_MAX
+    nbad = tl.sum(tl.where(ok, 0, 1), axis=1)
     if SYMMETRIC:
+        amax = tl.max(tl.where(ok, tl.abs(x), 0.0), axis=1)
         bad = nbad > 0
         scale = tl.math.div_rn(amax, QMAX * 1.0)
         if BF16_SCALE:
@@ -113,7 +103,10 @@ def _quantize_kernel(
         scale = tl.where(flushed, 0.0, scale)
         inv = tl.where(flushed | bad, 0.0, tl.math.div_rn(1.0, scale))
         zero = tl.zeros([ROWS], dtype=tl.float32)
+        mn = zero
     else:
+        mn = tl.min(tl.where(m & ok, x, _INF), axis=1)
+        mx = tl.max(tl.where(m & ok, x, -_INF), axis=1)
         span = mx - mn
         bad = (nbad > 0) | ~(tl.abs(span) <= _FLT_MAX)
         scale = tl.math.div_rn(span, LEVELS * 1.0)
@@ -122,29 +115,36 @@ def _quantize_kernel(
         scale = tl.where(flushed, 0.0, scale)
         zero = tl.where(bad, 0.0, mn)
 
-    # Pass 2: codes, packed PER to a byte, element i in bits [i*BITS, (i+1)*BITS).
-    packed = tl.zeros([ROWS, NBYTES], dtype=tl.int32)
-    for i in tl.static_range(PER):
-        elem = byte_idx * PER + i
-        m = elem < numel
-        x = tl.load(x_ptr + elem, mask=m, other=0.0).to(tl.float32)
-        if SYMMETRIC:
-            v = x * inv[:, None]
-        else:
-            v = (x - zero[:, None]) * inv[:, None]
-        if STOCHASTIC:
-            q = tl.floor(v + tl.rand(seed, elem))
-        else:
-            q = _round_half_even(v)
-        if SYMMETRIC:
-            q = tl.minimum(tl.maximum(q, -QMAX * 1.0), QMAX * 1.0)
-        else:
-            q = tl.minimum(tl.maximum(q, 0.0), LEVELS * 1.0)
-        q = tl.where(bad[:, None], 0.0, q).to(tl.int32)
-        if SYMMETRIC and BITS < 8:
-            q = q + OFFSET
-        packed = packed | (tl.where(m, q, 0) << (i * BITS))
+    if SYMMETRIC:
+        v = x * inv[:, None]
+    else:
+        v = (x - zero[:, None]) * inv[:, None]
+    if STOCHASTIC:
+        q = tl.floor(v + tl.rand(seed, elem))
+    else:
+        q = _round_half_even(v)
+    if SYMMETRIC:
+        q = tl.minimum(tl.maximum(q, -QMAX * 1.0), QMAX * 1.0)
+    else:
+        q = tl.minimum(tl.maximum(q, 0.0), LEVELS * 1.0)
+    q = tl.where(bad[:, None], 0.0, q).to(tl.int32)
+    if SYMMETRIC and BITS < 8:
+        q = q + OFFSET
+    q = tl.where(m, q, 0)
 
+    # Pack PER codes to a byte, element i of a byte in bits [i*BITS, (i+1)*BITS): split the tile's
+    # last axis into (bytes, codes of a byte) and OR the codes together.
+    if BITS == 8:
+        packed = q
+    elif BITS == 4:
+        lo, hi = tl.split(tl.reshape(q, (ROWS, NBYTES, 2)))
+        packed = lo | (hi << 4)
+    else:
+        even, odd = tl.split(tl.reshape(q, (ROWS, NBYTES, 2, 2)))  # codes 0,2 and 1,3 of each byte
+        q0, q2 = tl.split(even)
+        q1, q3 = tl.split(odd)
+        packed = q0 | (q1 << 2) | (q2 << 4) | (q3 << 6)
+    byte_idx = rows[:, None] * NBYTES + tl.arange(0, NBYTES)[None, :]
     first = byte_idx * PER
     if SYMMETRIC and BITS == 8:
         tl.store(codes_ptr + byte_idx, packed.to(tl.int8), mask=first < numel)
@@ -185,20 +185,25 @@ def _dequantize_kernel(
     if not SYMMETRIC:
         zero = tl.load(zeros_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     byte = tl.load(codes_ptr + byte_idx, mask=byte_idx * PER < numel, other=0).to(tl.int32)
-    for i in tl.static_range(PER):
-        elem = byte_idx * PER + i
-        if BITS == 8:
-            q = byte  # int8 codes sign-extend, uint8 codes zero-extend
-        else:
-            q = (byte >> (i * BITS)) & MASK
-            if SYMMETRIC:
-                q = q - OFFSET
-        x = q.to(tl.float32) * scale[:, None]
-        if not SYMMETRIC:
-            x = x + zero[:, None]
-        if BF16_OUT:
-            x = _bf16_round(x)
-        tl.store(out_ptr + elem, x, mask=elem < numel)
+    # Unpack into one contiguous [ROWS, GROUP] tile (codes interleaved back into element order), so
+    # the output is written with coalesced, vectorised stores.
+    if BITS == 8:
+        q = byte  # int8 codes sign-extend, uint8 codes zero-extend
+    elif BITS == 4:
+        q = tl.interleave(byte & MASK, (byte >> 4) & MASK)
+    else:
+        q = tl.interleave(
+            tl.interleave(byte & MASK, (byte >> 4) & MASK), tl.interleave((byte >> 2) & MASK, (byte >> 6) & MASK)
+        )
+    if SYMMETRIC and BITS < 8:
+        q = q - OFFSET
+    x = q.to(tl.float32) * scale[:, None]
+    if not SYMMETRIC:
+        x = x + zero[:, None]
+    if BF16_OUT:
+        x = _bf16_round(x)
+    elem = rows[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    tl.store(out_ptr + elem, x, mask=elem < numel)
 
 
 def interpret_mode() -> bool:
