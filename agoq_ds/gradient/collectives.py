@@ -211,7 +211,8 @@ def reduce_scatter_8bit(
 
     ``flat`` is 1-D (fp32, bf16 or fp16) with the same layout on every rank; ``owner_map`` must be
     identical on every rank. Returns this rank's slices of ``scale * sum_r flat_r`` in fp32, in
-    ``owner_map[rank]`` order. Exactly one exchange is issued (none when ``flat`` is empty), so every
+    ``owner_map[rank]`` order (on a single rank with ``scale`` 1: ``flat``'s own values and dtype,
+    a view when the slices are contiguous). Exactly one exchange is issued (none when ``flat`` is empty), so every
     rank must call this with the same owner map. Fewer than ``exact_below`` elements are summed
     exactly instead (one fp32 all-reduce; the error bound is 0).
     """
@@ -226,10 +227,14 @@ def reduce_scatter_8bit(
         full = _exact_all_reduce(flat, group, scale, counter)
         values = gather_slices(full, owner_map[rank])
         return ReduceScatterResult(values, values.new_zeros(num_groups(mine, group_size)), 0, 0)
-    own = gather_slices(flat, owner_map[rank]).float()
     if flat.numel() == 0 or world == 1:
-        values = own * scale if scale != 1.0 else own.clone()
-        return ReduceScatterResult(values, values.new_zeros(num_groups(mine, group_size)), 0, 0)
+        # Nothing to exchange: the rank's own values, without a full-size fp32 copy of the bucket
+        # (with scale 1 a view of ``flat``, in its dtype, when the slices are one run; callers consume
+        # them before the bucket is reused). Two such copies were 2x4 bytes per element on one GPU.
+        own = gather_slices(flat, owner_map[rank])
+        values = own.float().mul_(scale) if scale != 1.0 else own
+        return ReduceScatterResult(values, values.new_zeros(num_groups(mine, group_size), dtype=torch.float32), 0, 0)
+    own = gather_slices(flat, owner_map[rank]).float()
 
     send_parts = []
     send_splits = []

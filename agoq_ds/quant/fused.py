@@ -16,6 +16,9 @@ from . import backends
 from .format import QuantizedTensor
 from .ops import dequantize, quantize
 
+FALLBACK_CHUNK = 1 << 24
+"""Elements requantized at a time where no fused kernel runs (bounds its fp32 temporaries)."""
+
 
 def _cpp_kernels(*tensors: torch.Tensor, backend: str | None):
     """The C++ backend when it handles these (CPU) tensors, else ``None``."""
@@ -64,11 +67,22 @@ def requantize_add_(
     if kernels is not None and addend.dtype in (torch.float32, torch.bfloat16):
         kernels.requantize_add_(codes, scales, addend.contiguous(), has_value, group_size, stochastic, seed)
         return
-    if has_value:
-        current = QuantizedTensor(codes, scales, None, torch.Size([n]), torch.float32, 8, group_size)
-        x = dequantize(current, backend=backend).add_(addend)
-    else:
-        x = addend.float() if addend.dtype != torch.float32 else addend
-    q = quantize(x, 8, group_size, stochastic=stochastic, seed=seed, backend=backend)
-    codes.copy_(q.codes)
-    scales.copy_(q.scales)
+    # Chunk by chunk (group-aligned): the fp32 temporaries stay at FALLBACK_CHUNK elements, not the
+    # span's (a whole gradient bucket on a GPU). Stochastic draws are per chunk.
+    step = max(group_size, FALLBACK_CHUNK // group_size * group_size)
+    for lo in range(0, n, step):
+        hi = min(lo + step, n)
+        g0, g1 = lo // group_size, -(-hi // group_size)
+        part = addend[lo:hi]
+        if has_value:
+            current = QuantizedTensor(
+                codes[lo:hi], scales[g0:g1], None, torch.Size([hi - lo]), torch.float32, 8, group_size
+            )
+            x = dequantize(current, backend=backend).add_(part)
+        else:
+            x = part.float() if part.dtype != torch.float32 else part
+        q = quantize(
+            x, 8, group_size, stochastic=stochastic, seed=seed if lo == 0 else (seed + lo) % (2**31), backend=backend
+        )
+        codes[lo:hi].copy_(q.codes)
+        scales[g0:g1].copy_(q.scales)

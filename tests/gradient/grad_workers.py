@@ -735,3 +735,17 @@ def small_gradient_checks(rank: int, world: int) -> dict[str, Any]:
     initial = torch.cat([p.detach().flatten() for p in small_mlp().parameters()])
     out["engine_moved"] = float((weights["stock"] - initial).abs().max())
     return out
+
+
+def single_rank_reduce(rank: int, world: int) -> dict[str, Any]:
+    """``reduce_scatter_8bit`` on one rank: the values themselves, no fp32 copy of the bucket."""
+    from agoq_ds.gradient.collectives import even_owner_map, reduce_scatter_8bit
+
+    flat = torch.randn(1000, dtype=torch.bfloat16)
+    owner = even_owner_map(1000, world)
+    same = reduce_scatter_8bit(flat, owner).values
+    halved = reduce_scatter_8bit(flat, owner, scale=0.5).values
+    return {
+        "view": same.data_ptr() == flat.data_ptr() and torch.equal(same, flat),
+        "scaled": halved.dtype == torch.float32 and torch.equal(halved, flat.float() * 0.5),
+    }

@@ -27,3 +27,10 @@ def test_few_element_reductions_are_exact_and_training_matches_stock(world: int)
         assert r["allreduce_int8"] > 1e-4, (rank, r)
         assert r["engine_moved"] > 1e-3  # the weights really trained
         assert r["engine_max_diff"] < 1e-5, (rank, r)
+
+
+def test_single_rank_reduction_copies_nothing() -> None:
+    """One GPU, ZeRO-2: the bucket's values go to the int8 store as they are (two full-size fp32
+    copies of a 5e8-element bucket were 4 GB of transient memory)."""
+    (result,) = run_ranks(w.single_rank_reduce, 1)
+    assert result == {"view": True, "scaled": True}

@@ -101,3 +101,36 @@ def test_fused_accumulator_matches_the_unfused_path(cpp, pieces: list[tuple[int,
         backends.set_preferred(previous)
     assert torch.equal(fused.codes, unfused.codes)
     assert torch.equal(fused.scales, unfused.scales)
+
+
+@pytest.mark.parametrize("has_value", [False, True])
+def test_unfused_requantize_works_in_bounded_chunks(monkeypatch, has_value: bool) -> None:
+    """Where no fused kernel runs (a GPU) the span is requantized chunk by chunk, so its fp32
+    temporaries stay bounded; round-to-nearest results are those of the whole span at once (groups
+    are independent), and every chunk is written."""
+    from agoq_ds.quant import fused
+
+    n, group = 1000 * 64 + 17, 64
+    base = quantize(_values(n, 3), 8, group)
+    addend = _values(n, 4)
+    want_codes, want_scales = base.codes.clone(), base.scales.clone()
+    requantize_add_(
+        want_codes,
+        want_scales,
+        addend,
+        has_value=has_value,
+        group_size=group,
+        stochastic=False,
+        seed=0,
+        backend="torch",
+    )
+    monkeypatch.setattr(fused, "FALLBACK_CHUNK", 10 * group + 5)  # not a multiple of the group: aligned down
+    sizes = []
+    real = fused.quantize
+    monkeypatch.setattr(fused, "quantize", lambda x, *a, **k: sizes.append(x.numel()) or real(x, *a, **k))
+    codes, scales = base.codes.clone(), base.scales.clone()
+    requantize_add_(
+        codes, scales, addend, has_value=has_value, group_size=group, stochastic=False, seed=0, backend="torch"
+    )
+    assert max(sizes) == 10 * group and sum(sizes) == n
+    assert torch.equal(codes, want_codes) and torch.equal(scales, want_scales)
