@@ -23,17 +23,6 @@ from typing import NoReturn
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), or the platform's processor string."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def cpu_isa() -> dict[str, bool]:
     """What the CPU offers the kernels compared here: AVX2, AVX-512 (agoq's C++ loops), and native
     bf16 (AVX512_BF16 or AMX: torch's bf16 matmul runs through oneDNN; without it, a slow fallback)."""
@@ -88,6 +77,8 @@ def agoq_origin() -> str:
 
 def machine_info() -> dict:
     """Date, machine and software versions, for a result file's ``"machine"`` block."""
+    from agoq_ds.quant.autotune import cpu_model
+
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "nproc": os.cpu_count(),

@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import os
+import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,7 +43,7 @@ def enabled() -> bool:
 
 def cache_path(device: torch.device) -> Path:
     """The cache file of this machine's ``device`` type."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     try:
         import triton
 
@@ -55,14 +56,15 @@ def cache_path(device: torch.device) -> Path:
     return root / f"kernels-{device.type}-{digest}.json"
 
 
-def _cpu_name() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or the platform's processor string."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return "cpu"
+    return platform.processor() or "unknown"
 
 
 def _time(fn: Callable[[], object], device: torch.device) -> float:

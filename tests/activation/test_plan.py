@@ -134,13 +134,19 @@ def test_forward_departing_from_its_plan_is_kept_exact_then_recorded_again(caplo
         assert torch.equal(replayed[n], g)
 
 
-def test_eval_and_no_grad_forwards_leave_plans_alone() -> None:
+def _replaying() -> tuple[nn.Module, ActivationQuantizer, torch.Tensor]:
+    """A tiny LLaMA after three steps (traced, recorded, replayed) on one batch."""
     model = build_llama("tiny", seed=0).train()
     quantizer = ActivationQuantizer(model, ActivationConfig(min_numel=0)).install()
     ids = text_batch(batch=2, seq=32)
     for _ in range(3):
         lm_step(model, ids)
         quantizer.on_step_end()
+    return model, quantizer, ids
+
+
+def test_eval_and_no_grad_forwards_leave_plans_alone() -> None:
+    model, quantizer, ids = _replaying()
     with torch.no_grad():
         model(input_ids=ids)
     assert not quantizer.engine._module_handles  # nothing installed for a forward that saves nothing
@@ -152,12 +158,7 @@ def test_eval_and_no_grad_forwards_leave_plans_alone() -> None:
 
 
 def test_changed_bits_invalidate_plans() -> None:
-    model = build_llama("tiny", seed=0).train()
-    quantizer = ActivationQuantizer(model, ActivationConfig(min_numel=0)).install()
-    ids = text_batch(batch=2, seq=32)
-    for _ in range(3):
-        lm_step(model, ids)
-        quantizer.on_step_end()
+    model, quantizer, ids = _replaying()
     assert len(quantizer.engine.plans) == 1
     before = quantizer.stats()["avg_bits"]
     state = quantizer.state_dict()

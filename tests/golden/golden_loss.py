@@ -222,13 +222,9 @@ def versions() -> dict[str, str]:
 
 
 def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    from agoq_ds.quant.autotune import cpu_model
+
+    return cpu_model()
 
 
 def step_means(losses: list[list[float]]) -> list[float]:
