@@ -137,7 +137,6 @@ def build_plan(records: list[tuple[tuple, tuple, torch.dtype, Any]]) -> ForwardP
     be replayed."""
     index: dict[int, int] = {}
     spans: list[SpanPlan] = []
-    holders: list[Any] = []
     steps: list[Step] = []
     for shape, stride, dtype, result in records:
         if result is None:
@@ -156,7 +155,6 @@ def build_plan(records: list[tuple[tuple, tuple, torch.dtype, Any]]) -> ForwardP
             return None
         index[id(holder)] = len(spans)
         spans.append(span)
-        holders.append(holder)
         steps.append(Step(NEW, shape, stride, dtype, len(spans) - 1))
     plan = ForwardPlan(tuple(steps), tuple(spans))
     by_class: dict[str, Usage] = defaultdict(Usage)

@@ -326,14 +326,14 @@ class SavedTensor:
         )
         self.requests, self.ledger = _NO_REQUESTS, ledger
         if span.bits < 16:
-            # ``_source`` of the permuted tensor, without keeping the permutation.
-            src = t.detach() if span.perm is None else t.detach().permute(span.perm)
-            if not span.dense:
-                src = src.contiguous()
-            if span.log_space:
-                src = src.float().exp()
+            self.raw = t if span.perm is None else t.permute(span.perm)
             self.q = quantize(
-                src, span.bits, spec.group_size, stochastic=spec.stochastic, seed=seed, scale_dtype=spec.scale_dtype
+                self._source(),
+                span.bits,
+                spec.group_size,
+                stochastic=spec.stochastic,
+                seed=seed,
+                scale_dtype=spec.scale_dtype,
             )
             self.raw, self.bits, self.stored = None, span.bits, span.stored
         else:
