@@ -139,8 +139,8 @@ def layer_saved_tensors(d: ModelDims, tokens: int, tp: int = 1) -> list[Saved]:
     return [
         Saved(c.ATTN_NORM_INPUT, tokens * h, 4),  # input upcast to fp32
         Saved(c.ATTN_NORM_INPUT, tokens, 4, exact=True),  # rsqrt(variance)
-        Saved(c.ATTN_NORM_INPUT, tokens * h, 2),  # normalised value (for the weight's gradient)
-        Saved(c.QKV_INPUT, tokens * h, 2),
+        Saved(c.ATTN_NORM_INPUT, tokens * h, 2, recomputable=True),  # normalised value (weight's gradient)
+        Saved(c.QKV_INPUT, tokens * h, 2, recomputable=True),  # the norm's output
         Saved(c.ATTN_CORE, tokens * h // tp, 2),  # SDPA q
         Saved(c.ATTN_CORE, tokens * kv // tp, 2),  # SDPA k
         Saved(c.ATTN_CORE, tokens * heads, 4, exact=True),  # SDPA logsumexp
@@ -148,12 +148,12 @@ def layer_saved_tensors(d: ModelDims, tokens: int, tp: int = 1) -> list[Saved]:
         Saved(c.ATTN_VALUE, tokens * h // tp, 2),  # SDPA output = output-projection input
         Saved(c.MLP_NORM_INPUT, tokens * h, 4),
         Saved(c.MLP_NORM_INPUT, tokens, 4, exact=True),
-        Saved(c.MLP_NORM_INPUT, tokens * h, 2),
-        Saved(c.MLP_UP_INPUT, tokens * h, 2),
+        Saved(c.MLP_NORM_INPUT, tokens * h, 2, recomputable=True),
+        Saved(c.MLP_UP_INPUT, tokens * h, 2, recomputable=True),
         Saved(c.MLP_ACT, tokens * f // tp, 2),  # activation-function input (gate output)
         Saved(c.MLP_ACT, tokens * f // tp, 2, recomputable=True),  # activation output
         Saved(c.MLP_ACT, tokens * f // tp, 2),  # up output
-        Saved(c.DOWN_PROJ_INPUT, tokens * f // tp, 2),
+        Saved(c.DOWN_PROJ_INPUT, tokens * f // tp, 2, recomputable=True),  # gating product
     ]
 
 
@@ -168,8 +168,8 @@ def head_saved_tensors(d: ModelDims, tokens: int, tp: int = 1) -> list[Saved]:
     return [
         Saved(e, tokens * d.hidden, 4),
         Saved(e, tokens, 4, exact=True),
-        Saved(e, tokens * d.hidden, 2),
-        Saved(e, tokens * d.hidden, 2),  # LM head input
+        Saved(e, tokens * d.hidden, 2, recomputable=True),
+        Saved(e, tokens * d.hidden, 2, recomputable=True),  # LM head input
         Saved(e, tokens * d.vocab // tp, 4),  # log-probabilities of the loss
     ]
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -106,6 +107,20 @@ land apart) and stock with fp32 gradient accumulation and reduction (DeepSpeed's
 accumulates and all-reduces gradients in bf16)."""
 
 
+def custom_variant(spec: str) -> Variant:
+    """A ``--agoq SLUG=JSON`` variant: agoq with that ``"agoq"`` block."""
+    slug, sep, block = spec.partition("=")
+    if not sep or not slug.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected SLUG=JSON with SLUG a plain name, got {spec!r}")
+    try:
+        agoq = json.loads(block)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"{slug}: the agoq block is not JSON: {e}") from e
+    if not isinstance(agoq, dict):
+        raise argparse.ArgumentTypeError(f"{slug}: the agoq block must be a JSON object")
+    return Variant(slug, slug, agoq)
+
+
 def ds_config(variant: Variant, args: argparse.Namespace) -> dict:
     """The ds_config of ``variant``: ``ds_configs/zero2_baseline.json`` with this run's batch, steps
     and schedule, plus the variant's ``"agoq"`` block."""
@@ -171,7 +186,7 @@ def run_variant(variant: Variant, args: argparse.Namespace) -> dict:
     log_path = args.out / "logs" / f"{variant.slug}.log"
     if args.reuse and record_path.exists():
         record = json.loads(record_path.read_text())
-        if record.get("settings") == settings(args):
+        if record.get("settings") == settings(args, variant):
             return record
     cmd = launcher_command(config, variant, args, record_path)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(args.threads)}
@@ -193,7 +208,7 @@ def run_variant(variant: Variant, args: argparse.Namespace) -> dict:
         name=variant.name,
         agoq_block=variant.agoq,
         seed=args.seed + variant.seed_offset,
-        settings=settings(args),
+        settings=settings(args, variant),
         wall_s=time.perf_counter() - start,
         load_average_before=load_before,
         load_average_after=load_average(),
@@ -203,10 +218,19 @@ def run_variant(variant: Variant, args: argparse.Namespace) -> dict:
     return record
 
 
-def settings(args: argparse.Namespace) -> dict:
+STOCK_CODE = ("examples/pretrain_llama.py", "agoq_ds/data.py", "agoq_ds/models.py", "agoq_ds/stats.py")
+"""What a stock run executes of this repository (model, data, loop, meters): a stock run is reused
+across code versions that agree on these files."""
+
+
+def settings(args: argparse.Namespace, variant: Variant) -> dict:
     """The run settings that must agree for a finished variant to be reused."""
     keys = ("model", "steps", "seq_len", "micro_batch", "grad_accum", "lr", "seed", "eval_every", "eval_batches")
     extra = {"world_size": args.world_size, "threads": args.threads, "code": str(args.code)}
+    if variant.agoq is None:
+        root = args.code or ROOT
+        digest = hashlib.sha256(b"".join((Path(root) / f).read_bytes() for f in STOCK_CODE)).hexdigest()[:16]
+        extra["code"] = f"stock {digest}"
     return {k: getattr(args, k) for k in keys} | extra
 
 
@@ -386,6 +410,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="OMP/torch threads per rank")
     p.add_argument("--variants", nargs="*", help="slugs to run (default: all); stock is always run")
     p.add_argument("--extras", nargs="*", default=[], choices=sorted(EXTRAS), help="optional reference runs")
+    p.add_argument(
+        "--agoq",
+        nargs="*",
+        default=[],
+        metavar="SLUG=JSON",
+        type=custom_variant,
+        help='extra agoq variants with their "agoq" block, e.g. '
+        'mlp4=\'{"activation": {"class_bits": {"mlp_act": 4}}}\'',
+    )
     p.add_argument("--reuse", action="store_true", help="keep finished variants with identical settings")
     p.add_argument(
         "--snapshot",
@@ -408,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         args.code, commit = snapshot(args.snapshot)
         code = {"source": f"git archive of {args.snapshot}", "commit": commit, "path": str(args.code)}
     variants = [v for v in VARIANTS if not args.variants or v.slug in args.variants or v.slug == "stock"]
-    variants += [EXTRAS[name] for name in args.extras]
+    variants += [EXTRAS[name] for name in args.extras] + args.agoq
     machine = machine_info()
     if shutil.which("g++") is None:
         print("warning: no C++ compiler: DeepSpeed's CPU comm op cannot be JIT-built", file=sys.stderr)

@@ -18,8 +18,10 @@ are held as they are until the outermost forward returns, then the model is clas
 * SDPA: q/k are ``attn_core``, v and the output ``attn_value``; its other saved tensors (the
   log-sum-exp) are softmax statistics, kept exact.
 * log-softmax / cross-entropy: the saved log-probabilities are stored as probabilities.
-* elementwise activations: a saved activation output whose input the activation saved itself is
-  kept as a recipe over that input (``DerivedTensor``, 0 bytes) when ``recompute`` is on.
+* elementwise ops (``recipe.ELEMENTWISE``): a saved tensor that elementwise ops computed from
+  tensors stored in this forward (and parameters) is kept as a recipe over them (``DerivedTensor``,
+  0 bytes) when ``recompute`` is on: activation outputs, an RMSNorm's normalised value and output,
+  the MLP's gating product (see ``recipe.py``).
 
 A tensor saved by several ops (or as several views of one memory span) is stored once, at the
 largest bit-width any of its savers asks for.
@@ -43,6 +45,7 @@ from ..seeding import mix_seed
 from .classes import LOSS_HEAD_MIN_BITS, LayerClass
 from .classify import Classifier, Structure
 from .plan import PlanCache, Replay, build_plan, plan_key
+from .recipe import ELEMENTWISE, Leaf, Recipe, compose
 from .storage import DedupCache, DerivedTensor, Ledger, QuantSpec, SavedTensor, SavedView, dedup_key
 from .trace import AttentionOp, OpWatcher, Trace, tensor_key
 
@@ -111,7 +114,7 @@ class PackEngine:
         self.enabled = True
         """False: pack nothing (hooks stay registered)."""
         self.recompute = recompute
-        """Keep activation-function outputs as recipes over their stored inputs (``DerivedTensor``)."""
+        """Keep tensors computed elementwise from stored ones as recipes over them (``DerivedTensor``)."""
         self.calibrating = False
         """True: store everything unquantized (bits 16) while still classifying and counting."""
         self.forwards = 0
@@ -135,7 +138,13 @@ class PackEngine:
         """> 0 inside an op whose backward needs its saved tensors bit-exact (``trace._EXACT``)."""
         self._derivable: dict[tuple, tuple] = {}
         self._watcher = OpWatcher(
-            self._on_op, self._sdpa.append, self._end_sdpa, self._set_log_softmax, self._on_activation, self._set_exact
+            self._on_op,
+            self._sdpa.append,
+            self._end_sdpa,
+            self._set_log_softmax,
+            self._on_elementwise,
+            self._set_exact,
+            ELEMENTWISE if recompute else frozenset(),
         )
         self.nonfinite_sources: set[tuple[int, str, int]] = set()
         """(module index, class, elements) of spans found holding NaN/Inf while tracing: kept
@@ -478,41 +487,61 @@ class PackEngine:
         if self.trace is not None and self._stack and self._stack[-1].traced:
             self.trace.op(kind)
 
-    def _on_activation(self, func: Callable, args: tuple, kwargs: dict, out: Any) -> None:
-        """Remember ``out = func(args[0], ...)`` so a later save of ``out`` can be a recipe."""
-        if not (self.recompute and self._traced_depth and args and isinstance(out, torch.Tensor)):
+    def _on_elementwise(self, func: Callable, args: tuple, kwargs: dict, out: Any) -> None:
+        """Remember how ``out = func(*args, **kwargs)`` can be rebuilt from stored tensors, so a later
+        save of ``out`` can be a recipe."""
+        if not (self._traced_depth and isinstance(out, torch.Tensor)) or self._sdpa or self._exact_depth:
             return
-        x = args[0]
-        if (
-            not isinstance(x, torch.Tensor)
-            or out is x
-            or kwargs.get("inplace")
-            or out.shape != x.shape
-            or out.dtype != x.dtype
-            or any(isinstance(a, torch.Tensor) for a in (*args[1:], *kwargs.values()))
-        ):
+        if out.layout != torch.strided or not out.is_floating_point():
             return
-        source = self._cache.get(dedup_key(x))  # the activation saved its input: that holder
-        if source is None or isinstance(source, DerivedTensor):
+        composed = compose(func, args, kwargs, out, self._derivation_of)
+        if composed is None:
             return
+        recipe, leaves = composed
+        refs = tuple((weakref.ref(holder), shape, stride) for holder, shape, stride in leaves)
         # The output's storage, not the tensor, must be alive: ZeRO-3 hands the next op an alias of it.
-        alive = StorageWeakRef(out.untyped_storage())
-        record = (weakref.ref(source), tuple(x.shape), x.stride(), func, args[1:], dict(kwargs), alive)
-        self._derivable[dedup_key(out)] = record
+        self._derivable[dedup_key(out)] = (recipe, refs, StorageWeakRef(out.untyped_storage()))
+
+    def _derivation_of(self, t: torch.Tensor) -> tuple[Recipe, list[Leaf]] | Leaf | None:
+        """``t``'s holder in this forward, or the recipe of ``t`` if it was not saved but can be rebuilt."""
+        key = dedup_key(t)
+        holder = self._cache.get(key)
+        if holder is not None:
+            return holder, tuple(t.shape), t.stride()
+        entry = self._derivable.get(key)
+        if entry is None or entry[2].expired():
+            return None
+        recipe, refs, _ = entry
+        leaves: list[Leaf] = []
+        for ref, shape, stride in refs:
+            source = ref()
+            if source is None:
+                return None
+            leaves.append((source, shape, stride))
+        return recipe, leaves
 
     def _derive(self, key: tuple, t: torch.Tensor, module: int, cls: str | None) -> DerivedTensor | None:
-        source_ref, shape, stride, func, args, kwargs, out_storage = self._derivable[key]
-        source = source_ref()
-        if out_storage.expired() or source is None:
+        recipe, refs, out_storage = self._derivable[key]
+        if out_storage.expired():
             return None
-        if source.final and self.trace is None and source.bits < self._bits_for(module, cls):
-            return None  # the input was stored coarser than this consumer wants
-        derived = DerivedTensor(SavedView(source, shape, stride), func, args, kwargs, t, self.ledger)
+        sources: list[SavedView] = []
+        for ref, shape, stride in refs:
+            source = ref()
+            if source is None:
+                return None
+            sources.append(SavedView(source, shape, stride))
+        derived = DerivedTensor(tuple(sources), recipe, t, self.ledger)
+        leaves = derived.stored_leaves()
+        if self.trace is None and any(leaf.final for leaf in leaves):
+            want = self._bits_for(module, cls)
+            if any(leaf.final and leaf.bits < want for leaf in leaves):
+                return None  # a source was stored coarser than this consumer wants
         self._number(derived)
         derived.requests.append((module, cls))
         self._cache.put(key, t, derived)
-        if not source.final:
-            source.requests.append((module, cls))
+        for leaf in leaves:
+            if not leaf.final:
+                leaf.requests.append((module, cls))
         if cls is None and self.trace is not None:
             self._pending.append(derived)
         else:

@@ -26,6 +26,8 @@ import torch
 if TYPE_CHECKING:
     from torch import nn
 
+    from .recipe import Recipe
+
 from .storage import DerivedTensor, Ledger, QuantSpec, SavedTensor, SavedView, Usage
 
 logger = logging.getLogger("agoq_ds.activation")
@@ -107,12 +109,12 @@ class SpanPlan:
     """Log-probabilities stored as probabilities."""
     aliased: bool = False
     """A later step is a view of this span: replay remembers its storage to check that."""
-    derived_from: int = -1
-    """For a recomputed span (``DerivedTensor``): index of the span it is computed from."""
-    source_view: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
-    """Shape and strides of the view of the source span the recipe reads."""
-    recipe: tuple[Callable, tuple, dict] | None = None
-    """``(func, args, kwargs)`` of the recomputation."""
+    derived_from: tuple[int, ...] = ()
+    """For a recomputed span (``DerivedTensor``): indices of the spans it is computed from."""
+    source_views: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] = ()
+    """Shape and strides of the view of each source span the recipe reads."""
+    recipe: Recipe | None = None
+    """The recomputation."""
 
 
 @dataclass
@@ -160,7 +162,7 @@ def build_plan(records: list[tuple[tuple, tuple, torch.dtype, Any]]) -> ForwardP
     by_class: dict[str, Usage] = defaultdict(Usage)
     by_module: dict[tuple[str, str], Usage] = defaultdict(Usage)
     for span in spans:
-        derived = span.derived_from >= 0
+        derived = bool(span.derived_from)
         quantized = not derived and span.bits < 16
         for usage in (by_class[span.cls], by_module[(span.module, span.cls)], plan.total):
             usage.add(span.numel, span.stored, span.baseline, quantized, derived=derived)
@@ -172,8 +174,8 @@ def _span_of(holder: Any, index: dict[int, int]) -> SpanPlan | None:
     if not holder.final:
         return None
     if isinstance(holder, DerivedTensor):
-        source = index.get(id(holder.source.holder))
-        if source is None:
+        sources = tuple(index.get(id(view.holder), -1) for view in holder.sources)
+        if -1 in sources:
             return None
         return SpanPlan(
             holder.cls,
@@ -181,9 +183,9 @@ def _span_of(holder: Any, index: dict[int, int]) -> SpanPlan | None:
             holder.numel,
             holder.baseline,
             0,
-            derived_from=source,
-            source_view=(holder.source.shape, holder.source.stride),
-            recipe=(holder.func, holder.args, holder.kwargs),
+            derived_from=sources,
+            source_views=tuple((view.shape, view.stride) for view in holder.sources),
+            recipe=holder.recipe,
         )
     if not isinstance(holder, SavedTensor) or holder.nonfinite:
         return None
@@ -302,13 +304,15 @@ class Replay:
             return self._deviate(i, t, "not a view of the planned span")
         if span.aliased:
             self.storages[n] = t.untyped_storage().data_ptr()
-        if span.derived_from < 0:
+        if not span.derived_from:
             holder: Any = SavedTensor.planned(t, span, self.ledger, self.spec, self.seed(n) if self.stochastic else 0)
         else:
-            func, args, kwargs = span.recipe  # type: ignore[misc]
-            shape, stride = span.source_view
-            source = SavedView(self.holders[span.derived_from], shape, stride)
-            holder = DerivedTensor(source, func, args, kwargs, t, self.ledger)
+            holders = self.holders
+            sources = tuple(
+                SavedView(holders[j], shape, stride)
+                for j, (shape, stride) in zip(span.derived_from, span.source_views, strict=True)
+            )
+            holder = DerivedTensor(sources, span.recipe, t, self.ledger)  # type: ignore[arg-type]
             holder.cls, holder.module, holder.final, holder.held = span.cls, span.module, True, True
         self.holders.append(holder)
         return SavedView(holder, step.shape, step.stride)

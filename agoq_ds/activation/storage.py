@@ -13,7 +13,6 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -24,6 +23,7 @@ from ..quant import QuantizedTensor, dequantize, quantize
 
 if TYPE_CHECKING:
     from .plan import SpanPlan
+    from .recipe import Recipe
 
 QUANTIZABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 """Floating types the quantizer accepts."""
@@ -464,38 +464,34 @@ class SavedView:
 
 
 class DerivedTensor:
-    """A saved activation-function output kept as a recipe over its stored input: 0 bytes.
+    """A saved tensor kept as a recipe over other stored tensors of the forward: 0 bytes.
 
-    An elementwise activation (SiLU, GELU, ...) saves its input for its own backward; when its
-    output is saved too (by the gating product of a LLaMA MLP, by the next Linear in a GPT MLP),
-    backward gets ``func(input)`` recomputed from the input's holder instead of a second stored
-    tensor. The recomputed value is ``func(dequantized input)``: the same input backward of the
-    activation itself uses.
+    ``recipe.py`` says which: activation outputs (``silu(g)``), an RMSNorm's normalised value and
+    output, the gating product. Backward gets ``recipe(dequantized sources)``: computed from the same
+    stored inputs the ops' own backward reads.
     """
 
     __slots__ = (
         "__weakref__",
         "_result",
-        "args",
         "baseline",
         "bits",
         "cls",
         "final",
-        "func",
         "held",
-        "kwargs",
         "ledger",
         "module",
         "numel",
+        "recipe",
         "requests",
-        "source",
+        "sources",
     )
 
     stored = 0
     """Bytes held of its own."""
 
-    def __init__(self, source: SavedView, func: Callable, args: tuple, kwargs: dict, t: torch.Tensor, ledger: Ledger):
-        self.source, self.func, self.args, self.kwargs = source, func, args, kwargs
+    def __init__(self, sources: tuple[SavedView, ...], recipe: Recipe, t: torch.Tensor, ledger: Ledger):
+        self.sources, self.recipe = sources, recipe
         self.numel = t.numel()
         self.baseline = tensor_bytes(t)
         self.bits = 0
@@ -517,6 +513,14 @@ class DerivedTensor:
         """What a pack hook returns for ``t``."""
         return SavedView(self, tuple(t.shape), t.stride())
 
+    def stored_leaves(self) -> list[SavedTensor]:
+        """The stored holders this recipe reads, through any recomputed sources."""
+        leaves: list[SavedTensor] = []
+        for view in self.sources:
+            holder = view.holder
+            leaves += holder.stored_leaves() if isinstance(holder, DerivedTensor) else [holder]
+        return leaves
+
     def finalize(
         self,
         cls: str,
@@ -536,13 +540,13 @@ class DerivedTensor:
         self.ledger.record(cls, module, self.numel, 0, self.baseline, False, derived=True)
 
     def upgrade(self, t: torch.Tensor, bits: int, spec: QuantSpec, seed: int) -> None:
-        """Nothing to upgrade: the precision is the source's."""
+        """Nothing to upgrade: the precision is the sources'."""
 
     def unpack(self, shape: tuple[int, ...], stride: tuple[int, ...]) -> torch.Tensor:
-        """``func(source)``, in the requesting view's shape and strides."""
+        """The recipe's result, in the requesting view's shape and strides."""
         y = self._result() if self._result is not None else None
         if y is None:
-            y = self.func(self.source.unpack(), *self.args, **self.kwargs)
+            y = self.recipe([view.unpack() for view in self.sources])
             self._result = weakref.ref(y)
         perm = dense_permutation(y)
         flat = y.permute(perm) if perm is not None else y.contiguous()

@@ -109,7 +109,7 @@ class Trace:
         self._forward += 1
 
 
-_ACTIVATIONS = (
+ACTIVATIONS = (
     F.silu,
     F.gelu,
     F.relu,
@@ -178,9 +178,9 @@ class OpWatcher(TorchFunctionMode):
     ``on_op(kind)`` is called for attention kernels and activation functions; ``begin_sdpa`` /
     ``end_sdpa(op, output)`` bracket each ``scaled_dot_product_attention`` call;
     ``log_softmax(input shape)`` / ``log_softmax(None)`` bracket log-softmax and cross-entropy calls
-    (what they save of the input's shape are log-probabilities); ``activation(func, args, kwargs,
-    output)`` reports each elementwise activation call; ``exact(True)`` / ``exact(False)`` bracket the
-    ops of ``_EXACT``, whose saved tensors must stay exact.
+    (what they save of the input's shape are log-probabilities); ``elementwise(func, args, kwargs,
+    output)`` reports each call of a function in ``elementwise_ops``; ``exact(True)`` /
+    ``exact(False)`` bracket the ops of ``_EXACT``, whose saved tensors must stay exact.
     """
 
     def __init__(
@@ -189,15 +189,17 @@ class OpWatcher(TorchFunctionMode):
         begin_sdpa: Callable[[AttentionOp], None],
         end_sdpa: Callable[[AttentionOp, Any], None],
         log_softmax: Callable[[tuple[int, ...] | None], None],
-        activation: Callable[[Callable, tuple, dict, Any], None],
+        elementwise: Callable[[Callable, tuple, dict, Any], None],
         exact: Callable[[bool], None],
+        elementwise_ops: frozenset[Callable] = frozenset(),
     ) -> None:
         super().__init__()
         self._on_op = on_op
         self._begin_sdpa = begin_sdpa
         self._end_sdpa = end_sdpa
         self._log_softmax = log_softmax
-        self._activation = activation
+        self._elementwise = elementwise
+        self._elementwise_ops = elementwise_ops
         self._exact = exact
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -230,10 +232,11 @@ class OpWatcher(TorchFunctionMode):
             x = args[0] if args else kwargs.get("input")
             if isinstance(x, torch.Tensor) and x.dim() >= 4:
                 self._on_op(ATTENTION)
-        elif func in _ACTIVATIONS:
+        elif func in ACTIVATIONS:
             self._on_op(ACTIVATION)
+        if func in self._elementwise_ops:
             out = func(*args, **kwargs)
-            self._activation(func, args, kwargs, out)
+            self._elementwise(func, args, kwargs, out)
             return out
         return func(*args, **kwargs)
 
