@@ -500,7 +500,7 @@ class DerivedTensor:
         self.final = False
         self.held = False
         self.requests: list[tuple[int, str | None]] = []
-        self._result: weakref.ref | None = None
+        self._result: torch.Tensor | None = None
         self.ledger = ledger
 
     def hold(self) -> None:
@@ -543,11 +543,14 @@ class DerivedTensor:
         """Nothing to upgrade: the precision is the sources'."""
 
     def unpack(self, shape: tuple[int, ...], stride: tuple[int, ...]) -> torch.Tensor:
-        """The recipe's result, in the requesting view's shape and strides."""
-        y = self._result() if self._result is not None else None
+        """The recipe's result, in the requesting view's shape and strides.
+
+        Computed once and kept until autograd frees this holder: the consumers of a recomputed
+        tensor (q, k and v projections) run back to back in backward, and stock keeps the tensor
+        itself all along."""
+        y = self._result
         if y is None:
-            y = self.recipe([view.unpack() for view in self.sources])
-            self._result = weakref.ref(y)
+            y = self._result = self.recipe([view.unpack() for view in self.sources])
         perm = dense_permutation(y)
         flat = y.permute(perm) if perm is not None else y.contiguous()
         return flat.as_strided(shape, stride)

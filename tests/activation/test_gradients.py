@@ -71,11 +71,14 @@ def test_eight_bit_is_nearly_exact(setup):
     assert _mean(rel) < 0.01
 
 
-def test_four_bit_close_and_agoq_between_8_and_4(setup):
+def test_four_bit_close_and_agoq_as_exact_as_8_bits_at_fewer_bits(setup):
+    """agoq stores every tensor it does not rebuild at 8 bits (``DEFAULT_CLASS_BITS``), so its gradients
+    are uniform 8-bit's to rounding (its bits per element: ``test_activation_quantizer``)."""
     _, results, _ = setup
     assert min(results["uniform4"][1].values()) > 0.95
-    assert min(results["agoq"][1].values()) > 0.95
-    assert _mean(results["uniform8"][0]) < _mean(results["agoq"][0]) < _mean(results["uniform4"][0])
+    assert min(results["agoq"][1].values()) > 0.999
+    agoq, uniform8, uniform4 = (_mean(results[k][0]) for k in ("agoq", "uniform8", "uniform4"))
+    assert agoq <= uniform8 * 1.01 < uniform4
 
 
 def test_two_bit_measurably_worse(setup):
