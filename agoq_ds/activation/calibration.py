@@ -62,12 +62,15 @@ class Calibration:
         """[elements, bytes] of never-quantized tensors, summed over forwards."""
         self.errors: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0.0, 0.0]))
         """class -> bits -> [sum squared error, sum squared value]."""
+        self.recomputed: set[str] = set()
+        """Classes with tensors recomputed in backward (stored nothing)."""
 
     def observe(self, t: torch.Tensor | None, cls: str, module: str, quantizable: bool, numel: int = 0) -> None:
         """Account one saved tensor (called by the pack engine before it is stored; ``t=None`` with
         ``numel`` for a tensor recomputed in backward, which stores nothing)."""
         if t is None:
             self.fixed[0] += numel
+            self.recomputed.add(cls)
             return
         if not quantizable:
             self.fixed[0] += t.numel()

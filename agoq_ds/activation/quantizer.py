@@ -193,6 +193,7 @@ class ActivationQuantizer:
         calib = self.calibration
         assert calib is not None
         units, fixed_numel, fixed_bytes = calib.per_micro_batch(self._calibration_forwards)
+        recomputed = calib.recomputed
         self.sensitivity = calib.sensitivity()
         self.calibration = None
         self.engine.on_saved = None
@@ -217,6 +218,11 @@ class ActivationQuantizer:
                 holds=self.holds,
                 floors=self._sensitive_floors(),
             )
+            # Classes whose tensors are all recomputed from other classes' follow their sources: at the
+            # smallest width they never raise a source above what the budget gave it.
+            stored = {u.cls for u in units}
+            lowest = min(b.candidate_bits)
+            table |= {c: lowest for c in recomputed - stored if not self.policy.class_pinned(c)}
             self.policy.set_class_bits(table)
             for u in units:
                 if not u.pinned:
