@@ -18,6 +18,7 @@ a 4-bit store of every tensor would take (``classes.DEFAULT_CLASS_BITS``).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -85,12 +86,25 @@ class Recipe:
     kwargs: dict
     depth: int = 1
     """Ops on the longest path to a leaf."""
+    autocast: tuple[tuple[str, torch.dtype], ...] = ()
+    """(device type, dtype) of each autocast active when the op ran: backward runs it the same way
+    (autocast computes e.g. ``softplus`` of fp16 input in fp32)."""
 
     def __call__(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         """The recomputed tensor, given the tensors the ``Source``s stand for."""
         args = tuple(_resolve(a, inputs) for a in self.args)
         kwargs = {k: _resolve(v, inputs) for k, v in self.kwargs.items()}
-        return self.func(*args, **kwargs)
+        if not self.autocast:
+            return self.func(*args, **kwargs)
+        with contextlib.ExitStack() as stack:
+            for device, dtype in self.autocast:
+                stack.enter_context(torch.autocast(device, dtype=dtype))
+            return self.func(*args, **kwargs)
+
+
+def autocast_state() -> tuple[tuple[str, torch.dtype], ...]:
+    """The autocast contexts active now, as ``Recipe.autocast`` records them."""
+    return tuple((d, torch.get_autocast_dtype(d)) for d in ("cuda", "cpu") if torch.is_autocast_enabled(d))
 
 
 def _resolve(value: Any, inputs: Sequence[torch.Tensor]) -> Any:
@@ -107,7 +121,7 @@ def _shift(value: Any, offset: int) -> Any:
     if isinstance(value, Recipe):
         args = tuple(_shift(a, offset) for a in value.args)
         kwargs = {k: _shift(v, offset) for k, v in value.kwargs.items()}
-        return Recipe(value.func, args, kwargs, value.depth)
+        return Recipe(value.func, args, kwargs, value.depth, value.autocast)
     return value
 
 
@@ -167,7 +181,7 @@ def compose(
         return None
     if not leaves or len(leaves) > MAX_SOURCES or depth + 1 > MAX_DEPTH:
         return None
-    return Recipe(func, new_args, new_kwargs, depth + 1), leaves
+    return Recipe(func, new_args, new_kwargs, depth + 1, autocast_state()), leaves
 
 
 class _NotDerivable(Exception):

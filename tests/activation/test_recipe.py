@@ -140,3 +140,23 @@ def test_recompute_off_stores_every_tensor():
     by_class = quantizer._current().by_class
     assert all(u.derived_numel == 0 for u in by_class.values())
     assert all(by_class[c].stored > 0 for c in REBUILT)
+
+
+def test_a_recipe_runs_under_the_autocast_of_its_op():
+    """Autocast changes what some elementwise ops compute (CUDA runs ``softplus`` of fp16 in fp32); a
+    recipe replays the autocast state its op ran under, and none outside it."""
+    x = torch.randn(4, 8)
+    seen = []
+
+    def op(t: torch.Tensor) -> torch.Tensor:
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))
+        return t * 2
+
+    lookup = _lookup({id(x): x})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        recipe, _ = compose(op, (x,), {}, op(x), lookup)
+    plain, _ = compose(op, (x,), {}, op(x), lookup)
+    recipe([x])
+    plain([x])
+    assert recipe.autocast == (("cpu", torch.bfloat16),) and plain.autocast == ()
+    assert seen == [torch.bfloat16, False, torch.bfloat16, False]
