@@ -162,9 +162,11 @@ class ActivationConfig(_Model):
     dimension of 1, e.g. a norm's rstd) and SDPA's log-sum-exp are always kept: each value rescales
     a whole row in backward."""
     recompute: bool = True
-    """Store the output of an elementwise activation function (SiLU, GELU, ...) that is saved next to
-    its own input (LLaMA's ``act(gate) * up``, a GPT MLP's second Linear) as a recipe over the
-    stored input, recomputed in backward: 0 bytes instead of a second quantized copy."""
+    """Keep a saved tensor that elementwise ops computed from tensors already stored in the same
+    forward (and from parameters) as a recipe over them, recomputed in backward: 0 bytes instead of
+    another quantized copy. In a LLaMA block: an RMSNorm's normalised value and output (the q/k/v and
+    gate/up input), the SiLU output and the gating product (the down projection's input). Such a
+    tensor is as precise as its sources; a class that asks for more bits raises its sources."""
     checkpointing: bool = True
     """Also quantize the block inputs kept by activation checkpointing: a ``PipelineModule`` that
     checkpoints with DeepSpeed's own function gets the quantizing one, and HF models with

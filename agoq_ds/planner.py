@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .activation.allocate import pipeline_holds
-from .activation.classes import LayerClass
+from .activation.classes import LOSS_HEAD_MIN_BITS, LayerClass
 from .config import AgoqConfig, parse_agoq_config
 
 
@@ -126,6 +126,8 @@ class Saved:
     """Kept unquantized by agoq (softmax/norm statistics)."""
     recomputable: bool = False
     """Rebuilt in backward from another saved tensor when ``activation.recompute`` is on."""
+    min_bits: int = 0
+    """Stored at no fewer bits than this whatever the policy (the loss's log-probabilities)."""
 
 
 def layer_saved_tensors(d: ModelDims, tokens: int, tp: int = 1) -> list[Saved]:
@@ -170,7 +172,7 @@ def head_saved_tensors(d: ModelDims, tokens: int, tp: int = 1) -> list[Saved]:
         Saved(e, tokens, 4, exact=True),
         Saved(e, tokens * d.hidden, 2, recomputable=True),
         Saved(e, tokens * d.hidden, 2, recomputable=True),  # LM head input
-        Saved(e, tokens * d.vocab // tp, 4),  # log-probabilities of the loss
+        Saved(e, tokens * d.vocab // tp, 4, min_bits=LOSS_HEAD_MIN_BITS),  # log-probabilities of the loss
     ]
 
 
@@ -181,6 +183,7 @@ def stored_bytes(t: Saved, bits: int, cfg: AgoqConfig) -> int:
         return t.numel * t.elem_bytes
     if t.recomputable and act.recompute:
         return 0
+    bits = max(bits, t.min_bits)
     if bits >= 16 or t.exact or t.numel < act.min_numel:
         return t.numel * t.elem_bytes
     scale_bytes = 2 if act.scale_dtype == "bf16" else 4
