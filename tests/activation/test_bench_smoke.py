@@ -18,7 +18,8 @@ def test_bench_activation_smoke(tmp_path: Path) -> None:
     assert set(configs) == set(bench.MEMORY_CONFIGS)
     assert configs["none"]["ratio_vs_bf16_model"] == 1.0
     assert configs["uniform 4-bit"]["stored_bytes"] < configs["agoq default"]["stored_bytes"]
-    assert configs["agoq default"]["stored_bytes"] < configs["uniform 8-bit"]["stored_bytes"]
+    # every tensor agoq stores is 8-bit, the rest is recomputed (as under uniform 8-bit)
+    assert configs["agoq default"]["stored_bytes"] <= configs["uniform 8-bit"]["stored_bytes"]
     assert configs["budget 4.0 bits"]["avg_bits"] <= 4.0
     assert set(data["training"]["runs"]) == set(bench.TRAIN_CONFIGS)
     assert out.with_suffix(".png").stat().st_size > 0
