@@ -305,7 +305,8 @@ class Replay:
         if span.aliased:
             self.storages[n] = t.untyped_storage().data_ptr()
         if not span.derived_from:
-            holder: Any = SavedTensor.planned(t, span, self.ledger, self.spec, self.seed(n) if self.stochastic else 0)
+            seed = self.seed(n) if self.stochastic or span.log_space else 0
+            holder: Any = SavedTensor.planned(t, span, self.ledger, self.spec, seed)
         else:
             holders = self.holders
             sources = tuple(

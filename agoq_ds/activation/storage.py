@@ -331,7 +331,7 @@ class SavedTensor:
                 self._source(),
                 span.bits,
                 spec.group_size,
-                stochastic=spec.stochastic,
+                stochastic=spec.stochastic or self.log_space,
                 seed=seed,
                 scale_dtype=spec.scale_dtype,
             )
@@ -411,7 +411,10 @@ class SavedTensor:
 
     def _store_quantized(self, bits: int, spec: QuantSpec, seed: int, check_finite: bool = False) -> None:
         src = self._source()
-        q = quantize(src, bits, spec.group_size, stochastic=spec.stochastic, seed=seed, scale_dtype=spec.scale_dtype)
+        # Probabilities round stochastically whatever the policy: to nearest, the many small ones of a
+        # row read back 0 and their gradient (softmax - onehot) loses its push-down on them, a bias.
+        stochastic = spec.stochastic or self.log_space
+        q = quantize(src, bits, spec.group_size, stochastic=stochastic, seed=seed, scale_dtype=spec.scale_dtype)
         if check_finite and bool(q.scales.isnan().any()):
             # A group holding NaN/Inf reads back all-NaN (format.py). Stock backward may never read
             # the non-finite entries (-inf at masked positions under amax/logsumexp/clamp), so the

@@ -141,3 +141,46 @@ def test_log_probabilities_are_stored_as_probabilities():
     quantizer.remove()
     assert quantizer._current().by_class["other"].quantized_numel == 256 * (64 + 512)  # x and log-probs
     assert float((got - exact).norm() / exact.norm()) < 0.02
+
+
+def test_stored_probabilities_keep_the_gradient_unbiased():
+    """The loss gradient w.r.t. the logits is ``softmax - onehot``: its entries sum to 0 in every row.
+    Rounded to nearest at 8 bits, a peaked row's many small probabilities read back 0 and the sum goes
+    negative (the tail is no longer pushed down: a bias that training accumulates); agoq rounds
+    stored probabilities stochastically, so the sum stays 0 up to noise. Bound: a stochastically
+    rounded entry errs by at most one step (its group's max / 127), with variance <= step^2 / 4, so the
+    batch-mean row sum has standard deviation <= sqrt(sum over groups of 128 step^2 / 4) / rows."""
+    from agoq_ds.activation import ActivationQuantizer
+    from agoq_ds.quant import dequantize, quantize
+
+    rows, vocab = 2048, 512
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, vocab)
+    with torch.no_grad():
+        head.weight.mul_(4)
+    x = torch.randn(rows, 64)
+    target = torch.randint(0, vocab, (rows,))
+    probs = head(x).softmax(-1).detach()
+    steps = probs.view(-1, 128).amax(-1) / 127
+    sigma = float((128 * steps.square() / 4).sum().sqrt()) / rows
+    nearest = dequantize(quantize(probs.contiguous(), 8, 128, scale_dtype=torch.bfloat16)).view(rows, vocab)
+    assert abs(float(nearest.sum(-1).mean()) - 1) > 10 * sigma  # the bias this test must catch
+
+    quantizer = ActivationQuantizer(head_loss := _HeadLoss(head), ActivationConfig(policy="uniform", default_bits=8))
+    quantizer.install()
+    for _ in range(3):
+        head.zero_grad()
+        head_loss(x, target).backward()
+        quantizer.on_step_end()
+        assert quantizer._current().by_class["other"].quantized_numel >= rows * vocab  # stored quantized
+        assert abs(float(head.bias.grad.sum())) < 5 * sigma
+    quantizer.remove()
+
+
+class _HeadLoss(torch.nn.Module):
+    def __init__(self, head: torch.nn.Linear) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(self.head(x), target)
