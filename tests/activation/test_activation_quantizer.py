@@ -104,10 +104,19 @@ def test_report_stats_and_table():
     assert "model.layers.0" in layered and "model.layers.1" in layered and "<outside layers>" in layered
 
 
+SHAPES_OF_ISSUE_13 = {
+    "10m": {},  # the CPU convergence model: hidden 384, 6 of 2 KV heads, MLP 1024
+    "76m": dict(hidden_size=768, num_attention_heads=12, num_key_value_heads=4, intermediate_size=2048),
+}
+"""The two models issue 13 sets the <= 4.5 bits target on (the 76M one with 2 of its 12 layers)."""
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES_OF_ISSUE_13))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_default_policy_at_most_4_5_bits_on_a_llama_block(dtype):
-    """Bench-shaped LLaMA blocks (hidden 512, 8 heads, MLP 1376), 2 layers, 256 tokens."""
-    model = build_llama("bench", dtype=dtype, num_hidden_layers=2).train()
+def test_default_policy_at_most_4_5_bits_on_a_llama_block(dtype, shape):
+    """Every saved element counted (recomputed ones at 0 bits), 2 layers, 256 tokens. With full
+    multi-head attention (8 KV heads of 8) the same policy stores 4.50 bits per element of a block."""
+    model = build_llama("10m", dtype=dtype, num_hidden_layers=2, **SHAPES_OF_ISSUE_13[shape]).train()
     ids = text_batch(batch=1, seq=256)
     quantizer = ActivationQuantizer(model, ActivationConfig()).install()
     _train(model, quantizer, ids, 2)
@@ -123,6 +132,7 @@ def test_default_policy_at_most_4_5_bits_on_a_llama_block(dtype):
     assert 8 * stored / numel <= 4.5
     for layer, usages in by_layer.items():
         bits = 8 * sum(u.stored for u in usages) / sum(u.numel for u in usages)
-        assert 4.0 < bits <= 4.5, layer
+        assert 3.5 < bits <= 4.5, layer
+    assert quantizer.stats()["avg_bits"] <= 4.5
     # and the whole model (embeddings/head/loss included) against what bf16 would hold
     assert quantizer.stats()["ratio_vs_bf16"] <= 0.30
