@@ -45,7 +45,7 @@ from ..seeding import mix_seed
 from .classes import LOSS_HEAD_MIN_BITS, LayerClass
 from .classify import Classifier, Structure
 from .plan import PlanCache, Replay, build_plan, plan_key
-from .recipe import ELEMENTWISE, Leaf, Recipe, compose
+from .recipe import ELEMENTWISE, Leaf, Recipe, bind_parameters, compose
 from .storage import DedupCache, DerivedTensor, Ledger, QuantSpec, SavedTensor, SavedView, dedup_key
 from .trace import AttentionOp, OpWatcher, Trace, tensor_key
 
@@ -498,9 +498,12 @@ class PackEngine:
         if composed is None:
             return
         recipe, leaves = composed
+        bound = bind_parameters(recipe)  # ZeRO-3 parameters: copied now, while they are gathered
+        if bound is None:
+            return
         refs = tuple((weakref.ref(holder), shape, stride) for holder, shape, stride in leaves)
         # The output's storage, not the tensor, must be alive: ZeRO-3 hands the next op an alias of it.
-        self._derivable[dedup_key(out)] = (recipe, refs, StorageWeakRef(out.untyped_storage()))
+        self._derivable[dedup_key(out)] = (recipe, refs, StorageWeakRef(out.untyped_storage()), bound)
 
     def _derivation_of(self, t: torch.Tensor) -> tuple[Recipe, list[Leaf]] | Leaf | None:
         """``t``'s holder in this forward, or the recipe of ``t`` if it was not saved but can be rebuilt."""
@@ -511,7 +514,7 @@ class PackEngine:
         entry = self._derivable.get(key)
         if entry is None or entry[2].expired():
             return None
-        recipe, refs, _ = entry
+        recipe, refs, _, _ = entry
         leaves: list[Leaf] = []
         for ref, shape, stride in refs:
             source = ref()
@@ -521,7 +524,7 @@ class PackEngine:
         return recipe, leaves
 
     def _derive(self, key: tuple, t: torch.Tensor, module: int, cls: str | None) -> DerivedTensor | None:
-        recipe, refs, out_storage = self._derivable[key]
+        recipe, refs, out_storage, bound = self._derivable[key]
         if out_storage.expired():
             return None
         sources: list[SavedView] = []
@@ -530,7 +533,7 @@ class PackEngine:
             if source is None:
                 return None
             sources.append(SavedView(source, shape, stride))
-        derived = DerivedTensor(tuple(sources), recipe, t, self.ledger)
+        derived = DerivedTensor(tuple(sources), recipe, t, self.ledger, bound)
         leaves = derived.stored_leaves()
         if self.trace is None and any(leaf.final for leaf in leaves):
             want = self._bits_for(module, cls)

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
     from .recipe import Recipe
 
+from .recipe import bind_parameters
 from .storage import DerivedTensor, Ledger, QuantSpec, SavedTensor, SavedView, Usage
 
 logger = logging.getLogger("agoq_ds.activation")
@@ -308,12 +309,17 @@ class Replay:
             seed = self.seed(n) if self.stochastic or span.log_space else 0
             holder: Any = SavedTensor.planned(t, span, self.ledger, self.spec, seed)
         else:
+            recipe = span.recipe
+            assert recipe is not None
+            bound = bind_parameters(recipe)
+            if bound is None:
+                return self._deviate(i, t, "a ZeRO-3 parameter its recipe reads is not gathered")
             holders = self.holders
             sources = tuple(
                 SavedView(holders[j], shape, stride)
                 for j, (shape, stride) in zip(span.derived_from, span.source_views, strict=True)
             )
-            holder = DerivedTensor(sources, span.recipe, t, self.ledger)  # type: ignore[arg-type]
+            holder = DerivedTensor(sources, recipe, t, self.ledger, bound)
             holder.cls, holder.module, holder.final, holder.held = span.cls, span.module, True, True
         self.holders.append(holder)
         return SavedView(holder, step.shape, step.stride)

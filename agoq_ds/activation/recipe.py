@@ -89,6 +89,8 @@ class Recipe:
     autocast: tuple[tuple[str, torch.dtype], ...] = ()
     """(device type, dtype) of each autocast active when the op ran: backward runs it the same way
     (autocast computes e.g. ``softplus`` of fp16 input in fp32)."""
+    partitioned: bool = False
+    """Reads a ZeRO-3 parameter: evaluate ``bind_parameters(recipe)`` instead (see there)."""
 
     def __call__(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         """The recomputed tensor, given the tensors the ``Source``s stand for."""
@@ -125,10 +127,35 @@ def _shift(value: Any, offset: int) -> Any:
     return value
 
 
-def usable_parameter(p: torch.Tensor) -> bool:
-    """Whether a recipe may read parameter ``p`` in backward: yes, unless ZeRO-3 partitions it (then
-    its data is released between the forward and the backward that would read it)."""
-    return isinstance(p, nn.Parameter) and (not hasattr(p, "ds_id") or bool(getattr(p, "ds_persist", False)))
+def is_partitioned(p: torch.Tensor) -> bool:
+    """Whether ``p`` is a ZeRO-3 parameter, whose data DeepSpeed may release between a forward and the
+    backward that would read it."""
+    return hasattr(p, "ds_id")
+
+
+def bind_parameters(recipe: Recipe) -> Recipe | None:
+    """``recipe`` with each ZeRO-3 parameter replaced by a copy of its current value (hidden-sized
+    norm weights), taken in the forward while DeepSpeed has it gathered; ``None`` if one is not
+    gathered now. Other parameters stay references: nothing changes them between a forward and its
+    backward."""
+    if not recipe.partitioned:
+        return recipe
+    try:
+        return _bind(recipe)
+    except _NotDerivable:
+        return None
+
+
+def _bind(value: Any) -> Any:
+    if isinstance(value, Recipe):
+        args = tuple(_bind(a) for a in value.args)
+        kwargs = {k: _bind(v) for k, v in value.kwargs.items()}
+        return Recipe(value.func, args, kwargs, value.depth, value.autocast)
+    if isinstance(value, nn.Parameter) and is_partitioned(value):
+        if value.numel() == 0 or value.numel() != getattr(value, "ds_numel", value.numel()):
+            raise _NotDerivable  # released (DeepSpeed's first, tracing step releases every parameter)
+        return value.detach().clone()
+    return value
 
 
 Leaf = tuple[Any, tuple[int, ...], tuple[int, ...]]
@@ -149,9 +176,10 @@ def compose(
         return None
     leaves: list[Leaf] = []
     depth = 0
+    partitioned = False
 
     def convert(value: Any) -> Any:
-        nonlocal depth
+        nonlocal depth, partitioned
         if not isinstance(value, torch.Tensor):
             if isinstance(value, tuple | list) and any(isinstance(v, torch.Tensor) for v in value):
                 raise _NotDerivable
@@ -159,8 +187,7 @@ def compose(
         if value is out or value.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
             raise _NotDerivable  # in place, or a view: nothing new to rebuild
         if isinstance(value, nn.Parameter):
-            if not usable_parameter(value):
-                raise _NotDerivable
+            partitioned = partitioned or is_partitioned(value)
             return value
         found = lookup(value)
         if found is None:
@@ -168,6 +195,7 @@ def compose(
         if isinstance(found[0], Recipe):
             recipe, sub_leaves = found
             depth = max(depth, recipe.depth)
+            partitioned = partitioned or recipe.partitioned
             shifted = _shift(recipe, len(leaves))
             leaves.extend(sub_leaves)
             return shifted
@@ -181,7 +209,7 @@ def compose(
         return None
     if not leaves or len(leaves) > MAX_SOURCES or depth + 1 > MAX_DEPTH:
         return None
-    return Recipe(func, new_args, new_kwargs, depth + 1, autocast_state()), leaves
+    return Recipe(func, new_args, new_kwargs, depth + 1, autocast_state(), partitioned), leaves
 
 
 class _NotDerivable(Exception):

@@ -479,6 +479,7 @@ class DerivedTensor:
         "_result",
         "baseline",
         "bits",
+        "bound",
         "cls",
         "final",
         "held",
@@ -493,8 +494,18 @@ class DerivedTensor:
     stored = 0
     """Bytes held of its own."""
 
-    def __init__(self, sources: tuple[SavedView, ...], recipe: Recipe, t: torch.Tensor, ledger: Ledger):
+    def __init__(
+        self,
+        sources: tuple[SavedView, ...],
+        recipe: Recipe,
+        t: torch.Tensor,
+        ledger: Ledger,
+        bound: Recipe | None = None,
+    ):
         self.sources, self.recipe = sources, recipe
+        self.bound = bound if bound is not None else recipe
+        """What is evaluated: ``recipe`` with this forward's copies of ZeRO-3 parameters
+        (``recipe.bind_parameters``)."""
         self.numel = t.numel()
         self.baseline = tensor_bytes(t)
         self.bits = 0
@@ -553,7 +564,7 @@ class DerivedTensor:
         itself all along."""
         y = self._result
         if y is None:
-            y = self._result = self.recipe([view.unpack() for view in self.sources])
+            y = self._result = self.bound([view.unpack() for view in self.sources])
         perm = dense_permutation(y)
         flat = y.permute(perm) if perm is not None else y.contiguous()
         return flat.as_strided(shape, stride)

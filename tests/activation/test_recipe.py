@@ -16,7 +16,7 @@ from act_helpers import lm_step, quantized_grads, text_batch
 from torch import nn
 
 from agoq_ds.activation import ActivationQuantizer
-from agoq_ds.activation.recipe import Recipe, Source, compose, usable_parameter
+from agoq_ds.activation.recipe import Recipe, Source, bind_parameters, compose
 from agoq_ds.config import ActivationConfig
 from agoq_ds.models import build_llama
 
@@ -120,17 +120,23 @@ def test_compose_builds_trees_and_refuses_what_it_cannot_rebuild():
     assert deeper is None  # deeper than MAX_DEPTH
 
 
-def test_zero3_partitioned_parameters_are_not_read_in_backward():
-    """ZeRO-3 releases a partitioned parameter's data after its module's forward: a recipe may only
-    read parameters DeepSpeed keeps whole (``ds_persist``), or plain ones."""
-    p = nn.Parameter(torch.ones(8))
-    assert usable_parameter(p)
-    p.ds_id, p.ds_persist = 0, False  # the attributes DeepSpeed's ZeRO-3 sets on its parameters
-    assert not usable_parameter(p)
+def test_zero3_parameters_are_copied_in_the_forward():
+    """ZeRO-3 may release a parameter's data between the forward and the backward that reads it (its
+    first, tracing step releases all of them): a recipe reads a copy taken while the forward has it
+    gathered, and none is built while it is released. Other parameters are read in place."""
     x = torch.randn(4, 8)
-    assert compose(torch.Tensor.mul, (p, x), {}, p * x, _lookup({id(x): x})) is None
-    p.ds_persist = True
-    assert compose(torch.Tensor.mul, (p, x), {}, p * x, _lookup({id(x): x})) is not None
+    p = nn.Parameter(torch.ones(8))
+    plain, _ = compose(torch.Tensor.mul, (p, x), {}, p * x, _lookup({id(x): x}))
+    assert not plain.partitioned and bind_parameters(plain) is plain
+    p.ds_id, p.ds_numel = 0, 8  # what DeepSpeed's ZeRO-3 sets on its parameters
+    recipe, _ = compose(torch.Tensor.mul, (p, x), {}, p * x, _lookup({id(x): x}))
+    assert recipe.partitioned and recipe.args[0] is p  # the plan keeps the parameter itself
+    bound = bind_parameters(recipe)
+    assert bound.args[0] is not p and torch.equal(bound.args[0], p.detach())
+    released = p.data
+    p.data = torch.empty(0)  # how ZeRO-3 releases a parameter
+    assert bind_parameters(recipe) is None
+    assert torch.equal(bound([x]), released * x)  # the copy outlives the release
 
 
 def test_recompute_off_stores_every_tensor():
