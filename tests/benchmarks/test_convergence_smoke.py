@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from benchmark_scripts import load_benchmark
 
 
@@ -60,3 +62,29 @@ def test_paired_gaps_and_interval() -> None:
     assert abs(gap["mean"] - mean) < 1e-12
     half = 4.303 * 0.002886751 / 3**0.5  # t(0.975, 2) * sample stdev / sqrt(n)
     assert abs(gap["ci95"][1] - (mean + half)) < 1e-6 and abs(gap["ci95"][0] - (mean - half)) < 1e-6
+
+
+def test_custom_variants_and_stock_reuse_key(tmp_path: Path) -> None:
+    bench = load_benchmark("convergence", "convergence_bench")
+    args = bench.parse_args(["--agoq", 'mlp4={"activation": {"class_bits": {"mlp_act": 4}}}'])
+    (variant,) = args.agoq
+    assert variant.slug == "mlp4"
+    assert bench.ds_config(variant, args)["agoq"]["activation"]["class_bits"] == {"mlp_act": 4}
+    for bad in ("mlp4", "4x={}", "x=[1]", "x={"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--agoq", bad])
+    # A stock run is reused across code versions that agree on what it runs (model, data, loop)...
+    stock, agoq = bench.VARIANTS[0], bench.VARIANTS[1]
+    code = tmp_path / "snapshot"
+    for f in bench.STOCK_CODE:
+        (code / f).parent.mkdir(parents=True, exist_ok=True)
+        (code / f).write_bytes((bench.ROOT / f).read_bytes())
+    args.code = code
+    here = bench.settings(args, stock)
+    args.code = None
+    assert bench.settings(args, stock) == here
+    (code / bench.STOCK_CODE[0]).write_text("# changed\n")
+    args.code = code
+    assert bench.settings(args, stock) != here
+    # ... an agoq run only on the same code
+    assert bench.settings(args, agoq)["code"] == str(code)
