@@ -34,9 +34,11 @@ SHAPES: dict[str, LlamaShape] = {
     "small": LlamaShape(),
     "10m": LlamaShape(hidden=384, layers=6, heads=6, kv_heads=2, intermediate=1024),
     "bench": LlamaShape(hidden=512, layers=4, heads=8, kv_heads=8, intermediate=1376),
+    "76m": LlamaShape(hidden=768, layers=12, heads=12, kv_heads=4, intermediate=2048),
 }
 """Named shapes: ``tiny`` for tests, ``small`` for examples, ``10m`` (~10M parameters) for the
-convergence benchmark, ``bench`` for activation-memory benchmarks."""
+convergence benchmark, ``bench`` for activation-memory benchmarks, ``76m`` for the GPU convergence
+run of issue 13."""
 
 
 def llama_config(shape: LlamaShape | str = "small", **overrides):

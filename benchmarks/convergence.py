@@ -130,7 +130,7 @@ def ds_config(variant: Variant, args: argparse.Namespace) -> dict:
     cfg["steps_per_print"] = 10**6
     cfg["optimizer"]["params"]["lr"] = args.lr
     cfg["scheduler"]["params"]["total_num_steps"] = args.steps
-    cfg["scheduler"]["params"]["warmup_num_steps"] = max(1, args.steps // 20)
+    cfg["scheduler"]["params"]["warmup_num_steps"] = max(1, round(args.steps * args.warmup))
     cfg.update(copy.deepcopy(variant.ds_overrides or {}))
     if variant.agoq is not None:
         cfg["agoq"] = copy.deepcopy(variant.agoq)
@@ -189,7 +189,7 @@ def run_variant(variant: Variant, args: argparse.Namespace) -> dict:
         if record.get("settings") == settings(args, variant):
             return record
     cmd = launcher_command(config, variant, args, record_path)
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(args.threads)}
+    env = {**os.environ, "DS_ACCELERATOR": args.device, "OMP_NUM_THREADS": str(args.threads)}
     if args.code is not None:  # the snapshot shadows the editable install
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(args.code), env.get("PYTHONPATH")]))
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -226,7 +226,11 @@ across code versions that agree on these files."""
 def settings(args: argparse.Namespace, variant: Variant) -> dict:
     """The run settings that must agree for a finished variant to be reused."""
     keys = ("model", "steps", "seq_len", "micro_batch", "grad_accum", "lr", "seed", "eval_every", "eval_batches")
+    if args.warmup != 0.05:
+        keys += ("warmup",)
     extra = {"world_size": args.world_size, "threads": args.threads, "code": str(args.code)}
+    if args.device != "cpu":
+        extra["device"] = args.device
     if variant.agoq is None:
         root = args.code or ROOT
         digest = hashlib.sha256(b"".join((Path(root) / f).read_bytes() for f in STOCK_CODE)).hexdigest()[:16]
@@ -395,7 +399,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--micro-batch", type=int, default=2, help="sequences per micro-batch per rank")
     p.add_argument("--grad-accum", type=int, default=2, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (warm-up 5%%, cosine to 10%%)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (then cosine to 10%%)")
+    p.add_argument("--warmup", type=float, default=0.05, help="warm-up, as a fraction of --steps")
     p.add_argument("--seed", type=int, default=1234, help="model initialisation and data order (all variants)")
     p.add_argument(
         "--seeds",
@@ -406,7 +411,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--eval-every", type=int, default=20, help="held-out evaluation interval (steps)")
     p.add_argument("--eval-batches", type=int, default=32, help="held-out batches (micro-batch x ranks rows each)")
-    p.add_argument("--world-size", type=int, default=2, help="data-parallel CPU ranks")
+    p.add_argument("--world-size", type=int, default=2, help="data-parallel ranks (CPU processes or GPUs)")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="DeepSpeed accelerator of the ranks (cuda: one GPU per rank; see scripts/gpu_convergence.sh)",
+    )
     p.add_argument("--threads", type=int, default=1, help="OMP/torch threads per rank")
     p.add_argument("--variants", nargs="*", help="slugs to run (default: all); stock is always run")
     p.add_argument("--extras", nargs="*", default=[], choices=sorted(EXTRAS), help="optional reference runs")
@@ -492,6 +503,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": args.model,
             "parameters": runs["stock"]["parameters"],
             "world_size": args.world_size,
+            "device": args.device,
             "zero_stage": 2,
             "bf16": True,
             "steps": args.steps,
@@ -527,7 +539,8 @@ def main(argv: list[str] | None = None) -> int:
     png = args.plot or args.out / "convergence.png"
     s = result["setup"]
     title = (
-        f"LLaMA {args.model} ({s['parameters'] / 1e6:.1f}M params), {args.world_size} CPU ranks, ZeRO-2 bf16, "
+        f"LLaMA {args.model} ({s['parameters'] / 1e6:.1f}M params), {args.world_size} {args.device.upper()} ranks, "
+        "ZeRO-2 bf16, "
         f"{args.steps} steps x {s['tokens_per_step']} tokens, seq {args.seq_len}; {describe(machine)}"
     )
     plot(runs, summary, png, title, paired)

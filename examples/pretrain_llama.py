@@ -57,9 +57,9 @@ def parse_args() -> argparse.Namespace:
     return deepspeed.add_config_arguments(parser).parse_args()
 
 
-def mean_over_ranks(value: float) -> float:
+def mean_over_ranks(value: float, device: torch.device) -> float:
     """Average a Python float over data-parallel ranks (outside agoq's byte meters)."""
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=device)
     torch_dist.all_reduce(t)
     return t.item() / torch_dist.get_world_size()
 
@@ -69,7 +69,7 @@ def heldout_loss(engine, held: list[torch.Tensor]) -> float:
     engine.eval()
     losses = [engine(input_ids=b, labels=b).loss.float().item() for b in held]
     engine.train()
-    return mean_over_ranks(sum(losses) / len(losses))
+    return mean_over_ranks(sum(losses) / len(losses), engine.device)
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -117,7 +117,10 @@ def main() -> None:
     is_agoq = hasattr(engine, "agoq_stats")
     micro_bs, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     data = batches(train_tokens, micro_bs, args.seq_len, seed=args.seed, rank=rank, world_size=world)
-    held = [b[rank::world] for b in heldout_batches(heldout_tokens, micro_bs * world, args.seq_len, args.eval_batches)]
+    held = [
+        b[rank::world].to(engine.device)
+        for b in heldout_batches(heldout_tokens, micro_bs * world, args.seq_len, args.eval_batches)
+    ]
 
     record: dict = {
         "label": args.label or Path(args.deepspeed_config).stem,
@@ -145,7 +148,7 @@ def main() -> None:
             start = time.perf_counter()
             losses = []
             for micro in range(gas):
-                batch = next(data)
+                batch = next(data).to(engine.device)
                 # Baseline runs: count what autograd saves; agoq runs report their own stored bytes.
                 with SavedActivationMeter(engine.module) if not is_agoq else nullcontext() as saved:
                     loss = engine(input_ids=batch, labels=batch).loss
@@ -164,7 +167,7 @@ def main() -> None:
                 stored = baseline = saved.bytes
             record["activation_bytes_per_micro_batch"].append(stored)
             record["activation_baseline_bytes_per_micro_batch"].append(baseline)
-            record["loss"].append(mean_over_ranks(sum(losses) / len(losses)))
+            record["loss"].append(mean_over_ranks(sum(losses) / len(losses), engine.device))
             progress.set_postfix(loss=f"{record['loss'][-1]:.4f}")
             if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
                 record["heldout"].append([step + 1, heldout_loss(engine, held)])
