@@ -9,7 +9,7 @@ A LLaMA block saves several tensors that are cheap elementwise functions of tens
   product's), and the down projection saves ``silu(g) * u``;
 * the SiLU output itself, saved by the gating product.
 
-Each of those is an ``Recipe`` over stored tensors: a tree of elementwise ops whose leaves are
+Each of those is a ``Recipe`` over stored tensors: a tree of elementwise ops whose leaves are
 ``Source`` placeholders (stored holders of this forward), model parameters and plain constants.
 Backward evaluates it on the dequantized sources, so it sees the same inputs the ops' own backward
 sees, and the tensor costs 0 bytes. The stored sources can then be kept at 8 bits within the budget
