@@ -17,7 +17,7 @@ def test_defaults_are_agoq_table() -> None:
     cfg = parse_agoq_config({})
     table = cfg.activation.class_table()
     assert set(table) == {c.value for c in LayerClass}
-    assert table["attn_core"] == 8 and table["mlp_act"] == 4 and table["qkv_input"] == 4
+    assert table["attn_core"] == 8 and table["mlp_act"] == 8 and table["qkv_input"] == 4
     assert cfg.gradient.communication_bits == 8 and cfg.gradient.storage_bits == 8
 
 
