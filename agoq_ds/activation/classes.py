@@ -76,6 +76,13 @@ Without recomputation the 4-bit classes are stored at 4 bits (about 6 bits per e
 """
 
 
+ATTENTION_CLASSES = (LayerClass.ATTN_CORE.value, LayerClass.ATTN_VALUE.value)
+"""The classes whose errors the softmax backward amplifies (see ``DEFAULT_CLASS_BITS``)."""
+
+ATTENTION_MIN_BITS = 8
+"""Bits the attention classes keep under ``policy: uniform`` (unless ``class_bits`` names them)."""
+
+
 LOSS_HEAD_MIN_BITS = 8
 """Floor for the log-probabilities a log-softmax/cross-entropy saves, under every policy and rule:
 backward turns them into ``softmax - onehot`` over the whole vocabulary, the largest saved tensor of
