@@ -50,7 +50,12 @@ def test_class_table_rules_exclude_and_overrides():
 
 def test_uniform_policy_and_defaults_meet_the_issue():
     uniform = ActivationConfig(policy="uniform", default_bits=2).class_table()
-    assert set(uniform.values()) == {2}
+    # every class at 2 bits but attention, which never goes below 8 unless class_bits says so
+    assert {c for c, b in uniform.items() if b != 2} == {"attn_core", "attn_value"}
+    assert uniform["attn_core"] == uniform["attn_value"] == 8
+    assert ActivationConfig(policy="uniform", default_bits=16).class_table()["attn_core"] == 16
+    explicit = ActivationConfig(policy="uniform", default_bits=2, class_bits={"attn_core": 4}).class_table()
+    assert explicit["attn_core"] == 4 and explicit["attn_value"] == 8
     agoq = ActivationConfig().class_table()
     # 4 bits only for the Linear inputs a LLaMA block rebuilds in backward (recipes) or stores as SDPA's
     # output (out_proj_input): what is stored is 8-bit

@@ -34,6 +34,7 @@ def test_uniform_policy_and_overrides() -> None:
     cfg = parse_agoq_config({"activation": {"policy": "uniform", "default_bits": 2, "class_bits": {"mlp_act": 8}}})
     table = cfg.activation.class_table()
     assert table.pop("mlp_act") == 8
+    assert table.pop("attn_core") == table.pop("attn_value") == 8  # attention's floor under uniform
     assert set(table.values()) == {2}
 
 
