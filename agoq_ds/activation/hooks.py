@@ -66,6 +66,17 @@ def active_engine() -> PackEngine | None:
     return getattr(_ACTIVE, "engine", None)
 
 
+def _live_leaves(refs: tuple) -> list[Leaf] | None:
+    """The (holder, shape, strides) of a recipe's sources, or ``None`` if one was freed."""
+    leaves: list[Leaf] = []
+    for ref, shape, stride in refs:
+        holder = ref()
+        if holder is None:
+            return None
+        leaves.append((holder, shape, stride))
+    return leaves
+
+
 def _top_hooks() -> tuple | None:
     try:
         return torch._C._autograd._top_saved_tensors_default_hooks(False)
@@ -514,31 +525,19 @@ class PackEngine:
         entry = self._derivable.get(key)
         if entry is None or entry[2].expired():
             return None
-        recipe, refs, _, _ = entry
-        leaves: list[Leaf] = []
-        for ref, shape, stride in refs:
-            source = ref()
-            if source is None:
-                return None
-            leaves.append((source, shape, stride))
-        return recipe, leaves
+        leaves = _live_leaves(entry[1])
+        return (entry[0], leaves) if leaves is not None else None
 
     def _derive(self, key: tuple, t: torch.Tensor, module: int, cls: str | None) -> DerivedTensor | None:
         recipe, refs, out_storage, bound = self._derivable[key]
-        if out_storage.expired():
+        sources = _live_leaves(refs)
+        if out_storage.expired() or sources is None:
             return None
-        sources: list[SavedView] = []
-        for ref, shape, stride in refs:
-            source = ref()
-            if source is None:
-                return None
-            sources.append(SavedView(source, shape, stride))
-        derived = DerivedTensor(tuple(sources), recipe, t, self.ledger, bound)
+        derived = DerivedTensor(tuple(SavedView(*leaf) for leaf in sources), recipe, t, self.ledger, bound)
         leaves = derived.stored_leaves()
-        if self.trace is None and any(leaf.final for leaf in leaves):
-            want = self._bits_for(module, cls)
-            if any(leaf.final and leaf.bits < want for leaf in leaves):
-                return None  # a source was stored coarser than this consumer wants
+        final_bits = [leaf.bits for leaf in leaves if leaf.final]
+        if self.trace is None and final_bits and min(final_bits) < self._bits_for(module, cls):
+            return None  # a source was stored coarser than this consumer wants
         self._number(derived)
         derived.requests.append((module, cls))
         self._cache.put(key, t, derived)

@@ -331,7 +331,7 @@ class SavedTensor:
                 self._source(),
                 span.bits,
                 spec.group_size,
-                stochastic=spec.stochastic or self.log_space,
+                stochastic=self._stochastic(spec),
                 seed=seed,
                 scale_dtype=spec.scale_dtype,
             )
@@ -409,11 +409,15 @@ class SavedTensor:
             src = src.float().exp()
         return src
 
+    def _stochastic(self, spec: QuantSpec) -> bool:
+        """Whether this span rounds stochastically: as configured, and probabilities always (rounded to
+        nearest, the many small ones of a row read back 0 and their gradient, softmax - onehot, loses
+        its push-down on them: a bias)."""
+        return spec.stochastic or self.log_space
+
     def _store_quantized(self, bits: int, spec: QuantSpec, seed: int, check_finite: bool = False) -> None:
         src = self._source()
-        # Probabilities round stochastically whatever the policy: to nearest, the many small ones of a
-        # row read back 0 and their gradient (softmax - onehot) loses its push-down on them, a bias.
-        stochastic = spec.stochastic or self.log_space
+        stochastic = self._stochastic(spec)
         q = quantize(src, bits, spec.group_size, stochastic=stochastic, seed=seed, scale_dtype=spec.scale_dtype)
         if check_finite and bool(q.scales.isnan().any()):
             # A group holding NaN/Inf reads back all-NaN (format.py). Stock backward may never read
