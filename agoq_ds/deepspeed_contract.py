@@ -1,7 +1,7 @@
 """Every DeepSpeed internal agoq relies on, in one table, and the check that the installed DeepSpeed
 still provides them (``check()``; run by ``agoq-ds report`` and ``tests/integration/test_deepspeed_contract.py``).
 
-agoq subclasses four DeepSpeed classes. For each, ``FENCES`` lists the DeepSpeed methods the subclass
+agoq subclasses five DeepSpeed classes. For each, ``FENCES`` lists the DeepSpeed methods the subclass
 overrides, with a hash of DeepSpeed's source of each (a DeepSpeed release that changes one of them
 fails the check by name, so the override is reviewed before it runs against code it was not written
 for), and the DeepSpeed attributes and helper methods the subclass uses on ``self``. ``REBINDS`` are
@@ -128,6 +128,39 @@ FENCES: tuple[Fence, ...] = (
         ),
     ),
     Fence(
+        "agoq_ds.gradient.stage3_optimizer.AgoqStage3Optimizer",
+        "deepspeed.runtime.zero.stage3.DeepSpeedZeroOptimizer_Stage3",
+        {
+            "_DeepSpeedZeroOptimizer_Stage3__avg_scatter_contiguous_grads": "98ac2e89a47b",
+            "_DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads": "5f37b9f8659e",
+            "__init__": "cd4b2ccda90d",
+            "backward_prologue": "1b9ad8d1a8a7",
+            "finalize_gradient_accumulation_boundary": "46cb396087b9",
+            "independent_gradient_partition_epilogue": "e8bc243cb6b9",
+            "load_state_dict": "528212ae5f98",
+            "partition_grads": "3ca6b17c5709",
+            "state_dict": "1bbb464edd90",
+            "step": "1dfecf4f2fb7",
+            "zero_grad": "178d952378e9",
+        },
+        (
+            "_DeepSpeedZeroOptimizer_Stage3__reduce_and_partition_ipg_grads",  # private: called by name
+            "__param_id_to_grad_partition",  # private: rebound to the dequantized partition
+            "_get_param_partition_group",
+            "_get_param_partition_rank",
+            "averaged_gradients",
+            "device",
+            "dp_process_group",
+            "fp16_groups",
+            "grad_partitions_flat_buffer",
+            "gradient_accumulation_dtype",
+            "ipg_buckets",
+            "is_gradient_accumulation_boundary",
+            "overflow",
+            "reduce_and_partition_stream",
+        ),
+    ),
+    Fence(
         "agoq_ds.gradient.bf16_optimizer.AgoqBF16Optimizer",
         "deepspeed.runtime.bf16_optimizer.BF16_Optimizer",
         {
@@ -158,11 +191,12 @@ FENCES: tuple[Fence, ...] = (
         ),
     ),
 )
-"""The four subclasses (32 overridden methods)."""
+"""The five subclasses (43 overridden methods)."""
 
 REBINDS: tuple[tuple[str, str], ...] = (
     ("deepspeed.runtime.engine", "DeepSpeedZeroOptimizer"),
     ("deepspeed.runtime.engine", "BF16_Optimizer"),
+    ("deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3"),
 )
 """Module globals agoq rebinds while an engine builds its optimizer (``gradient/install.py``)."""
 
@@ -173,9 +207,18 @@ def load(path: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
+def unwrap(fn: Any) -> Any:
+    """The function a decorator wraps: ``__wrapped__``, or the one function captured by a closure
+    (DeepSpeed's ``instrument_w_nvtx`` sets no ``__wrapped__``: hashing its wrapper would hash the same
+    few lines for every decorated method, and a change to the method would go unnoticed)."""
+    fn = inspect.unwrap(fn)
+    cells = [c.cell_contents for c in getattr(fn, "__closure__", None) or () if inspect.isfunction(c.cell_contents)]
+    return unwrap(cells[0]) if len(cells) == 1 else fn
+
+
 def source_hash(fn: Any) -> str:
-    """First 12 hex digits of the SHA-256 of ``fn``'s (dedented) source."""
-    return hashlib.sha256(textwrap.dedent(inspect.getsource(fn)).encode()).hexdigest()[:12]
+    """First 12 hex digits of the SHA-256 of ``fn``'s (dedented) source, decorators unwrapped."""
+    return hashlib.sha256(textwrap.dedent(inspect.getsource(unwrap(fn))).encode()).hexdigest()[:12]
 
 
 def _uses(cls: type, name: str) -> bool:

@@ -28,6 +28,7 @@ from . import quant
 from ._compat import check_deepspeed_version
 from .config import AgoqConfig, AgoqConfigError, parse_agoq_config
 from .constants import CHECKPOINT_KEY, CONFIG_KEY, MONITOR_PREFIX
+from .gradient.host import GradientHost, gradient_host
 from .overflow_watch import OverflowStreak, overflow_message
 from .summary import startup_summary
 
@@ -156,20 +157,16 @@ class AgoqEngineMixin:
     def buffered_allreduce_fallback(self, grads=None, elements_per_buffer=500000000):
         """DeepSpeed's stage-0 / ``BF16_Optimizer`` gradient all-reduce; through the 8-bit path when the
         engine reduces its own gradients (``grads=None``) and agoq holds them."""
-        bf16_path = bool(getattr(self.optimizer, "agoq_active", False))  # AgoqBF16Optimizer, switched on
-        if grads is not None or (self.agoq_param_gradients is None and not bf16_path):
+        host = self.agoq_gradient_path()
+        if grads is not None or host is None or not host.agoq_engine_reduces:
             return super().buffered_allreduce_fallback(grads=grads, elements_per_buffer=elements_per_buffer)
         group, divisor = self._agoq_dp_group()
-        scale = 1.0 / divisor if self.gradient_average else 1.0
-        if self.agoq_param_gradients is not None:
-            self.agoq_param_gradients.reduce(
-                group=group,
-                scale=scale,
-                comm_dtype=self.communication_data_type,
-                elements_per_buffer=elements_per_buffer,
-            )
-        else:
-            self.optimizer.agoq_reduce(group=group, scale=scale, comm_dtype=self.communication_data_type)
+        host.agoq_reduce(
+            group=group,
+            scale=1.0 / divisor if self.gradient_average else 1.0,
+            comm_dtype=self.communication_data_type,
+            elements_per_buffer=elements_per_buffer,
+        )
 
     def destroy(self):
         """Remove the stage-0 gradient hooks, then DeepSpeed's ``destroy``."""
@@ -185,8 +182,8 @@ class AgoqEngineMixin:
 
     def _take_model_step(self, lr_kwargs):
         gradients = self.agoq_param_gradients
-        if gradients is not None and gradients.pending():
-            gradients.materialize()  # a step without reduction (no_sync): DeepSpeed steps on local sums
+        if gradients is not None and gradients.agoq_store.pending():
+            gradients.agoq_materialize()  # a step without reduction (no_sync): DeepSpeed steps on local sums
         super()._take_model_step(lr_kwargs)
         overflow = bool(getattr(self.optimizer, "overflow", False))  # a host bool DeepSpeed already has
         if gradients is not None:
@@ -233,12 +230,13 @@ class AgoqEngineMixin:
             stats.update({f"gradient/{k}": float(v) for k, v in path.agoq_stats().items()})
         return stats
 
-    def agoq_gradient_path(self) -> Any | None:
-        """What runs the 8-bit gradient path: the ZeRO-1/2 or ``BF16_Optimizer`` subclass, or the
-        stage-0 ``ParamGradients`` (``engine.agoq_param_gradients``); None when it is off."""
+    def agoq_gradient_path(self) -> GradientHost | None:
+        """What holds the 8-bit gradients (a ``GradientHost``): the ZeRO-1/2, ZeRO-3 or
+        ``BF16_Optimizer`` subclass, or the stage-0 ``ParamGradients`` (``engine.agoq_param_gradients``);
+        None when the gradient path is off."""
         if self.agoq_param_gradients is not None:
             return self.agoq_param_gradients
-        return self.optimizer if callable(getattr(self.optimizer, "agoq_stats", None)) else None
+        return gradient_host(self.optimizer)
 
     def agoq_report(self, per_layer: bool = False) -> str:
         """Human-readable activation table (bits, bytes, ratio per class) plus gradient figures."""
@@ -343,10 +341,9 @@ class AgoqPipelineEngine(AgoqEngineMixin, PipelineEngine):
         tied = [weight for weight, _ in self.module.get_tied_weights_and_groups()]
         if tied:
             # The tied-weight all-reduce reads param.grad / the BF16_Optimizer buffer: fill them first.
-            if self.agoq_param_gradients is not None:
-                self.agoq_param_gradients.materialize(tied)
-            elif callable(getattr(self.optimizer, "agoq_materialize", None)):
-                self.optimizer.agoq_materialize()
+            host = self.agoq_gradient_path()
+            if host is not None:
+                host.agoq_materialize(tied)
         super()._exec_reduce_tied_grads()
 
 

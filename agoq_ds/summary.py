@@ -32,17 +32,12 @@ def _gradient_line(engine: Any) -> list[str]:
     path = engine.agoq_gradient_path() if hasattr(engine, "agoq_gradient_path") else None
     if path is None:
         return ["gradients     stock DeepSpeed (agoq gradient path off)"]
-    partitioned = hasattr(path, "partition_gradients")  # the ZeRO-1/2 optimizer
-    if cfg.communication_bits != 8:
-        comm = "DeepSpeed's own reduction"
-    elif partitioned:
-        comm = f"{cfg.communication_bits}-bit reduce-scatter (all-to-all exchange, fp32 sum)"
-    else:
-        comm = f"{cfg.communication_bits}-bit all-reduce (reduce-scatter with fp32 sum + int8 all-gather)"
     store = f"int{cfg.storage_bits} storage" if cfg.storage_bits == 8 else "fp32 storage"
     ef = " + error feedback" if cfg.error_feedback else ""
-    where = "" if partitioned else f" [{type(path).__name__}]"
-    return [f"gradients     {comm}, {store}{ef}, group {cfg.group_size}, {cfg.rounding} rounding{where}"]
+    return [
+        f"gradients     {path.agoq_description}, {store}{ef}, group {cfg.group_size}, {cfg.rounding} rounding "
+        f"[{type(path).__name__}]"
+    ]
 
 
 def startup_summary(engine: Any) -> str:

@@ -35,12 +35,10 @@ from deepspeed.utils import logger
 
 from ..config import AgoqConfig, GradientConfig
 from ..seeding import mix_seed as _mix
-from .accounting import GradientAccounting
-from .accumulator import Accumulator, gradient_accumulator
 from .allreduce import CHUNK_ELEMENTS, all_reduce_chunked, chunk_bounds
+from .host import GradientHost
+from .store import GradientStore
 from .zero_optimizer import STATE_KEY
-
-STATE_VERSION = 1
 
 _SIGNATURE = inspect.signature(BF16_Optimizer.__init__)
 
@@ -60,7 +58,7 @@ def reject_unsupported_arguments(arguments: dict[str, Any]) -> None:
         )
 
 
-class AgoqBF16Optimizer(BF16_Optimizer):
+class AgoqBF16Optimizer(GradientHost, BF16_Optimizer):
     """``BF16_Optimizer`` with an int8 gradient accumulation buffer and 8-bit all-reduce.
 
     Constructed by DeepSpeed with its own arguments (see ``install.agoq_bf16_optimizer``); the agoq
@@ -77,21 +75,20 @@ class AgoqBF16Optimizer(BF16_Optimizer):
         self.agoq_config = agoq_config or type(self).agoq_config or AgoqConfig()
         self._agoq_active = False  # DeepSpeed's own code paths until the setup below
         self._agoq_store8 = False
-        self._agoq_accs: dict[int, Accumulator] = {}
         self._agoq_live: dict[int, bool] = {}
         self._agoq_offsets: dict[int, list[int]] = {}
-        self._agoq_step = 0
-        self._agoq_calls = 0
-        self.agoq_accounting = GradientAccounting()
+        group = bound_args.arguments["dp_process_group"]
+        self.agoq_store = GradientStore(
+            self.agoq_config,
+            host="bf16_optimizer",
+            rank=dist.get_rank(group=group),
+            world_size=dist.get_world_size(group=group),
+            device=get_accelerator().current_device_name(),
+        )
         super().__init__(*args, **kwargs)
         self._agoq_setup()
 
     # --- setup ---------------------------------------------------------------------------------
-
-    @property
-    def agoq_active(self) -> bool:
-        """Whether the 8-bit accumulation or all-reduce is on (else this is DeepSpeed's optimizer)."""
-        return self._agoq_active
 
     @property
     def agoq_gradient(self) -> GradientConfig:
@@ -103,20 +100,23 @@ class AgoqBF16Optimizer(BF16_Optimizer):
         on = self.agoq_config.enabled and g.enabled and self.using_real_optimizer
         self._agoq_active = on and (g.communication_bits == 8 or g.storage_bits == 8)
         self._agoq_store8 = on and g.storage_bits == 8
-        self._agoq_rank = dist.get_rank(group=self.dp_process_group)
-        self._agoq_world = dist.get_world_size(group=self.dp_process_group)
+        self.agoq_engine_reduces = self._agoq_active
+        self.agoq_description = (
+            "8-bit all-reduce (reduce-scatter with fp32 sum + int8 all-gather)"
+            if g.communication_bits == 8
+            else "fp32 all-reduce"
+        )
         if not self._agoq_store8:
             return
-        device = get_accelerator().current_device_name()
         for i, group in enumerate(self.bf16_groups):
             starts, total = [], 0
             for lp in group:
                 starts.append(total)
                 total += lp.numel()
             self._agoq_offsets[i] = starts
-            self._agoq_accs[i] = gradient_accumulator(self.fp32_groups_gradients_flat[i].numel(), g, device=device)
+            self.agoq_store.add_per_step(i, self.fp32_groups_gradients_flat[i].numel(), release=False)
             self._agoq_release(i)
-        if self._agoq_rank == 0:
+        if self.agoq_store.rank == 0:
             logger.info(
                 f"agoq: BF16_Optimizer gradients: accumulation {g.storage_bits}-bit (stock: {self.grad_acc_dtype}), "
                 f"all-reduce {g.communication_bits}-bit, group {g.group_size}, rounding {g.rounding}, "
@@ -128,10 +128,6 @@ class AgoqBF16Optimizer(BF16_Optimizer):
         if self._agoq_store8 and folding_spec is not None and folding_spec.tp_size > 1:
             raise ValueError("agoq.gradient: AutoEP folding with tensor parallelism is not supported (BF16_Optimizer)")
         super().configure_autoep_folding_tp_gradient_reduction(folding_spec)
-
-    def _agoq_seed(self, *parts: int) -> int:
-        self._agoq_calls += 1
-        return _mix(self.agoq_config.seed, self._agoq_rank, self._agoq_step, self._agoq_calls, *parts)
 
     # --- the flat buffer and its views ---------------------------------------------------------
 
@@ -158,7 +154,7 @@ class AgoqBF16Optimizer(BF16_Optimizer):
         self._agoq_live[i] = False
 
     def _agoq_materialize_group(self, i: int) -> None:
-        acc = self._agoq_accs[i]
+        acc = self.agoq_store.per_step[i]
         flat = torch.empty(acc.numel, dtype=self.grad_acc_dtype, device=acc.device)
         for start, end in chunk_bounds(acc.numel, CHUNK_ELEMENTS, acc.group_size):
             flat[start:end].copy_(acc.dequantize_range(start, end))
@@ -166,10 +162,11 @@ class AgoqBF16Optimizer(BF16_Optimizer):
         self._agoq_bind(i, flat)
         self._agoq_live[i] = True
 
-    def agoq_materialize(self) -> None:
+    def agoq_materialize(self, params: Any = None) -> None:
         """Dequantize the accumulated (not yet reduced) gradients into a real buffer, without
-        communicating: before the pipeline's tied-weight all-reduce, or a step that was not reduced."""
-        for i in self._agoq_accs:
+        communicating: before the pipeline's tied-weight all-reduce, or a step that was not reduced
+        (every group: the buffer is one per group, whichever ``params`` are asked for)."""
+        for i in self.agoq_store.per_step:
             if not self._agoq_live[i]:
                 self._agoq_materialize_group(i)
 
@@ -193,7 +190,7 @@ class AgoqBF16Optimizer(BF16_Optimizer):
     def _agoq_add(self, i: int, batch: list[tuple[int, torch.nn.Parameter]], starts: list[int]) -> None:
         values = torch.cat([lp.grad.detach().reshape(-1) for _, lp in batch])
         positions = [(starts[j], lp.numel()) for j, lp in batch]
-        self._agoq_accs[i].add_(values, positions, seed=self._agoq_seed(1, i))
+        self.agoq_store.per_step[i].add_(values, positions, seed=self.agoq_store.seed(1, i))
 
     def _agoq_mark(self, i: int, j: int, lp: torch.nn.Parameter, clear_lp_grads: bool) -> None:
         lp._hp_grad = self.fp32_groups_gradients[i][j]
@@ -208,7 +205,7 @@ class AgoqBF16Optimizer(BF16_Optimizer):
             return super().update_hp_grads(clear_lp_grads=clear_lp_grads)
         if self.immediate_grad_update:
             return
-        self.agoq_accounting.micro_steps += 1
+        self.agoq_store.accounting.micro_steps += 1
         for i, group in enumerate(self.bf16_groups):
             items = [(j, lp) for j, lp in enumerate(group) if lp.grad is not None]
             self._agoq_accumulate(i, items)
@@ -229,7 +226,7 @@ class AgoqBF16Optimizer(BF16_Optimizer):
         """Drop the accumulated gradients and release the buffer (DeepSpeed zeroes it)."""
         if not self._agoq_store8:
             return super().clear_hp_grads()
-        for i, acc in self._agoq_accs.items():
+        for i, acc in self.agoq_store.per_step.items():
             acc.reset()
             self._agoq_release(i)
         for i, group in enumerate(self.fp32_groups_gradients):
@@ -237,14 +234,14 @@ class AgoqBF16Optimizer(BF16_Optimizer):
 
     # --- reduction -----------------------------------------------------------------------------
 
-    def agoq_reduce(self, *, group, scale: float, comm_dtype: torch.dtype) -> None:
+    def agoq_reduce(self, *, group, scale: float, comm_dtype: torch.dtype, elements_per_buffer: int = 0) -> None:
         """All-reduce every group's accumulated gradient over ``group`` (scaled by ``scale``) into the
         buffer the step reads; replaces DeepSpeed's all-reduce of ``get_grads_for_reduction()``."""
         self._agoq_note_buffers()
         for i, flat in enumerate(self.fp32_groups_gradients_flat):
             numel = flat.numel()
             if self._agoq_store8:
-                acc = self._agoq_accs[i]
+                acc = self.agoq_store.per_step[i]
                 source = flat if self._agoq_live[i] else None
                 target = torch.empty(numel, dtype=self.grad_acc_dtype, device=flat.device)
             else:
@@ -256,7 +253,7 @@ class AgoqBF16Optimizer(BF16_Optimizer):
             def write(start: int, end: int, reduced: torch.Tensor, target=target) -> None:
                 target[start:end].copy_(reduced)
 
-            tag = self._agoq_seed(2, i)
+            tag = self.agoq_store.seed(2, i)
             all_reduce_chunked(
                 numel,
                 read,
@@ -266,7 +263,7 @@ class AgoqBF16Optimizer(BF16_Optimizer):
                 scale=scale,
                 seed=lambda start, tag=tag: _mix(tag, start),
                 comm_dtype=comm_dtype,
-                counter=self.agoq_accounting.comm,
+                counter=self.agoq_store.accounting.comm,
             )
             if acc is not None:
                 acc.reset()
@@ -280,52 +277,26 @@ class AgoqBF16Optimizer(BF16_Optimizer):
         residuals carry on, except after a skipped step, where they are dropped with the gradients)."""
         if not self._agoq_active:
             return super().step(closure)
-        if any(acc.has_value for acc in self._agoq_accs.values()):
+        if self.agoq_store.pending():
             self.agoq_materialize()  # never reduced (e.g. no_sync): DeepSpeed steps on the local sums
         self._agoq_note_buffers()
         super().step(closure)
-        if self.overflow:
-            for acc in self._agoq_accs.values():
-                acc.reset()
-                acc.reset_residual()
-        self.agoq_accounting.finish_step()
-        self._agoq_step += 1
-        self._agoq_calls = 0
-
-    # --- statistics ----------------------------------------------------------------------------
+        self.agoq_store.finish_step(overflow=bool(self.overflow))
 
     def _agoq_note_buffers(self) -> None:
-        buffer = sum(acc.nbytes for acc in self._agoq_accs.values())
-        fp32 = sum(4 * acc.numel for acc in self._agoq_accs.values() if acc.nbytes)
-        ef = sum(acc.residual_nbytes for acc in self._agoq_accs.values())
-        self.agoq_accounting.note_buffers(buffer, fp32, ef)
-
-    def agoq_stats(self) -> dict[str, float]:
-        """Figures of the last finished step on this rank, with the keys of
-        ``AgoqZeroOptimizer.agoq_stats``: ``comm_bytes`` versus ``comm_bytes_baseline_fp32/bf16``
-        (DeepSpeed's ring all-reduce of the same buffers), ``buffer_bytes`` (int8 accumulators) versus
-        ``buffer_bytes_fp32``, ``ef_bytes``, ``state_bytes``, ``micro_steps``, ``steps``."""
-        return dict(self.agoq_accounting.last or self.agoq_accounting.snapshot())
+        self.agoq_store.note_buffers()
 
     # --- checkpointing -------------------------------------------------------------------------
 
     def _agoq_layout(self) -> dict[str, Any]:
-        return {
-            "version": STATE_VERSION,
-            "kind": "bf16_optimizer",
-            "world_size": self._agoq_world,
-            "dp_rank": self._agoq_rank,
-            "group_size": self.agoq_gradient.group_size,
-            "numels": [acc.numel for acc in self._agoq_accs.values()],
-        }
+        return {"dp_rank": self.agoq_store.rank, "numels": [acc.numel for acc in self.agoq_store.per_step.values()]}
 
     def state_dict(self) -> dict[str, Any]:
         """DeepSpeed's state dict plus ``STATE_KEY``: the step counter and the error-feedback residual
         of each group (int8 codes + fp32 scales), as plain tensors. Stock DeepSpeed ignores the key."""
         state = super().state_dict()
         if self._agoq_active:
-            residuals = {i: acc.residual_state() for i, acc in self._agoq_accs.items()}
-            state[STATE_KEY] = {**self._agoq_layout(), "step": self._agoq_step, "residuals": residuals}
+            state[STATE_KEY] = self.agoq_store.state(**self._agoq_layout())
         return state
 
     def load_state_dict(
@@ -350,17 +321,10 @@ class AgoqBF16Optimizer(BF16_Optimizer):
         if not self._agoq_active:
             return
         state = None
+        rank = self.agoq_store.rank
         if load_optimizer_states and not checkpoint_folder and isinstance(state_dict_list, list | tuple):
-            if len(state_dict_list) > self._agoq_rank:
-                state = state_dict_list[self._agoq_rank].get(STATE_KEY)
-        layout = self._agoq_layout()
-        fits = state is not None and all(state.get(k) == v for k, v in layout.items())
-        ok = fits
-        for i, acc in self._agoq_accs.items():
-            ok = acc.load_residual_state(state["residuals"].get(i) if fits else None) and ok
-        if fits:
-            self._agoq_step = int(state.get("step", self._agoq_step))
-        elif state is not None and self._agoq_rank == 0:
+            if len(state_dict_list) > rank:
+                state = state_dict_list[rank].get(STATE_KEY)
+        restored = self.agoq_store.load_state(state, **self._agoq_layout())
+        if not restored and state is not None and rank == 0:
             logger.warning("agoq: checkpoint gradient state does not fit this layout; error feedback starts from zero")
-        if not ok and fits and self._agoq_rank == 0:
-            logger.warning("agoq: checkpoint error-feedback residuals do not fit; starting them from zero")

@@ -13,8 +13,9 @@ bound (``agoq_ds.quant.bound``) — unlike an int8 sum with a shared scale, whos
 chunk once more and an int8 all-gather gives every rank the same (bit-identical) full result.
 
 Byte accounting (``CommCounter``) counts what each rank puts on the wire: the non-self send splits
-of the all-to-all, and ``(N-1)`` chunks for a ring all-gather. Baselines use DeepSpeed's reduction,
-a ring all-reduce of the bucket: ``2 (N-1) / N * numel * element_size`` per rank.
+of the all-to-all, and ``(N-1)`` chunks for a ring all-gather. Baselines use DeepSpeed's reduction:
+a ring all-reduce of the bucket, ``2 (N-1) / N * numel * element_size`` per rank, or at ZeRO-3 a ring
+reduce-scatter, ``(N-1) / N * numel * element_size``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ def ring_allreduce_bytes(numel: int, world_size: int, element_size: int) -> floa
     return 2.0 * (world_size - 1) / world_size * numel * element_size if world_size > 1 else 0.0
 
 
+def reduce_scatter_bytes(numel: int, world_size: int, element_size: int) -> float:
+    """Bytes one rank sends in a ring reduce-scatter of ``numel`` elements (DeepSpeed's ZeRO-3 baseline)."""
+    return (world_size - 1) / world_size * numel * element_size if world_size > 1 else 0.0
+
+
 def packed_segment_bytes(numel: int, group_size: int) -> int:
     """Bytes of one quantized segment on the wire: fp32 scales, then int8 codes padded to 4 bytes."""
     if numel == 0:
@@ -61,9 +67,10 @@ class CommCounter:
     elements: int = 0
     """Gradient elements reduced (bucket sizes, summed)."""
     baseline_fp32_bytes: float = 0.0
-    """What DeepSpeed's fp32 ring all-reduce of the same buckets would send."""
+    """What DeepSpeed's fp32 reduction of the same buckets would send (ring all-reduce; ZeRO-3: ring
+    reduce-scatter)."""
     baseline_bf16_bytes: float = 0.0
-    """What DeepSpeed's bf16 ring all-reduce of the same buckets would send."""
+    """The same in bf16."""
     calls: int = 0
     """Collective launches."""
     error_bound_sq: torch.Tensor | float = 0.0
@@ -74,11 +81,13 @@ class CommCounter:
     """Squared L2 norm of the reduce-scatter results (receiver side); a device tensor like
     ``error_bound_sq``."""
 
-    def add_baseline(self, numel: int, world_size: int) -> None:
-        """Record that a bucket of ``numel`` elements was reduced among ``world_size`` ranks."""
+    def add_baseline(self, numel: int, world_size: int, *, reduce_scatter: bool = False) -> None:
+        """Record that a bucket of ``numel`` elements was reduced among ``world_size`` ranks, by a ring
+        all-reduce in stock DeepSpeed (ZeRO 0-2) or a reduce-scatter (``reduce_scatter``: ZeRO-3)."""
+        bytes_of = reduce_scatter_bytes if reduce_scatter else ring_allreduce_bytes
         self.elements += numel
-        self.baseline_fp32_bytes += ring_allreduce_bytes(numel, world_size, 4)
-        self.baseline_bf16_bytes += ring_allreduce_bytes(numel, world_size, 2)
+        self.baseline_fp32_bytes += bytes_of(numel, world_size, 4)
+        self.baseline_bf16_bytes += bytes_of(numel, world_size, 2)
 
     def reset(self) -> None:
         """Zero every count."""

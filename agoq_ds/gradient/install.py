@@ -3,7 +3,9 @@
 ``DeepSpeedEngine._configure_zero_optimizer`` constructs the module-global name
 ``deepspeed.runtime.engine.DeepSpeedZeroOptimizer`` with about 30 version-specific arguments.
 ``agoq_zero_optimizer(cfg)`` rebinds that name, for the duration of the block only, to a subclass
-of ``AgoqZeroOptimizer`` that carries ``cfg``; DeepSpeed then builds it with its own arguments::
+of ``AgoqZeroOptimizer`` that carries ``cfg``, and ``deepspeed.runtime.zero.stage3.DeepSpeedZeroOptimizer_Stage3``
+(which the engine imports when it builds a stage-3 optimizer) to one of ``AgoqStage3Optimizer``; DeepSpeed
+then builds it with its own arguments::
 
     with agoq_zero_optimizer(agoq_config):
         engine, *_ = deepspeed.initialize(model=model, config=ds_config, ...)
@@ -32,55 +34,65 @@ class UnsupportedConfigError(ValueError):
     """A DeepSpeed setting the 8-bit gradient path does not support; the message names it."""
 
 
+def _bound(module: str, name: str, agoq_config: AgoqConfig) -> type:
+    from importlib import import_module
+
+    base = getattr(import_module(module), name)
+    return type(base.__name__, (base,), {"agoq_config": agoq_config, "__module__": __name__})
+
+
 def optimizer_class(agoq_config: AgoqConfig) -> type:
     """A subclass of ``AgoqZeroOptimizer`` bound to ``agoq_config`` (constructible with exactly
     ``DeepSpeedZeroOptimizer``'s arguments)."""
-    from .zero_optimizer import AgoqZeroOptimizer
-
-    return type("AgoqZeroOptimizer", (AgoqZeroOptimizer,), {"agoq_config": agoq_config, "__module__": __name__})
-
-
-@contextmanager
-def agoq_zero_optimizer(agoq_config: AgoqConfig) -> Iterator[type]:
-    """Make DeepSpeed build ``AgoqZeroOptimizer`` for ZeRO stage 1/2 inside the block.
-
-    Rebinds ``deepspeed.runtime.engine.DeepSpeedZeroOptimizer`` (under a lock) and restores it on
-    exit; yields the class in use. Only stage 1/2 construction reads that name.
-    """
-    import deepspeed.runtime.engine as ds_engine
-
-    cls = optimizer_class(agoq_config)
-    with _lock:
-        saved = ds_engine.DeepSpeedZeroOptimizer
-        ds_engine.DeepSpeedZeroOptimizer = cls
-        try:
-            yield cls
-        finally:
-            ds_engine.DeepSpeedZeroOptimizer = saved
+    return _bound("agoq_ds.gradient.zero_optimizer", "AgoqZeroOptimizer", agoq_config)
 
 
 def bf16_optimizer_class(agoq_config: AgoqConfig) -> type:
     """A subclass of ``AgoqBF16Optimizer`` bound to ``agoq_config`` (constructible with exactly
     ``BF16_Optimizer``'s arguments)."""
-    from .bf16_optimizer import AgoqBF16Optimizer
+    return _bound("agoq_ds.gradient.bf16_optimizer", "AgoqBF16Optimizer", agoq_config)
 
-    return type("AgoqBF16Optimizer", (AgoqBF16Optimizer,), {"agoq_config": agoq_config, "__module__": __name__})
+
+def stage3_optimizer_class(agoq_config: AgoqConfig) -> type:
+    """A subclass of ``AgoqStage3Optimizer`` bound to ``agoq_config`` (constructible with exactly
+    ``DeepSpeedZeroOptimizer_Stage3``'s arguments)."""
+    return _bound("agoq_ds.gradient.stage3_optimizer", "AgoqStage3Optimizer", agoq_config)
+
+
+@contextmanager
+def _rebound(module: str, name: str, cls: type) -> Iterator[type]:
+    """``module.name`` is ``cls`` inside the block (under the lock), DeepSpeed's class again after it."""
+    from importlib import import_module
+
+    target = import_module(module)
+    with _lock:
+        saved = getattr(target, name)
+        setattr(target, name, cls)
+        try:
+            yield cls
+        finally:
+            setattr(target, name, saved)
+
+
+@contextmanager
+def agoq_zero_optimizer(agoq_config: AgoqConfig) -> Iterator[type]:
+    """Make DeepSpeed build agoq's ZeRO optimizers inside the block: ``AgoqZeroOptimizer`` for stages
+    1/2 (rebinds ``deepspeed.runtime.engine.DeepSpeedZeroOptimizer``) and ``AgoqStage3Optimizer`` for
+    stage 3 (rebinds ``deepspeed.runtime.zero.stage3.DeepSpeedZeroOptimizer_Stage3``, which the engine
+    imports when it builds one). Yields the stage 1/2 class."""
+    with (
+        _rebound("deepspeed.runtime.engine", "DeepSpeedZeroOptimizer", optimizer_class(agoq_config)) as cls,
+        _rebound("deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3", stage3_optimizer_class(agoq_config)),
+    ):
+        yield cls
 
 
 @contextmanager
 def agoq_bf16_optimizer(agoq_config: AgoqConfig) -> Iterator[type]:
     """Make DeepSpeed build ``AgoqBF16Optimizer`` wherever it would build ``BF16_Optimizer`` inside the
     block (rebinds ``deepspeed.runtime.engine.BF16_Optimizer`` under the lock; yields the class)."""
-    import deepspeed.runtime.engine as ds_engine
-
-    cls = bf16_optimizer_class(agoq_config)
-    with _lock:
-        saved = ds_engine.BF16_Optimizer
-        ds_engine.BF16_Optimizer = cls
-        try:
-            yield cls
-        finally:
-            ds_engine.BF16_Optimizer = saved
+    with _rebound("deepspeed.runtime.engine", "BF16_Optimizer", bf16_optimizer_class(agoq_config)) as cls:
+        yield cls
 
 
 def device_name(device: Any) -> str:
@@ -112,6 +124,7 @@ def _settings_from_dict(ds_config: dict[str, Any]) -> dict[str, Any]:
         "bf16": enabled("bf16") or enabled("bfloat16"),
         "grad_accum_dtype": str((ds_config.get("data_types") or {}).get("grad_accum_dtype") or "").lower(),
         "zenflow": zero.get("zenflow") is not None,
+        "quantized_gradients": bool(zero.get("zero_quantized_gradients")),
         "optimizer_type": str(optimizer.get("type", "")).lower(),
         "deepcompile": bool((ds_config.get("compile") or {}).get("deepcompile")),
         "moe": False,
@@ -131,6 +144,7 @@ def _settings_from_engine(engine: Any) -> dict[str, Any]:
         "bf16": engine.bfloat16_enabled(),
         "grad_accum_dtype": "fp32" if grad_accum == torch.float32 else str(grad_accum),
         "zenflow": bool(getattr(engine, "zenflow", False)),
+        "quantized_gradients": bool(getattr(engine, "zero_quantized_gradients", lambda: False)()),
         "optimizer_type": type(getattr(engine, "basic_optimizer", None)).__name__.lower(),
         "deepcompile": bool(getattr(engine, "is_deepcompile_enabled", lambda: False)()),
         "moe": bool(getattr(engine, "has_moe_layers", False)),
@@ -143,8 +157,8 @@ def check_supported(ds_config_or_engine: Any, agoq_config: AgoqConfig) -> None:
 
     ``ds_config_or_engine`` is the DeepSpeed config dict or a built ``DeepSpeedEngine``. Nothing is
     checked when ``agoq.enabled`` or ``agoq.gradient.enabled`` is false. Supported: ZeRO stage 0
-    (plain data parallel, incl. ``BF16_Optimizer`` in bf16 pipelines), 1 and 2, fp32 and bf16, with or
-    without fp32 gradient accumulation. Rejected: ZeRO stage 3, optimizer/parameter offload, MoE
+    (plain data parallel, incl. ``BF16_Optimizer`` in bf16 pipelines), 1, 2 and 3, fp32 and bf16, with or
+    without fp32 gradient accumulation. Rejected: ZeRO++ qgZ at stage 3, optimizer/parameter offload, MoE
     (engine only), fp16 on CPU and fp16 at stage 0 (untested), ZenFlow, Muon, DeepCompile.
     """
     if not (agoq_config.enabled and agoq_config.gradient.enabled):
@@ -155,10 +169,10 @@ def check_supported(ds_config_or_engine: Any, agoq_config: AgoqConfig) -> None:
         s = _settings_from_engine(ds_config_or_engine)
     off = "set agoq.gradient.enabled=false to train without 8-bit gradients"
     stage = s["stage"]
-    if stage == 3:
+    if stage == 3 and s["quantized_gradients"]:
         raise UnsupportedConfigError(
-            "agoq.gradient: zero_optimization.stage=3 is not supported (8-bit gradients work with ZeRO stage 0, 1 "
-            f"and 2); use stage 0, 1 or 2, or {off}"
+            "agoq.gradient: zero_optimization.zero_quantized_gradients=true (ZeRO++ qgZ) and agoq's 8-bit gradients "
+            f"both replace the ZeRO-3 reduce-scatter; use one of them: remove zero_quantized_gradients or {off}"
         )
     for key in ("offload_optimizer", "offload_param"):
         if s[key] not in ("none", ""):

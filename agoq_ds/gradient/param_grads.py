@@ -23,16 +23,17 @@ from torch import nn
 
 from ..config import AgoqConfig
 from ..seeding import mix_seed as _mix
-from .accounting import GradientAccounting
-from .accumulator import Accumulator, gradient_accumulator
+from .accumulator import Accumulator
 from .allreduce import CHUNK_ELEMENTS, all_reduce_chunked
+from .host import GradientHost
+from .store import GradientStore
 
-STATE_VERSION = 1
 
-
-class ParamGradients:
+class ParamGradients(GradientHost):
     """int8 ``param.grad`` accumulation across micro-batches plus the 8-bit all-reduce (see module
     docstring). Owned by the engine (``engine.agoq_param_gradients``)."""
+
+    agoq_engine_reduces = True
 
     def __init__(
         self,
@@ -49,27 +50,24 @@ class ParamGradients:
         """The agoq settings."""
         self.params = [p for p in params if p.requires_grad]
         """Trainable parameters in ``module.parameters()`` order (frozen ones are never touched)."""
-        self.rank = rank
-        """This process's rank (seeds stochastic rounding)."""
-        self.world_size = world_size
-        """Data-parallel world size (checked when restoring a checkpoint)."""
-        self.accounting = GradientAccounting()
-        """Per-step bytes and buffer figures (``agoq_stats``)."""
-        self.steps = 0
-        """Optimizer steps finished (seeds stochastic rounding; saved in checkpoints)."""
+        self.agoq_store = GradientStore(config, host="param_gradients", rank=rank, world_size=world_size, device=device)
+        self.agoq_description = (
+            "8-bit all-reduce (reduce-scatter with fp32 sum + int8 all-gather)"
+            if g.communication_bits == 8
+            else "fp32 all-reduce"
+        )
+        self._agoq_active = True
         self._is_boundary = is_boundary
-        self._calls = 0
-        self._accs: dict[int, Accumulator] = {}
+        self._index = {id(p): i for i, p in enumerate(self.params)}
         self._folds: dict[int, int] = {}
         self._handles: list[Any] = []
         if g.storage_bits == 8:
-            for param in self.params:
-                self._accs[id(param)] = gradient_accumulator(param.numel(), g, device=device)
+            for i, param in enumerate(self.params):
+                self.agoq_store.add_carried(i, param.numel())
                 self._handles.append(param.register_post_accumulate_grad_hook(self._fold))
 
-    def _seed(self, *parts: int) -> int:
-        self._calls += 1
-        return _mix(self.config.seed, self.rank, self.steps, self._calls, *parts)
+    def _acc(self, param: nn.Parameter) -> Accumulator | None:
+        return self.agoq_store.carried.get(self._index.get(id(param), -1))
 
     def remove(self) -> None:
         """Remove the hooks (the engine is being destroyed)."""
@@ -83,14 +81,14 @@ class ParamGradients:
         """Post-accumulate-grad hook: move a non-boundary gradient into its int8 accumulator."""
         if param.grad is None or self._is_boundary():
             return
-        self._accs[id(param)].add_(param.grad.detach().reshape(-1), seed=self._seed(1))
+        self._acc(param).add_(param.grad.detach().reshape(-1), seed=self.agoq_store.seed(1))
         self._folds[id(param)] = self._folds.get(id(param), 0) + 1
         param.grad = None
 
     def _unfold(self, param: nn.Parameter) -> torch.Tensor | None:
         """The accumulated fp32 gradient plus ``param.grad`` (flat; None when there is neither); the
         accumulator is emptied."""
-        acc = self._accs.get(id(param))
+        acc = self._acc(param)
         grad = param.grad
         if acc is None or not acc.has_value:
             return None if grad is None else grad.detach().reshape(-1).float()
@@ -100,37 +98,32 @@ class ParamGradients:
         acc.reset()
         return total
 
-    def materialize(self, params: Sequence[nn.Parameter] | None = None) -> None:
+    def agoq_materialize(self, params: Sequence[nn.Parameter] | None = None) -> None:
         """Put the accumulated gradients of ``params`` (default: all) back into ``param.grad`` without
         communicating: before a tied-weight reduction, or a step that was never reduced (``no_sync``)."""
         for param in self.params if params is None else params:
-            acc = self._accs.get(id(param))
+            acc = self._acc(param)
             if acc is not None and acc.has_value:
                 param.grad = self._unfold(param).view(param.shape).to(param.dtype)
 
-    def pending(self) -> bool:
-        """Whether some accumulator holds gradients that no reduction has consumed yet."""
-        return any(acc.has_value for acc in self._accs.values())
-
     def reset(self) -> None:
         """Drop the accumulated gradients (``engine.zero_grad``)."""
-        for acc in self._accs.values():
-            acc.reset()
+        self.agoq_store.reset()
         self._folds.clear()
 
     # --- reduction ---------------------------------------------------------------------------------
 
-    def reduce(self, *, group, scale: float, comm_dtype: torch.dtype, elements_per_buffer: int) -> None:
+    def agoq_reduce(self, *, group, scale: float, comm_dtype: torch.dtype, elements_per_buffer: int) -> None:
         """All-reduce every trainable gradient (accumulator + ``param.grad``) over ``group``, scaled by
         ``scale``, into ``param.grad``; like DeepSpeed, a parameter without gradient contributes zeros.
 
         Parameters are bucketed as ``engine.allreduce_no_retain`` does (a bucket closes once it holds
         more than ``elements_per_buffer`` elements, here at most ``CHUNK_ELEMENTS``).
         """
-        self._note_buffers()
+        self.agoq_store.note_buffers()
         # Micro-batches in this step: the most folds of any parameter, plus the boundary one if unfolded.
         boundary = any(p.grad is not None for p in self.params)
-        self.accounting.micro_steps = max(self._folds.values(), default=0) + int(boundary)
+        self.agoq_store.accounting.micro_steps = max(self._folds.values(), default=0) + int(boundary)
         self._folds.clear()
         limit = min(int(elements_per_buffer), CHUNK_ELEMENTS)
         bucket: list[nn.Parameter] = []
@@ -162,7 +155,7 @@ class ParamGradients:
                 flat[offset : offset + param.numel()].copy_(local)
             param.grad = None
             offset += param.numel()
-        tag = self._seed(2)
+        tag = self.agoq_store.seed(2)
 
         def write(start: int, end: int, reduced: torch.Tensor) -> None:
             flat[start:end].copy_(reduced)
@@ -176,7 +169,7 @@ class ParamGradients:
             scale=scale,
             seed=lambda start: _mix(tag, start),
             comm_dtype=comm_dtype,
-            counter=self.accounting.comm,
+            counter=self.agoq_store.accounting.comm,
         )
         offset = 0
         for param in bucket:
@@ -188,65 +181,20 @@ class ParamGradients:
     def finish_step(self, overflow: bool) -> None:
         """After ``optimizer.step()``: snapshot the statistics; after a skipped step the gradients and
         error-feedback residuals are dropped, as DeepSpeed drops the gradients."""
-        self._note_buffers()
-        if overflow:
-            for acc in self._accs.values():
-                acc.reset()
-                acc.reset_residual()
-        self.accounting.finish_step()
-        self.steps += 1
-        self._calls = 0
-
-    def _note_buffers(self) -> None:
-        buffer = sum(acc.nbytes for acc in self._accs.values())
-        fp32 = sum(4 * acc.numel for acc in self._accs.values() if acc.nbytes)
-        ef = sum(acc.residual_nbytes for acc in self._accs.values())
-        self.accounting.note_buffers(buffer, fp32, ef)
-
-    def agoq_stats(self) -> dict[str, float]:
-        """Figures of the last finished step (keys as ``AgoqZeroOptimizer.agoq_stats``): ``comm_bytes``
-        sent by this rank versus ``comm_bytes_baseline_fp32/bf16`` (DeepSpeed's ring all-reduce of the
-        same buckets), ``buffer_bytes`` (int8 accumulators: codes + scales) versus
-        ``buffer_bytes_fp32``, ``ef_bytes``, ``state_bytes``, ``micro_steps``, ``steps``."""
-        return dict(self.accounting.last or self.accounting.snapshot())
+        self.agoq_store.note_buffers()
+        self.agoq_store.finish_step(overflow=overflow)
 
     # --- checkpointing -------------------------------------------------------------------------
 
+    def _layout(self) -> dict[str, Any]:
+        return {"numels": [p.numel() for p in self.params]}
+
     def state_dict(self) -> dict[str, Any]:
-        """Plain tensors and numbers: the step counter and the error-feedback residual per trainable
+        """``GradientStore.state()``: the step counter and the error-feedback residual per trainable
         parameter (by index), for a per-rank checkpoint file."""
-        return {
-            "version": STATE_VERSION,
-            "kind": "param_gradients",
-            "world_size": self.world_size,
-            "group_size": self.config.gradient.group_size,
-            "numels": [p.numel() for p in self.params],
-            "steps": self.steps,
-            "residuals": {
-                i: self._accs[id(p)].residual_state() for i, p in enumerate(self.params) if id(p) in self._accs
-            },
-        }
+        return self.agoq_store.state(**self._layout())
 
     def load_state_dict(self, state: dict[str, Any] | None) -> bool:
         """Restore ``state_dict()``'s result; returns False (residuals from zero) when there is none or
         it was written for another layout (world size, group size, parameters)."""
-        fits = (
-            state is not None
-            and state.get("version") == STATE_VERSION
-            and state.get("kind") == "param_gradients"
-            and state.get("world_size") == self.world_size
-            and state.get("group_size") == self.config.gradient.group_size
-            and list(state.get("numels", [])) == [p.numel() for p in self.params]
-        )
-        if not fits:
-            for acc in self._accs.values():
-                acc.reset_residual()
-            return False
-        ok = True
-        residuals = state.get("residuals", {})
-        for i, param in enumerate(self.params):
-            acc = self._accs.get(id(param))
-            if acc is not None:
-                ok &= acc.load_residual_state(residuals.get(i))
-        self.steps = int(state["steps"])
-        return ok
+        return self.agoq_store.load_state(state, **self._layout())

@@ -35,17 +35,14 @@ from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer, GradPar
 from deepspeed.utils import logger
 
 from ..config import AgoqConfig, GradientConfig
-from ..seeding import mix_seed as _mix
-from .accounting import GradientAccounting
-from .accumulator import Accumulator, Fp32Accumulator, Int8Accumulator, gradient_accumulator
 from .collectives import all_reduce_8bit, gather_slices, reduce_scatter_8bit, ring_allreduce_bytes
+from .host import GradientHost
 from .install import device_name
 from .layout import BucketLayout, bucket_layout
+from .store import GradientStore
 
 STATE_KEY = "agoq_gradient"
-"""Key of the agoq entry in the optimizer's ``state_dict()`` (plain tensors, dicts and numbers)."""
-
-STATE_VERSION = 1
+"""Key of the agoq entry in the optimizer's ``state_dict()`` (``GradientStore.state()``)."""
 
 _SIGNATURE = inspect.signature(DeepSpeedZeroOptimizer.__init__)
 
@@ -74,7 +71,7 @@ def reject_unsupported_arguments(arguments: dict[str, Any]) -> None:
         )
 
 
-class AgoqZeroOptimizer(DeepSpeedZeroOptimizer):
+class AgoqZeroOptimizer(GradientHost, DeepSpeedZeroOptimizer):
     """``DeepSpeedZeroOptimizer`` (ZeRO stage 1 and 2) with 8-bit gradient communication and storage.
 
     Constructed by DeepSpeed with its own arguments (see ``install.agoq_zero_optimizer``); the agoq
@@ -90,12 +87,15 @@ class AgoqZeroOptimizer(DeepSpeedZeroOptimizer):
         reject_unsupported_arguments(bound_args.arguments)
         self.agoq_config = agoq_config or type(self).agoq_config or AgoqConfig()
         self._agoq_active = False  # DeepSpeed's own code paths until the setup below
-        self._agoq_stores: dict[int, Accumulator] = {}
-        self._agoq_param_acc: dict[int, Accumulator] = {}
         self._agoq_hook_handles: list[Any] = []
-        self._agoq_step = 0
-        self._agoq_calls = 0
-        self.agoq_accounting = GradientAccounting()
+        group = bound_args.arguments["dp_process_group"]
+        self.agoq_store = GradientStore(
+            self.agoq_config,
+            host="zero12",
+            rank=dist.get_rank(group=group),
+            world_size=dist.get_world_size(group=group),
+            device=get_accelerator().current_device_name(),
+        )
         super().__init__(*args, **kwargs)
         self._agoq_setup()
 
@@ -112,30 +112,27 @@ class AgoqZeroOptimizer(DeepSpeedZeroOptimizer):
         self._agoq_comm8 = on and g.communication_bits == 8
         self._agoq_store8 = on and g.storage_bits == 8
         self._agoq_active = self._agoq_comm8 or self._agoq_store8
-        self._agoq_world = dist.get_world_size(group=self.dp_process_group)
-        self._agoq_rank = dist.get_rank(group=self.dp_process_group)
+        self.agoq_description = (
+            f"{g.communication_bits}-bit reduce-scatter (all-to-all exchange, fp32 sum)"
+            if self._agoq_comm8
+            else "DeepSpeed's own reduction"
+        )
         if not self._agoq_active:
             return
-        device = get_accelerator().current_device_name()
+        store = self.agoq_store
+        quantized = self.partition_gradients and self._agoq_store8
         for i in range(len(self.bit16_groups)):
-            numel = int(self.partition_size[i])
-            if self.partition_gradients and self._agoq_store8:
-                # Freed after each step: between steps stock DeepSpeed holds no gradient buffer either.
-                self._agoq_stores[i] = gradient_accumulator(numel, g, device=device, release_on_reset=True)
-            else:
-                # Stage 1 only holds its partition from the boundary reduction to step().
-                self._agoq_stores[i] = Fp32Accumulator(
-                    numel, device=device, release_on_reset=not self.partition_gradients
-                )
+            # int8 at stage 2, freed after each step: between steps stock DeepSpeed holds no gradient
+            # buffer either. Stage 1 only holds an fp32 partition from the boundary reduction to step().
+            release = quantized or not self.partition_gradients
+            store.add_per_step(i, int(self.partition_size[i]), quantized=quantized, release=release)
         if not self.partition_gradients and self._agoq_store8:
             for group in self.bit16_groups:
                 for param in group:
                     if param.requires_grad:
-                        self._agoq_param_acc[self.get_param_id(param)] = gradient_accumulator(
-                            param.numel(), g, device=device
-                        )
+                        store.add_carried(self.get_param_id(param), param.numel())
                         self._agoq_hook_handles.append(param.register_post_accumulate_grad_hook(self._agoq_fold))
-        if self._agoq_rank == 0:
+        if store.rank == 0:
             logger.info(
                 f"agoq: {self.zero_stage_string} gradients: communication {g.communication_bits}-bit, storage "
                 f"{g.storage_bits}-bit, group {g.group_size}, rounding {g.rounding}, error feedback {g.error_feedback}"
@@ -148,22 +145,18 @@ class AgoqZeroOptimizer(DeepSpeedZeroOptimizer):
         self._agoq_hook_handles.clear()
         super().destroy()
 
-    def _agoq_seed(self, *parts: int) -> int:
-        self._agoq_calls += 1
-        return _mix(self.agoq_config.seed, self._agoq_rank, self._agoq_step, self._agoq_calls, *parts)
-
     # --- stage 1: int8 accumulation of full gradients --------------------------------------------
 
     def _agoq_fold(self, param: torch.nn.Parameter) -> None:
         """Post-accumulate-grad hook: move a non-boundary gradient into its int8 accumulator."""
         if param.grad is None or self.is_gradient_accumulation_boundary():
             return
-        acc = self._agoq_param_acc[self.get_param_id(param)]
-        acc.add_(param.grad.detach().reshape(-1), seed=self._agoq_seed(1))
+        acc = self.agoq_store.carried[self.get_param_id(param)]
+        acc.add_(param.grad.detach().reshape(-1), seed=self.agoq_store.seed(1))
         param.grad = None
 
     def _agoq_unfold(self, param: torch.nn.Parameter) -> None:
-        acc = self._agoq_param_acc.get(self.get_param_id(param))
+        acc = self.agoq_store.carried.get(self.get_param_id(param))
         if acc is None or not acc.has_value:
             return
         total = acc.dequantize().view(param.shape)
@@ -174,14 +167,14 @@ class AgoqZeroOptimizer(DeepSpeedZeroOptimizer):
 
     def get_gradient_for_reduction(self, param: torch.nn.Parameter) -> torch.Tensor | None:
         """DeepSpeed's gradient for reduction, with a stage-1 int8 accumulator added back first."""
-        if self._agoq_param_acc:
+        if self.agoq_store.carried:
             self._agoq_unfold(param)
         return super().get_gradient_for_reduction(param)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """DeepSpeed's ``zero_grad``; stage-1 accumulated gradients are dropped with ``param.grad``."""
         super().zero_grad(set_to_none=set_to_none)
-        for acc in self._agoq_param_acc.values():
+        for acc in self.agoq_store.carried.values():
             acc.reset()
 
     # --- reduction -----------------------------------------------------------------------------
@@ -207,28 +200,29 @@ class AgoqZeroOptimizer(DeepSpeedZeroOptimizer):
     def _agoq_average_factor(self) -> float:
         if not self.gradient_average:
             return 1.0
-        return 1.0 / (self._agoq_world / float(self.sequence_parallel_size))
+        return 1.0 / (self.agoq_store.world_size / float(self.sequence_parallel_size))
 
     def _agoq_reduce(self, flat: torch.Tensor, communication_data_type: torch.dtype, stock_reduce) -> None:
         """Reduce one bucket (``flat`` laid out like the bucket) and store this rank's slices."""
         bucket = self.ipg_buckets[communication_data_type]
-        layout = bucket_layout(self, bucket.params, self._agoq_world, self._agoq_rank)
+        store = self.agoq_store
+        layout = bucket_layout(self, bucket.params, store.world_size, store.rank)
         if layout.numel == 0:
             return
-        counter = self.agoq_accounting.comm
-        counter.add_baseline(layout.numel, self._agoq_world)
+        counter = store.accounting.comm
+        counter.add_baseline(layout.numel, store.world_size)
         g = self.agoq_gradient
         if not self._agoq_comm8:
             stock_reduce()
-            counter.sent_bytes += int(ring_allreduce_bytes(layout.numel, self._agoq_world, flat.element_size()))
+            counter.sent_bytes += int(ring_allreduce_bytes(layout.numel, store.world_size, flat.element_size()))
             counter.calls += 1
-            owned = gather_slices(flat, layout.owner_map[self._agoq_rank]).float()
+            owned = gather_slices(flat, layout.owner_map[store.rank]).float()
         else:
             kwargs = dict(
                 group=self.dp_process_group,
                 group_size=g.group_size,
                 stochastic=g.rounding == "stochastic",
-                seed=self._agoq_seed(2),
+                seed=store.seed(2),
                 scale=self._agoq_average_factor(),
                 counter=counter,
                 exact_below=g.min_numel,
@@ -239,7 +233,7 @@ class AgoqZeroOptimizer(DeepSpeedZeroOptimizer):
                 else:
                     full = all_reduce_8bit(flat, **kwargs)
                     flat.copy_(full)  # DeepSpeed's all-reduce path leaves the whole bucket reduced
-                    owned = gather_slices(full, layout.owner_map[self._agoq_rank])
+                    owned = gather_slices(full, layout.owner_map[store.rank])
                 self._agoq_store_owned(owned, layout)
                 return
         self._agoq_store_owned(owned, layout)
@@ -251,7 +245,7 @@ class AgoqZeroOptimizer(DeepSpeedZeroOptimizer):
                 values = owned
             else:
                 values = torch.cat([owned.narrow(0, starts[k], layout.local[k][2]) for k in indices])
-            self._agoq_stores[group].add_(values, positions, seed=self._agoq_seed(3, group))
+            self.agoq_store.per_step[group].add_(values, positions, seed=self.agoq_store.seed(3, group))
 
     def average_tensor(self, tensor: torch.Tensor, communication_data_type: torch.dtype):
         """Reduce a filled IPG bucket: 8-bit reduce-scatter into the partition accumulator."""
@@ -327,8 +321,8 @@ class AgoqZeroOptimizer(DeepSpeedZeroOptimizer):
     def _agoq_materialize(self) -> None:
         """Point ``averaged_gradients`` at the dequantized partitions (fp32) for the step."""
         self._agoq_note_buffers()
-        for i, store in self._agoq_stores.items():
-            self.averaged_gradients[i] = self._agoq_partition_views(i, store.dequantize())
+        for i, acc in self.agoq_store.per_step.items():
+            self.averaged_gradients[i] = self._agoq_partition_views(i, acc.dequantize())
 
     def independent_gradient_partition_epilogue(self) -> None:
         """DeepSpeed's epilogue without its own partition buffers; at the boundary, materialize."""
@@ -357,73 +351,28 @@ class AgoqZeroOptimizer(DeepSpeedZeroOptimizer):
     def step(self, closure=None) -> None:
         """DeepSpeed's step; then the accumulators restart (error-feedback residuals carry on,
         except after a skipped step, where they are dropped with the gradients)."""
-        if not self._agoq_active:
-            super().step(closure)
-            self._agoq_finish_step()
-            return
-        self._agoq_note_buffers()
+        if self._agoq_active:
+            self._agoq_note_buffers()
         super().step(closure)
-        for store in self._agoq_stores.values():
-            store.reset()
-        if self.overflow:
-            for acc in [*self._agoq_stores.values(), *self._agoq_param_acc.values()]:
-                acc.reset()
-                acc.reset_residual()
-        self._agoq_finish_step()
-
-    def _agoq_finish_step(self) -> None:
-        self.agoq_accounting.finish_step()
-        self._agoq_step += 1
-        self._agoq_calls = 0
+        self.agoq_store.finish_step(overflow=bool(self.overflow))
 
     # --- statistics ----------------------------------------------------------------------------
 
     def backward_prologue(self, *args: Any, **kwargs: Any) -> Any:
         """Counts micro-steps for the statistics."""
-        self.agoq_accounting.micro_steps += 1
+        self.agoq_store.accounting.micro_steps += 1
         return super().backward_prologue(*args, **kwargs)
 
     def _agoq_note_buffers(self) -> None:
-        """Record the gradient-buffer bytes now held (the accumulators only grow within a step)."""
-        buffer = fp32 = ef = 0
-        if self.partition_gradients or not self._agoq_param_acc:
-            for store in self._agoq_stores.values():
-                buffer += store.nbytes
-                fp32 += 4 * store.numel
-                ef += store.residual_nbytes
-        for acc in self._agoq_param_acc.values():
-            buffer += acc.nbytes
-            fp32 += 4 * acc.numel if acc.nbytes else 0
-            ef += acc.residual_nbytes
-        self.agoq_accounting.note_buffers(buffer, fp32, ef)
-
-    def agoq_stats(self) -> dict[str, float]:
-        """Figures of the last finished optimizer step on this rank (the step in progress before the
-        first one): ``comm_bytes`` sent by this rank and the ``comm_bytes_baseline_fp32/bf16`` that
-        DeepSpeed's ring all-reduce of the same buckets would send (``comm_bytes_ratio_*``);
-        ``buffer_bytes`` (peak gradient accumulation storage: int8 codes + scales) versus
-        ``buffer_bytes_fp32`` (``buffer_bytes_ratio_fp32``); ``ef_bytes`` (error-feedback residuals);
-        ``rs_error_bound_rel`` / ``rs_error_est_rel`` (the step's reduce-scatters on this rank: bound
-        and estimate of the quantization error relative to the reduced norm); ``micro_steps``; ``steps``."""
-        return dict(self.agoq_accounting.last or self.agoq_accounting.snapshot())
+        """Record the gradient-buffer bytes now held (the accumulators only grow within a step); a
+        stage-1 partition with int8 folds is transient (it exists only during ``step()``)."""
+        store = self.agoq_store
+        store.note_buffers(per_step=self.partition_gradients or not store.carried)
 
     # --- checkpointing -------------------------------------------------------------------------
 
-    def _agoq_state(self) -> dict[str, Any]:
-        partition = {}
-        for i, store in self._agoq_stores.items():
-            if isinstance(store, Int8Accumulator):
-                partition[i] = store.residual_state()
-        params = {pid: acc.residual_state() for pid, acc in self._agoq_param_acc.items()}
-        return {
-            "version": STATE_VERSION,
-            "stage": 2 if self.partition_gradients else 1,
-            "world_size": self._agoq_world,
-            "group_size": self.agoq_gradient.group_size,
-            "step": self._agoq_step,
-            "partition_residuals": partition,
-            "param_residuals": params,
-        }
+    def _agoq_layout(self) -> dict[str, Any]:
+        return {"stage": 2 if self.partition_gradients else 1}
 
     def state_dict(self) -> dict[str, Any]:
         """DeepSpeed's state dict plus ``STATE_KEY``: the error-feedback residuals (int8 codes and
@@ -431,7 +380,7 @@ class AgoqZeroOptimizer(DeepSpeedZeroOptimizer):
         A stock DeepSpeed optimizer ignores the extra key when loading."""
         state = super().state_dict()
         if self._agoq_active:
-            state[STATE_KEY] = self._agoq_state()
+            state[STATE_KEY] = self.agoq_store.state(**self._agoq_layout())
         return state
 
     def load_state_dict(
@@ -459,29 +408,6 @@ class AgoqZeroOptimizer(DeepSpeedZeroOptimizer):
         state = None
         if load_optimizer_states and not checkpoint_folder and state_dict_list:
             state = state_dict_list[dist.get_rank(group=self.dp_process_group)].get(STATE_KEY)
-        restored = state is not None and self._agoq_load_state(state)
-        if not restored:
-            for acc in [*self._agoq_stores.values(), *self._agoq_param_acc.values()]:
-                acc.reset_residual()
-            if state is not None and self._agoq_rank == 0:
-                logger.warning("agoq: checkpoint error-feedback state does not match this layout; starting from zero")
-
-    def _agoq_load_state(self, state: dict[str, Any]) -> bool:
-        same_layout = (
-            state.get("version") == STATE_VERSION
-            and state.get("stage") == (2 if self.partition_gradients else 1)
-            and state.get("world_size") == self._agoq_world
-            and state.get("group_size") == self.agoq_gradient.group_size
-        )
-        if not same_layout:
-            return False
-        ok = True
-        partition = state.get("partition_residuals", {})
-        for i, store in self._agoq_stores.items():
-            if isinstance(store, Int8Accumulator):
-                ok &= store.load_residual_state(partition.get(i))
-        params = state.get("param_residuals", {})
-        for pid, acc in self._agoq_param_acc.items():
-            ok &= acc.load_residual_state(params.get(pid))
-        self._agoq_step = int(state.get("step", self._agoq_step))
-        return ok
+        restored = self.agoq_store.load_state(state, **self._agoq_layout())
+        if not restored and state is not None and self.agoq_store.rank == 0:
+            logger.warning("agoq: checkpoint error-feedback state does not match this layout; starting from zero")

@@ -432,9 +432,9 @@ def _accumulation_bound(opt, every_rank: torch.Tensor, world: int, stage: int, s
 # --- overflow (e) ------------------------------------------------------------------------------
 
 
-def _overflow_run(rank: int, stage: int, bf16: Any, agoq: dict | None, value: float) -> dict[str, Any]:
+def _overflow_run(rank: int, stage: int, bf16: Any, agoq: dict | None, value: float, **zero: Any) -> dict[str, Any]:
     model = small_mlp()
-    engine = make_engine(model, ds_config(stage, ga=2, bf16=bf16), agoq)
+    engine = make_engine(model, ds_config(stage, ga=2, bf16=bf16, **zero), agoq)
     weight = engine.module[0].weight
     inject = {"on": False}
 
@@ -506,7 +506,7 @@ def _residuals(engine) -> dict[str, torch.Tensor]:
 
     state = engine.optimizer.state_dict()[STATE_KEY]
     out = {}
-    for kind in ("partition_residuals", "param_residuals"):
+    for kind in ("per_step_residuals", "carried_residuals"):
         for key, value in state[kind].items():
             if value is not None:
                 out[f"{kind}/{key}/codes"] = value["codes"]
@@ -548,7 +548,7 @@ def checkpoint_checks(rank: int, world: int, directory: str) -> dict[str, Any]:
 
         without_ef = make_engine(small_mlp(seed=1), ds_config(stage, ga=ga), {})
         without_ef.load_checkpoint(path, tag="t3")
-        for acc in [*without_ef.optimizer._agoq_stores.values(), *without_ef.optimizer._agoq_param_acc.values()]:
+        for acc in without_ef.optimizer.agoq_store.accumulators():
             acc.reset_residual()
         gen.set_state(state)
         resumed_without_ef = _train_steps(without_ef, gen, 3, ga)

@@ -337,7 +337,8 @@ def _agoq_state(engine) -> dict[str, Any] | None:
 
 def _residual_tensors(state: dict[str, Any] | None) -> dict[str, torch.Tensor]:
     out = {}
-    for key, value in (state or {}).get("residuals", {}).items():
+    residuals = {**(state or {}).get("per_step_residuals", {}), **(state or {}).get("carried_residuals", {})}
+    for key, value in residuals.items():
         if value is not None:
             out[f"{key}/codes"], out[f"{key}/scales"] = value["codes"], value["scales"]
     return out

@@ -16,7 +16,7 @@ def _cfg(stage: int = 2, **extra) -> dict:
     return cfg
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_supported_stages_pass(stage: int) -> None:
     check_supported(_cfg(stage), AgoqConfig())
     check_supported(_cfg(stage, bf16={"enabled": False}), AgoqConfig())
@@ -31,7 +31,9 @@ def test_bf16_fp32_accum_is_supported(stage: int) -> None:
 @pytest.mark.parametrize(
     ("config", "names"),
     [
-        (_cfg(3), "zero_optimization.stage=3"),
+        (_cfg(3, zero_optimization={"stage": 3, "zero_quantized_gradients": True}), "zero_quantized_gradients"),
+        (_cfg(3, zero_optimization={"stage": 3, "offload_optimizer": {"device": "cpu"}}), "offload_optimizer.device"),
+        (_cfg(3, zero_optimization={"stage": 3, "offload_param": {"device": "cpu"}}), "offload_param.device"),
         (_cfg(2, zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}}), "offload_optimizer.device"),
         (_cfg(2, zero_optimization={"stage": 2, "offload_param": {"device": "nvme"}}), "offload_param.device"),
         (_cfg(2, bf16={"enabled": False}, fp16={"enabled": True}), "fp16.enabled"),
@@ -68,6 +70,40 @@ def test_context_manager_rebinds_only_inside_the_block() -> None:
         raise RuntimeError("initialize failed")
     assert ds_engine.DeepSpeedZeroOptimizer is DeepSpeedZeroOptimizer
     assert optimizer_class(cfg).__name__ == "AgoqZeroOptimizer"
+
+
+def test_stage3_class_is_rebound_only_inside_the_block() -> None:
+    import deepspeed.runtime.zero.stage3 as ds_stage3
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    from agoq_ds.gradient.stage3_optimizer import AgoqStage3Optimizer
+
+    cfg = parse_agoq_config({"gradient": {"group_size": 256}})
+    with agoq_zero_optimizer(cfg):
+        cls = ds_stage3.DeepSpeedZeroOptimizer_Stage3
+        assert issubclass(cls, AgoqStage3Optimizer) and cls.agoq_config.gradient.group_size == 256
+    assert ds_stage3.DeepSpeedZeroOptimizer_Stage3 is DeepSpeedZeroOptimizer_Stage3
+    with pytest.raises(RuntimeError), agoq_zero_optimizer(cfg):
+        raise RuntimeError("initialize failed")
+    assert ds_stage3.DeepSpeedZeroOptimizer_Stage3 is DeepSpeedZeroOptimizer_Stage3
+
+
+@pytest.mark.parametrize(
+    ("arguments", "names"),
+    [
+        ({"offload_param_config": SimpleNamespace(device="cpu")}, "offload_param.device='cpu'"),
+        ({"offload_optimizer_config": SimpleNamespace(device="nvme")}, "offload_optimizer.device='nvme'"),
+        ({"all2all_process_group": object()}, "zero_quantized_gradients"),
+        ({"zenflow_config": object()}, "zenflow"),
+    ],
+)
+def test_stage3_optimizer_refuses_by_name(arguments: dict, names: str) -> None:
+    """What DeepSpeed hands the stage-3 optimizer, refused before anything is built."""
+    from agoq_ds.gradient.stage3_optimizer import reject_unsupported_arguments
+
+    with pytest.raises(ValueError, match=names.replace(".", r"\.")):
+        reject_unsupported_arguments(arguments)
+    reject_unsupported_arguments({"offload_param_config": SimpleNamespace(device="none")})
 
 
 def test_bf16_context_manager_rebinds_only_inside_the_block() -> None:

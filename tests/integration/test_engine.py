@@ -34,14 +34,17 @@ def test_initialize_returns_the_engine_the_config_asks_for() -> None:
             "agoq.activation.default_bits=3: must be one of 2, 4, 8",
         ),
         (w.ds_config(agoq={"gradient": {"group_siz": 64}}), "did you mean 'group_size'?"),
-        (w.ds_config(stage=3, agoq=AGOQ), "zero_optimization.stage"),
+        (
+            w.ds_config(agoq=AGOQ, zero_optimization={"stage": 3, "zero_quantized_gradients": True}),
+            "zero_optimization.zero_quantized_gradients",
+        ),
         (w.ds_config(agoq={"kernel_backend": "cuda"}), "agoq.kernel_backend='cuda'"),
         (
             w.ds_config(agoq=AGOQ, zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}}),
             "offload_optimizer",
         ),
     ],
-    ids=["bad-bits", "misspelt-key", "zero3", "unavailable-backend", "offload"],
+    ids=["bad-bits", "misspelt-key", "zero3-qgz", "unavailable-backend", "offload"],
 )
 def test_bad_input_fails_at_initialize_with_a_clear_message(config: dict, expected: str) -> None:
     (message,) = run_ranks(w.initialize_error, 1, (config,))

@@ -141,10 +141,8 @@ def _run(rank: int, world: int, model: nn.Module, config: dict, agoq: dict | Non
                 steps_off[n] = max(steps_off.get(n, 0.0), float((got - ref).abs().max()) / step_size)
         engine.step()
         opt = engine.optimizer
-        stores = getattr(opt, "_agoq_stores", {})
-        buffers.append(
-            sum(s.nbytes for s in stores.values()) + sum(a.nbytes for a in getattr(opt, "_agoq_param_acc", {}).values())
-        )
+        store = getattr(opt, "agoq_store", None)
+        buffers.append(sum(a.nbytes for a in store.accumulators()) if store is not None else 0)
     return {
         "optimizer": type(engine.optimizer).__name__,
         "worst_rel": worst,

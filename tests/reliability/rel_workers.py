@@ -145,10 +145,10 @@ def initialize_properties(rank: int, world: int, n_valid: int, n_invalid: int) -
         out["invalid"] += 1
 
     unsupported = [
-        ({"stage": 3}, {}, "zero_optimization.stage=3"),
+        ({"stage": 3, "zero_quantized_gradients": True}, {}, "zero_optimization.zero_quantized_gradients=true"),
         ({"stage": 2, "offload_optimizer": {"device": "cpu"}}, {}, "zero_optimization.offload_optimizer.device='cpu'"),
         ({"stage": 1, "offload_optimizer": {"device": "cpu"}}, {}, "zero_optimization.offload_optimizer"),
-        ({"stage": 3, "offload_param": {"device": "cpu"}}, {}, "zero_optimization.stage=3"),
+        ({"stage": 3, "offload_param": {"device": "cpu"}}, {}, "zero_optimization.offload_param.device='cpu'"),
         ({"stage": 2}, {"fp16": {"enabled": True}}, "fp16.enabled=true is not supported on CPU"),
     ]
 
@@ -183,7 +183,7 @@ def agoq_state(engine) -> dict[str, Any]:
 
 def _nonzero_residual(state: dict[str, Any]) -> bool:
     grad = state.get("gradient") or {}
-    parts = [*grad.get("partition_residuals", {}).values(), *grad.get("param_residuals", {}).values()]
+    parts = [*grad.get("per_step_residuals", {}).values(), *grad.get("carried_residuals", {}).values()]
     return any(p is not None and int(torch.count_nonzero(p["codes"])) > 0 for p in parts)
 
 
@@ -478,8 +478,7 @@ def soak(rank: int, world: int, steps: int, ga: int, sample_every: int) -> dict[
             engine.step()
         stats = engine.agoq_stats()
         stored_peaks.append(stats["activation/stored_bytes_peak"])
-        held = sum(s.nbytes + s.residual_nbytes for s in opt._agoq_stores.values())
-        held += sum(a.nbytes + a.residual_nbytes for a in opt._agoq_param_acc.values())
+        held = sum(a.nbytes + a.residual_nbytes for a in opt.agoq_store.accumulators())
         buffers.append(held)
         if step % sample_every == 0 or step == steps - 1:
             samples.append((step, _rss(), _live_tensors()))

@@ -1,0 +1,60 @@
+"""``GradientHost``: the one interface between the AGoQ engine and whatever holds its 8-bit gradients.
+
+Four hosts exist: ``AgoqZeroOptimizer`` (ZeRO-1/2), ``AgoqStage3Optimizer`` (ZeRO-3),
+``AgoqBF16Optimizer`` (``BF16_Optimizer``) and ``ParamGradients`` (ZeRO stage 0 otherwise). The
+engine talks to each through these names only, one per role:
+
+* ``agoq_store``: the shared lifecycle (seeds, accumulators, statistics, checkpoint state);
+* ``agoq_engine_reduces``: whether the engine's own all-reduce (``buffered_allreduce_fallback``) must
+  call ``agoq_reduce`` at the boundary (stage 0); ZeRO hosts reduce inside DeepSpeed's backward hooks;
+* ``agoq_reduce``, ``agoq_materialize``: reduce the accumulated gradients / put them where DeepSpeed
+  reads them without communicating (a tied-weight reduction, a step without reduction);
+* ``agoq_stats``: the figures of the last step;
+* ``agoq_description``: one line for the start-up summary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .store import GradientStore
+
+
+class GradientHost:
+    """Mixin of every 8-bit gradient host (see module docstring); hosts set ``agoq_store`` and
+    ``agoq_active`` and override the roles they take part in."""
+
+    agoq_store: GradientStore
+    """The host's seeds, accumulators, statistics and checkpoint state."""
+    agoq_engine_reduces: bool = False
+    """True when the engine calls ``agoq_reduce`` at the accumulation boundary."""
+    agoq_description: str = ""
+    """What the reduction is, for the start-up summary (e.g. ``8-bit reduce-scatter ...``)."""
+
+    @property
+    def agoq_active(self) -> bool:
+        """Whether the 8-bit path is switched on (else the host behaves as DeepSpeed's own code)."""
+        return bool(getattr(self, "_agoq_active", False))
+
+    def agoq_reduce(self, *, group: Any, scale: float, comm_dtype: torch.dtype, elements_per_buffer: int) -> None:
+        """Reduce the accumulated gradients over ``group`` (scaled by ``scale``) into the buffers
+        DeepSpeed's step reads. Only hosts with ``agoq_engine_reduces`` are asked."""
+        raise NotImplementedError(f"{type(self).__name__} reduces inside DeepSpeed's backward hooks")
+
+    def agoq_materialize(self, params: Sequence[torch.nn.Parameter] | None = None) -> None:
+        """Put accumulated, not yet reduced gradients where DeepSpeed reads them, without communicating
+        (``params``: only those, where the host can tell them apart). Nothing to do by default."""
+
+    def agoq_stats(self) -> dict[str, float]:
+        """Figures of the last finished optimizer step on this rank (``GradientStore.stats``)."""
+        return self.agoq_store.stats()
+
+
+def gradient_host(candidate: Any) -> GradientHost | None:
+    """``candidate`` when it is a switched-on gradient host, else None."""
+    if isinstance(candidate, GradientHost) and candidate.agoq_active:
+        return candidate
+    return None

@@ -1,0 +1,344 @@
+"""``AgoqStage3Optimizer``: DeepSpeed's ZeRO stage 3 optimizer with 8-bit gradients.
+
+What changes relative to ``DeepSpeedZeroOptimizer_Stage3`` (everything else is DeepSpeed's own code):
+
+* **Reduction.** A filled IPG bucket is reduce-scattered by ``reduce_scatter_8bit`` (int8 codes with
+  one fp32 scale per ``group_size`` elements on the wire, fp32 summation at the owner) instead of
+  DeepSpeed's bf16/fp32 ``reduce_scatter_coalesced``. Each parameter's gradient is split as DeepSpeed
+  partitions it (``ds_tensor``: ``partition_numel`` elements per rank, the last rank's padded); a
+  rank's slices arrive in the order of its flat gradient partition, averaged by ``1 / world``.
+* **The gradient partition.** DeepSpeed keeps a persistent fp32 ``grad_partitions_flat_buffer`` (the
+  sum of the micro-batches' partitions). Here that sum is an int8 accumulator with error feedback
+  (``storage_bits: 8``), freed after every step; the fp32 buffer exists only from the accumulation
+  boundary to the end of ``step()``, when the accumulator is dequantized into it. The overflow check,
+  the norm, clipping, ``safe_get_full_grad`` and the step read it unchanged. Non-finite values
+  dequantize to NaN.
+* **Accounting.** The same meter as stages 0-2; the baseline is DeepSpeed's ring reduce-scatter.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+from typing import Any
+
+import torch
+from deepspeed import comm as dist
+from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+from deepspeed.utils import logger
+
+from ..config import AgoqConfig
+from .collectives import reduce_scatter_8bit, reduce_scatter_bytes
+from .host import GradientHost
+from .install import device_name
+from .store import GradientStore
+from .zero_optimizer import STATE_KEY
+
+_SIGNATURE = inspect.signature(DeepSpeedZeroOptimizer_Stage3.__init__)
+_MANGLED = "_DeepSpeedZeroOptimizer_Stage3__"
+_PARTITION = "partition"
+
+
+def reject_unsupported_arguments(arguments: dict[str, Any]) -> None:
+    """Raise ``ValueError`` for ``DeepSpeedZeroOptimizer_Stage3`` arguments the 8-bit path cannot honour."""
+    off = "set agoq.gradient.enabled=false to train without 8-bit gradients"
+    for key, name in (("offload_optimizer_config", "offload_optimizer"), ("offload_param_config", "offload_param")):
+        device = device_name(getattr(arguments.get(key), "device", None))
+        if device not in ("none", ""):
+            raise ValueError(
+                f"agoq.gradient: zero_optimization.{name}.device={device!r} is not supported at ZeRO stage 3 by the "
+                f"8-bit gradient path; remove the offload or {off}"
+            )
+    if arguments.get("zenflow_config") is not None:
+        raise ValueError(f"agoq.gradient: zero_optimization.zenflow is not supported; {off}")
+    if arguments.get("all2all_process_group") is not None:
+        raise ValueError(
+            "agoq.gradient: zero_optimization.zero_quantized_gradients=true (ZeRO++ qgZ) and agoq's 8-bit gradients "
+            f"both replace the ZeRO-3 reduce-scatter; use one of them: remove zero_quantized_gradients or {off}"
+        )
+    if "muon" in type(arguments.get("init_optimizer")).__name__.lower():
+        raise ValueError(f"agoq.gradient: the Muon optimizer is not supported; {off}")
+
+
+class AgoqStage3Optimizer(GradientHost, DeepSpeedZeroOptimizer_Stage3):
+    """``DeepSpeedZeroOptimizer_Stage3`` with 8-bit gradient reduce-scatter and int8 partition storage.
+
+    Constructed by DeepSpeed with its own arguments (see ``install.agoq_stage3_optimizer``); the agoq
+    settings come from ``agoq_config=`` or from the class attribute set by ``stage3_optimizer_class``.
+    """
+
+    agoq_config: AgoqConfig | None = None
+    """The agoq settings; ``stage3_optimizer_class`` binds them to a subclass."""
+
+    def __init__(self, *args: Any, agoq_config: AgoqConfig | None = None, **kwargs: Any) -> None:
+        bound_args = _SIGNATURE.bind(self, *args, **kwargs)
+        bound_args.apply_defaults()
+        reject_unsupported_arguments(bound_args.arguments)
+        self.agoq_config = agoq_config or type(self).agoq_config or AgoqConfig()
+        self._agoq_active = False  # DeepSpeed's own code paths until the setup below
+        self._agoq_owned: tuple[torch.Tensor, list[tuple[int, int]]] | None = None
+        group = bound_args.arguments["dp_process_group"]
+        self.agoq_store = GradientStore(
+            self.agoq_config,
+            host="zero3",
+            rank=dist.get_rank(group=group),
+            world_size=dist.get_world_size(group=group),
+            device=get_accelerator().current_device_name(),
+        )
+        super().__init__(*args, **kwargs)
+        self._agoq_setup()
+
+    # --- setup ---------------------------------------------------------------------------------
+
+    def _agoq_setup(self) -> None:
+        g = self.agoq_config.gradient
+        on = self.agoq_config.enabled and g.enabled
+        self._agoq_comm8 = on and g.communication_bits == 8
+        self._agoq_store8 = on and g.storage_bits == 8
+        self._agoq_active = self._agoq_comm8 or self._agoq_store8
+        self.agoq_description = (
+            f"{g.communication_bits}-bit reduce-scatter (all-to-all exchange, fp32 sum)"
+            if self._agoq_comm8
+            else "DeepSpeed's own reduce-scatter"
+        )
+        if not self._agoq_active:
+            return
+        self._agoq_params = list(itertools.chain.from_iterable(self.fp16_groups))
+        # Where each parameter's gradient partition sits in the flat partition (DeepSpeed's own walk).
+        self._agoq_offsets: dict[int, int] = {}
+        offset = 0
+        for param in self._agoq_params:
+            self._agoq_offsets[param.ds_id] = offset
+            offset += param.partition_numel()
+        self._agoq_numel = offset
+        self._agoq_partition = self.agoq_store.add_per_step(_PARTITION, offset, quantized=self._agoq_store8)
+        self._agoq_release()
+        if self.agoq_store.rank == 0:
+            logger.info(
+                f"agoq: ZeRO-3 gradients: reduce-scatter {g.communication_bits}-bit, partition storage "
+                f"{g.storage_bits}-bit, group {g.group_size}, rounding {g.rounding}, error feedback {g.error_feedback}"
+            )
+
+    # --- the flat partition buffer and its views -----------------------------------------------
+
+    def _agoq_bind(self, flat: torch.Tensor) -> None:
+        """Point DeepSpeed's flat gradient partition and its per-parameter views at ``flat``."""
+        self.grad_partitions_flat_buffer = flat
+        views = getattr(self, _MANGLED + "param_id_to_grad_partition")
+        for param in self._agoq_params:
+            views[param.ds_id] = flat.narrow(0, self._agoq_offsets[param.ds_id], param.partition_numel())
+        self._agoq_live = flat.stride(0) != 0
+
+    def _agoq_release(self) -> None:
+        """Between steps no fp32 partition exists: the views read zeros from a 0-byte tensor."""
+        zero = torch.zeros((), dtype=self.gradient_accumulation_dtype, device=self.device)
+        self._agoq_bind(zero.expand(self._agoq_numel))
+
+    def _agoq_materialize(self) -> None:
+        """Dequantize the accumulated partition into the fp32 buffer the step reads."""
+        self.agoq_store.note_buffers()
+        flat = self._agoq_partition.dequantize().to(self.gradient_accumulation_dtype)
+        self._agoq_bind(flat)
+        for i, sub_group in enumerate(self.fp16_groups):
+            views = getattr(self, _MANGLED + "param_id_to_grad_partition")
+            self.averaged_gradients[i] = [
+                views[p.ds_id] if p.requires_grad else torch.zeros_like(p.ds_tensor) for p in sub_group
+            ]
+
+    # --- reduction -----------------------------------------------------------------------------
+
+    def _agoq_flat(self, params: list[torch.nn.Parameter], communication_data_type: torch.dtype):
+        """The bucket's gradients as one flat tensor and each one's offset in it: DeepSpeed's contiguous
+        bucket buffer itself when every gradient is a view of it, else a concatenation."""
+        grads = [p.grad.reshape(-1) for p in params]
+        buffer = getattr(self.ipg_buckets[communication_data_type], "buffer", None)
+        if buffer is not None and all(
+            g.dtype == buffer.dtype and g.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+            for g in grads
+        ):
+            base, size = buffer.data_ptr(), buffer.element_size()
+            offsets = [(g.data_ptr() - base) // size for g in grads]
+            end = max(o + g.numel() for o, g in zip(offsets, grads, strict=True))
+            return buffer.narrow(0, 0, end), offsets
+        dtype = grads[0].dtype if all(g.dtype == grads[0].dtype for g in grads) else torch.float32
+        offsets = list(itertools.accumulate((g.numel() for g in grads[:-1]), initial=0))
+        return torch.cat([g.to(dtype) for g in grads]), offsets
+
+    def _agoq_scatter(self, params: list[torch.nn.Parameter], communication_data_type: torch.dtype) -> list:
+        """8-bit reduce-scatter of a bucket; this rank's averaged slices are kept for ``partition_grads``."""
+        group = self._get_param_partition_group(params[0])
+        world, rank = dist.get_world_size(group=group), dist.get_rank(group=group)
+        flat, offsets = self._agoq_flat(params, communication_data_type)
+        # Per destination: (partition offset, bucket offset, numel), sorted into partition order.
+        slices: list[list[tuple[int, int, int]]] = [[] for _ in range(world)]
+        for param, start in zip(params, offsets, strict=True):
+            chunk, total = param.partition_numel(), param.ds_numel
+            where = self._agoq_offsets[param.ds_id]
+            for dest in range(world):
+                lo, hi = min(dest * chunk, total), min((dest + 1) * chunk, total)
+                if hi > lo:
+                    slices[dest].append((where, start + lo, hi - lo))
+        for own in slices:
+            own.sort()
+        numel = sum(p.ds_numel for p in params)
+        store, g = self.agoq_store, self.agoq_config.gradient
+        store.accounting.comm.add_baseline(numel, world, reduce_scatter=True)
+        result = reduce_scatter_8bit(
+            flat,
+            [[(o, n) for _, o, n in own] for own in slices],
+            group=group,
+            group_size=g.group_size,
+            stochastic=g.rounding == "stochastic",
+            seed=store.seed(2),
+            scale=1.0 / world,
+            counter=store.accounting.comm,
+            exact_below=g.min_numel,
+        )
+        self._agoq_owned = (result.values, [(where, n) for where, _, n in slices[rank]])
+        return []
+
+    def _DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads(self, params_to_reduce, communication_data_type):
+        """DeepSpeed's bucket reduce-scatter, through the 8-bit path when it is on."""
+        if not self._agoq_comm8:
+            parts = super()._DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads(params_to_reduce, communication_data_type)
+            self._agoq_count_stock(params_to_reduce, communication_data_type, reduce_scatter=True)
+            return parts
+        return self._agoq_scatter(params_to_reduce, communication_data_type)
+
+    def _DeepSpeedZeroOptimizer_Stage3__avg_scatter_contiguous_grads(self, buffer_to_reduce, communication_data_type):
+        """DeepSpeed's all-reduce path (``reduce_scatter: false``): the 8-bit reduce-scatter gives the
+        same partitions for a quarter of the bytes."""
+        params = self.ipg_buckets[communication_data_type].params
+        if not self._agoq_comm8:
+            parts = super()._DeepSpeedZeroOptimizer_Stage3__avg_scatter_contiguous_grads(
+                buffer_to_reduce, communication_data_type
+            )
+            self._agoq_count_stock(params, communication_data_type, reduce_scatter=False)
+            return parts
+        return self._agoq_scatter(list(params), communication_data_type)
+
+    def _agoq_count_stock(self, params, communication_data_type: torch.dtype, *, reduce_scatter: bool) -> None:
+        """Count a reduction DeepSpeed did itself (``communication_bits: 32``) with the same meter."""
+        group = self._get_param_partition_group(params[0])
+        world = dist.get_world_size(group=group)
+        numel = sum(p.ds_numel for p in params)
+        counter = self.agoq_store.accounting.comm
+        counter.add_baseline(numel, world, reduce_scatter=True)
+        size = torch.empty((), dtype=communication_data_type).element_size()
+        sent = reduce_scatter_bytes(numel, world, size) * (1 if reduce_scatter else 2)
+        counter.sent_bytes += int(sent)
+        counter.calls += 1
+
+    def partition_grads(self, params_to_release: list[torch.nn.Parameter], grad_partitions: list[torch.Tensor]):
+        """Add this rank's reduced slices to the partition accumulator and free the bucket's gradients."""
+        if not self._agoq_active:
+            return super().partition_grads(params_to_release, grad_partitions)
+        if self._agoq_owned is not None:
+            values, positions = self._agoq_owned
+            self._agoq_owned = None
+        else:  # DeepSpeed reduced (communication_bits: 32): its padded per-parameter partitions
+            kept = [
+                (param, part)
+                for param, part in zip(params_to_release, grad_partitions, strict=True)
+                if param.partition_numel() * self._get_param_partition_rank(param) < param.ds_numel
+            ]
+            positions = [(self._agoq_offsets[p.ds_id], part.numel()) for p, part in kept]
+            values = torch.cat([part.reshape(-1) for _, part in kept]) if kept else None
+        if values is not None and values.numel():
+            self._agoq_partition.add_(values, positions, seed=self.agoq_store.seed(3))
+        synchronized = get_accelerator().is_synchronized_device()
+        for param in params_to_release:
+            if not synchronized and param.grad is not None:
+                param.grad.record_stream(get_accelerator().current_stream())
+            param.grad = None
+        return []
+
+    # --- boundary and step ---------------------------------------------------------------------
+
+    def backward_prologue(self) -> None:
+        """Counts micro-steps for the statistics."""
+        self.agoq_store.accounting.micro_steps += 1
+        super().backward_prologue()
+
+    def independent_gradient_partition_epilogue(self) -> None:
+        """Reduce what the buckets still hold; at the boundary dequantize the partition; then DeepSpeed's
+        epilogue (which finds the buckets empty and points ``averaged_gradients`` at the partition)."""
+        if not self._agoq_active:
+            return super().independent_gradient_partition_epilogue()
+        reduce_bucket = getattr(self, _MANGLED + "reduce_and_partition_ipg_grads")
+        for dtype in list(self.ipg_buckets.keys()):
+            reduce_bucket(dtype)
+        if self.is_gradient_accumulation_boundary():
+            if not get_accelerator().resolves_data_dependency():
+                self.reduce_and_partition_stream.synchronize()
+            self._agoq_materialize()
+        super().independent_gradient_partition_epilogue()
+
+    def finalize_gradient_accumulation_boundary(self) -> None:
+        """Unmanaged accumulation: dequantize the partition for ``step()``."""
+        super().finalize_gradient_accumulation_boundary()
+        if self._agoq_active:
+            self._agoq_materialize()
+
+    def step(self, closure=None) -> None:
+        """DeepSpeed's step on the dequantized partition; then the accumulator restarts (error-feedback
+        residuals carry on, except after a skipped step, where they are dropped with the gradients)."""
+        if not self._agoq_active:
+            super().step(closure)
+            self.agoq_store.finish_step(overflow=bool(self.overflow))
+            return
+        if self._agoq_partition.has_value and not self._agoq_live:
+            self._agoq_materialize()  # stepped without a boundary epilogue: DeepSpeed steps on what it has
+        self.agoq_store.note_buffers()
+        super().step(closure)
+        self.agoq_store.finish_step(overflow=bool(self.overflow))
+        self._agoq_release()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """DeepSpeed's ``zero_grad`` (the next micro-batch starts a new sum): the accumulator too."""
+        super().zero_grad(set_to_none=set_to_none)
+        if self._agoq_active:
+            self.agoq_store.reset()
+            if self._agoq_live:
+                self._agoq_release()
+
+    # --- checkpointing -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """DeepSpeed's state dict plus ``STATE_KEY``: the step counter and the error-feedback residual of
+        this rank's partition (int8 codes + fp32 scales). A stock DeepSpeed optimizer ignores the key."""
+        state = super().state_dict()
+        if self._agoq_active:
+            state[STATE_KEY] = self.agoq_store.state(stage=3, numel=self._agoq_numel)
+        return state
+
+    def load_state_dict(
+        self,
+        state_dict_list,
+        load_optimizer_states=True,
+        load_from_fp32_weights=False,
+        checkpoint_folder=None,
+        load_serial=None,
+        param_shapes=None,
+    ) -> None:
+        """DeepSpeed's ``load_state_dict``; restores the agoq residual when optimizer states are loaded
+        from files written for this layout, otherwise it starts from zero (a stock checkpoint, a
+        universal checkpoint, another number of ranks)."""
+        rank = dist.get_rank(group=self.dp_process_group)
+        state = None
+        if self._agoq_active and load_optimizer_states and not checkpoint_folder and state_dict_list:
+            state = state_dict_list[rank].get(STATE_KEY)
+        super().load_state_dict(
+            state_dict_list,
+            load_optimizer_states=load_optimizer_states,
+            load_from_fp32_weights=load_from_fp32_weights,
+            checkpoint_folder=checkpoint_folder,
+            load_serial=load_serial,
+            param_shapes=param_shapes,
+        )
+        if not self._agoq_active:
+            return
+        restored = self.agoq_store.load_state(state, stage=3, numel=self._agoq_numel)
+        if not restored and state is not None and self.agoq_store.rank == 0:
+            logger.warning("agoq: checkpoint error-feedback state does not match this layout; starting from zero")
