@@ -34,13 +34,19 @@ def _wire_bytes(op: str, world: int, rank: int, a: dict[str, Any]) -> tuple[int,
     if op == "batch_isend_irecv":  # point-to-point: the sends leave the rank
         sent = sum(_nbytes(o.tensor) for o in a["p2p_op_list"] if o.op == "isend")
         return sent, sent
+    if op == "reduce_scatter":  # the list form (gloo has no reduce_scatter_tensor): one chunk per rank
+        size = sum(_nbytes(t) for t in a["input_list"])
+        return size, size * (world - 1) // world
+    if op == "all_gather":  # the list form
+        size = _nbytes(a["tensor"])
+        return size, size * (world - 1)
     size = _nbytes(a["tensor"])
     if op == "all_to_all_single":
         splits = a.get("input_split_sizes")
         rows = a["tensor"].shape[0] if a["tensor"].dim() else 1
         own = size * splits[rank] // max(rows, 1) if splits else size // world
         return size, size - own
-    if op == "all_gather_into_tensor":
+    if op in ("all_gather_into_tensor", "allgather_fn"):
         return size, size * (world - 1)
     if op == "all_reduce":
         return size, 2 * size * (world - 1) // world
@@ -53,6 +59,10 @@ _POSITIONAL = {
     "all_to_all_single": ("output", "tensor", "output_split_sizes", "input_split_sizes", "group"),
     "all_gather_into_tensor": ("output_tensor", "tensor", "group"),
     "reduce_scatter_tensor": ("output_tensor", "tensor", "op", "group"),
+    "reduce_scatter": ("output", "input_list", "op", "group"),
+    "reduce_scatter_fn": ("output_tensor", "tensor", "op", "group"),
+    "allgather_fn": ("output_tensor", "tensor", "group"),
+    "all_gather": ("tensor_list", "tensor", "group"),
     "broadcast": ("tensor", "src", "group"),
     "batch_isend_irecv": ("p2p_op_list",),
 }
@@ -99,6 +109,8 @@ class CollectiveMeter(ContextDecorator):
             import deepspeed.comm as dist
 
             named = {**dict(zip(names, args, strict=False)), **kwargs}
+            if "input_tensor" in named:  # allgather_fn's keyword spelling
+                named["tensor"] = named.pop("input_tensor")
             group = named.get("group")
             handed, sent = _wire_bytes(op, dist.get_world_size(group), dist.get_rank(group), named)
             self.handed[op] += handed

@@ -11,7 +11,8 @@ training collectives go through ``torch.distributed`` (gloo). The veth byte coun
 every step, show what really crossed the link; they are reported beside ``CollectiveMeter``'s figure.
 
 At every rate, stock DeepSpeed (``ds_configs/zero2_baseline.json``) and agoq
-(``ds_configs/zero2_agoq.json``) train the same model on the same batches (same seed, micro-batch,
+(``ds_configs/zero2_agoq.json``; ``--zero-stage 3``: the ``zero3_*`` pair) train the same model on
+the same batches (same seed, micro-batch,
 gradient accumulation and sequence length; only the ``"agoq"`` block differs), alternating run by
 run, and the median step time after ``--warmup`` steps gives the agoq/stock ratio.
 
@@ -150,6 +151,7 @@ class ProgressMonitor(threading.Thread):
 def write_config(variant: str, args: argparse.Namespace, directory: Path) -> Path:
     """The variant's ds_config with this benchmark's batch settings (everything else as shipped)."""
     base, agoq_block = VARIANTS[variant]
+    base = base.replace("zero2_", f"zero{args.zero_stage}_")
     cfg = json.loads((ROOT / base).read_text())
     cfg["train_micro_batch_size_per_gpu"] = args.micro_batch
     cfg["gradient_accumulation_steps"] = args.grad_accum
@@ -384,7 +386,14 @@ def run(args: argparse.Namespace) -> dict:
             "threads_per_rank": args.threads,
             "repeats": args.repeats,
             "delay_ms": args.delay_ms,
-            "variants": {v: {"config": VARIANTS[v][0], "agoq_override": VARIANTS[v][1]} for v in args.variants},
+            "zero_stage": args.zero_stage,
+            "variants": {
+                v: {
+                    "config": VARIANTS[v][0].replace("zero2_", f"zero{args.zero_stage}_"),
+                    "agoq_override": VARIANTS[v][1],
+                }
+                for v in args.variants
+            },
             "link_probe_mbit": probes,
             "qdisc": qdiscs,
             "stale_namespaces_removed": stale,
@@ -481,6 +490,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rates", nargs="+", type=float, default=None, help="link rates in Mbit/s (0: unshaped)")
     p.add_argument("--delay-ms", type=float, default=0.0, help="fixed one-way delay per end (needs netem)")
     p.add_argument("--variants", nargs="+", default=["stock", "agoq"], choices=list(VARIANTS))
+    p.add_argument(
+        "--zero-stage", type=int, choices=[2, 3], default=2, help="ZeRO stage: ds_configs/zero<stage>_*.json"
+    )
     p.add_argument("--model", default=None, help="agoq_ds.models shape (default 10m)")
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--micro-batch", type=int, default=None)

@@ -101,3 +101,22 @@ def test_hf_trainer_config_as_dict(tmp_path: Path) -> None:
     )
     assert run["engine"] == "AgoqEngine"
     _assert_quantized(run["agoq_stats"])
+
+
+def test_hf_trainer_zero3_gets_agoq_engine_and_8bit_gradients(tmp_path: Path) -> None:
+    """HF Trainer at ZeRO stage 3 (``ds_configs/hf_zero3_agoq.json``), launched with torchrun."""
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
+    run = _launch(cmd + HF + ["--deepspeed", "ds_configs/hf_zero3_agoq.json"], tmp_path / "run.json")
+    assert run["engine"] == "AgoqEngine" and run["zero_stage"] == 3
+    assert run["gradient_host"] == "AgoqStage3Optimizer"
+    _assert_quantized(run["agoq_stats"])
+    assert run["agoq_stats"]["gradient/comm_bytes_ratio_fp32"] <= 0.27
+
+
+def test_pretrain_script_zero3(tmp_path: Path) -> None:
+    """The deepspeed launcher with ``ds_configs/zero3_agoq.json``."""
+    cmd = [str(BIN / "deepspeed"), "--num_accelerators", "2", "--master_port", str(free_port())]
+    run = _launch(cmd + PRETRAIN + ["--deepspeed_config", "ds_configs/zero3_agoq.json"], tmp_path / "run.json")
+    assert run["engine"] == "AgoqEngine"
+    _assert_quantized(run["agoq_stats"])
+    assert run["agoq_stats"]["gradient/comm_bytes_ratio_fp32"] <= 0.27
