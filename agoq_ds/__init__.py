@@ -18,10 +18,10 @@ from . import _autoload  # noqa: F401  (registers the DeepSpeed post-import hook
 __version__ = "0.1.0"
 
 _LAZY = {
-    "initialize": "agoq_ds.integration",
-    "assert_active": "agoq_ds.engine",
-    "AgoqEngine": "agoq_ds.engine",
-    "AgoqPipelineEngine": "agoq_ds.engine",
+    "initialize": "agoq_ds.deepspeed.integration",
+    "assert_active": "agoq_ds.deepspeed.engine",
+    "AgoqEngine": "agoq_ds.deepspeed.engine",
+    "AgoqPipelineEngine": "agoq_ds.deepspeed.engine",
     "AgoqConfig": "agoq_ds.config",
     "AgoqConfigError": "agoq_ds.config",
     "parse_agoq_config": "agoq_ds.config",

@@ -4,7 +4,7 @@ Loaded at interpreter start by ``agoq_ds_autoload.pth`` (installed next to site-
 registers a ``sys.meta_path`` finder (duck-typed, so not even ``importlib.abc`` is imported) — no
 torch or DeepSpeed import, so start-up stays cheap (about 1 ms). When
 ``deepspeed`` actually executes (a bare ``find_spec`` probe, as transformers does, does not count),
-``agoq_ds.integration.patch_deepspeed`` wraps ``deepspeed.initialize`` so that a config with an
+``agoq_ds.deepspeed.integration.patch_deepspeed`` wraps ``deepspeed.initialize`` so that a config with an
 ``"agoq"`` block gets the AGoQ engine.
 
 Set ``AGOQ_DS_AUTOLOAD=0`` to switch this off (``agoq_ds.initialize`` still works explicitly).
@@ -34,7 +34,7 @@ class _PatchAfterExec:
         if module.__spec__ is not None:
             module.__spec__.loader = self._loader
         self._loader.exec_module(module)
-        from agoq_ds.integration import patch_deepspeed
+        from agoq_ds.deepspeed.integration import patch_deepspeed
 
         patch_deepspeed(module)
 
@@ -84,7 +84,7 @@ def install() -> None:
     if os.environ.get(AUTOLOAD_ENV, "1") == "0":
         return
     if "deepspeed" in sys.modules:
-        from agoq_ds.integration import patch_deepspeed
+        from agoq_ds.deepspeed.integration import patch_deepspeed
 
         patch_deepspeed(sys.modules["deepspeed"])
     elif _hook not in sys.meta_path:

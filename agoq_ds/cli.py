@@ -26,7 +26,7 @@ def _autoload_state() -> str:
         return "disabled by AGOQ_DS_AUTOLOAD=0"
     import deepspeed  # noqa: F401  (the hook patches on import)
 
-    from .integration import is_patched
+    from .deepspeed.integration import is_patched
 
     patched = is_patched()
     where = ".pth installed" if installed else ".pth NOT installed (use agoq_ds.initialize or import agoq_ds)"
@@ -78,7 +78,7 @@ def report(_: argparse.Namespace) -> int:
             for dev in devices:
                 ops.add_row(f"agoq::{op}", str(bits), dev, quant.select(torch.device(dev), op, bits))
     console.print(ops)
-    from .deepspeed_contract import DEEPSPEED_VERSION, FENCES, check
+    from .deepspeed.contract import DEEPSPEED_VERSION, FENCES, check
 
     problems = check()
     listed = sum(len(f.overrides) + len(f.state) for f in FENCES)

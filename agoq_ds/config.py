@@ -13,7 +13,6 @@ import json
 import typing
 from typing import Any, Literal
 
-from deepspeed.runtime.config_utils import DeepSpeedConfigModel
 from pydantic import ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .activation.classes import (
@@ -24,6 +23,7 @@ from .activation.classes import (
     resolve_class_bits,
 )
 from .constants import CONFIG_KEY
+from .deepspeed.internals import DeepSpeedConfigModel
 from .quant.format import GROUP_SIZES
 
 GroupSize = Literal[32, 64, 128, 256, 512, 1024, 2048, 4096]

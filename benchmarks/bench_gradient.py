@@ -163,7 +163,7 @@ def engine_worker(rank: int, world: int, model_name: str, steps: int) -> dict[st
 
     from agoq_ds.config import parse_agoq_config
     from agoq_ds.data import batches, load_bytes, split
-    from agoq_ds.gradient.install import agoq_zero_optimizer
+    from agoq_ds.deepspeed.install import agoq_zero_optimizer
     from agoq_ds.models import build_llama
 
     _quiet()
@@ -241,7 +241,7 @@ def parity_worker(rank: int, world: int, model_name: str, steps: int) -> dict[st
 
     from agoq_ds.config import parse_agoq_config
     from agoq_ds.data import batches, heldout_batches, load_bytes, split
-    from agoq_ds.gradient.install import agoq_zero_optimizer
+    from agoq_ds.deepspeed.install import agoq_zero_optimizer
     from agoq_ds.models import build_llama
 
     _quiet()

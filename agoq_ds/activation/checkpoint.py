@@ -85,21 +85,19 @@ def restore_hf_checkpoint_function(previous: dict[nn.Module, Any]) -> None:
 
 def is_pipeline_module(model: nn.Module) -> bool:
     """Whether ``model`` is a DeepSpeed ``PipelineModule``."""
-    try:
-        from deepspeed.runtime.pipe.module import PipelineModule
-    except ImportError:  # pragma: no cover - deepspeed is a dependency
-        return False
-    return isinstance(model, PipelineModule)
+    from ..deepspeed.internals import is_pipeline_module as check
+
+    return check(model)
 
 
 def swap_pipeline_checkpoint_function(model: nn.Module, function: Callable) -> Callable | None:
     """If ``model`` is a DeepSpeed ``PipelineModule`` checkpointing with DeepSpeed's own
     (reentrant) function, use ``function`` instead; returns the one replaced (else ``None``)."""
-    from deepspeed.runtime.activation_checkpointing import checkpointing
+    from ..deepspeed.internals import deepspeed_checkpoint_function
 
     if not is_pipeline_module(model) or model.activation_checkpoint_interval <= 0:
         return None
-    if model.activation_checkpoint_func is not checkpointing.checkpoint:
+    if model.activation_checkpoint_func is not deepspeed_checkpoint_function():
         return None
     previous = model.activation_checkpoint_func
     model.activation_checkpoint_func = function

@@ -1,45 +1,28 @@
-"""8-bit gradients for DeepSpeed (QuanGrad): collectives, accumulators, the optimizers.
+"""8-bit gradients (QuanGrad), the DeepSpeed-free core: collectives, accumulators, the shared host
+lifecycle. The DeepSpeed optimizer subclasses that use it live in ``agoq_ds.deepspeed``.
 
-Data paths, top to bottom:
-
-* ZeRO-1/2: ``zero_optimizer.AgoqZeroOptimizer`` (DeepSpeed's ZeRO-1/2 optimizer with the bucket
-  reduction and partition storage replaced) → ``layout`` (a bucket's owner map) → ``collectives``
-  (8-bit reduce-scatter) and ``accumulator`` (int8 + error feedback) → ``agoq_ds.quant``.
-* ZeRO-3: ``stage3_optimizer.AgoqStage3Optimizer`` (DeepSpeed's stage-3 optimizer with the bucket
-  reduce-scatter and the flat gradient partition replaced) → ``collectives`` / ``accumulator``.
-* No gradient partitioning: ``bf16_optimizer.AgoqBF16Optimizer`` (DeepSpeed's ``BF16_Optimizer`` with
-  an int8 accumulation buffer) or, at ZeRO stage 0 otherwise, ``param_grads.ParamGradients`` (int8
-  ``param.grad`` accumulation, owned by the engine) → ``allreduce`` (chunked 8-bit all-reduce) →
-  ``collectives`` / ``accumulator`` → ``agoq_ds.quant``.
-
-``store.GradientStore`` is what every host shares: seeds, accumulators, the step boundary, statistics
-and checkpoint state. ``install`` swaps the optimizers into ``deepspeed.initialize`` and checks configs.
+* ``collectives``: the 8-bit reduce-scatter (int8 + fp32 scales per group on the wire, fp32 sum at the
+  owner) and the all-reduce built on it; ``allreduce``: that all-reduce chunk by chunk.
+* ``accumulator``: int8 accumulation with error feedback (fp32 below ``min_numel``).
+* ``store.GradientStore``: what every host shares (seeds, accumulators, the step boundary,
+  statistics, checkpoint state); ``host.GradientHost``: the one interface the engine talks to.
+* ``param_grads.ParamGradients``: the host at ZeRO stage 0 without ``BF16_Optimizer`` (owned by the
+  engine); the others are ``agoq_ds.deepspeed.zero_optimizer`` (ZeRO-1/2), ``stage3_optimizer``
+  (ZeRO-3) and ``bf16_optimizer``.
 """
 
 from .accumulator import Fp32Accumulator, Int8Accumulator
 from .collectives import CommCounter, ReduceScatterResult, all_reduce_8bit, reduce_scatter_8bit
-from .install import (
-    UnsupportedConfigError,
-    agoq_bf16_optimizer,
-    agoq_zero_optimizer,
-    bf16_optimizer_class,
-    check_supported,
-    optimizer_class,
-    stage3_optimizer_class,
-)
+from .host import GradientHost
+from .store import GradientStore
 
 __all__ = [
     "CommCounter",
     "Fp32Accumulator",
+    "GradientHost",
+    "GradientStore",
     "Int8Accumulator",
     "ReduceScatterResult",
-    "UnsupportedConfigError",
-    "agoq_bf16_optimizer",
-    "agoq_zero_optimizer",
     "all_reduce_8bit",
-    "bf16_optimizer_class",
-    "check_supported",
-    "optimizer_class",
     "reduce_scatter_8bit",
-    "stage3_optimizer_class",
 ]

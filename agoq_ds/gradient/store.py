@@ -29,6 +29,9 @@ from .accumulator import Accumulator, Fp32Accumulator, gradient_accumulator
 STATE_VERSION = 1
 """Version of ``GradientStore.state()``; another version is not restored."""
 
+STATE_KEY = "agoq_gradient"
+"""Key of the agoq entry (``GradientStore.state()``) in a gradient host optimizer's ``state_dict()``."""
+
 
 class GradientStore:
     """Accumulators, seeds, statistics and checkpoint state of one 8-bit gradient host."""

@@ -209,7 +209,7 @@ def make_engine(model: nn.Module, config: dict, agoq: dict | None, two_groups: b
     import deepspeed
 
     from agoq_ds.config import parse_agoq_config
-    from agoq_ds.gradient.install import agoq_zero_optimizer
+    from agoq_ds.deepspeed.install import agoq_zero_optimizer
 
     _quiet()
     params: Any = model.parameters()
@@ -343,7 +343,7 @@ def straddle_checks(rank: int, world: int) -> dict[str, Any]:
         out[name] = {"rows": rows, "optimizer": type(engine.optimizer).__name__, "stats": _stats(engine)}
         if name == "s2":
             from agoq_ds.config import AgoqConfig
-            from agoq_ds.gradient.install import check_supported
+            from agoq_ds.deepspeed.unsupported import check_supported
 
             check_supported(engine, AgoqConfig())  # the engine form of the check accepts what was built
     return out
@@ -502,7 +502,7 @@ def _train_steps(engine, gen: torch.Generator, steps: int, ga: int) -> list[floa
 
 
 def _residuals(engine) -> dict[str, torch.Tensor]:
-    from agoq_ds.gradient.zero_optimizer import STATE_KEY
+    from agoq_ds.gradient.store import STATE_KEY
 
     state = engine.optimizer.state_dict()[STATE_KEY]
     out = {}
@@ -526,7 +526,7 @@ def checkpoint_checks(rank: int, world: int, directory: str) -> dict[str, Any]:
     """Save with error-feedback state, resume, compare with the uninterrupted run; stock<->agoq."""
     from deepspeed import comm as dist
 
-    from agoq_ds.gradient.zero_optimizer import STATE_KEY
+    from agoq_ds.gradient.store import STATE_KEY
 
     out = {}
     ga = 3

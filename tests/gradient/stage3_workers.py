@@ -205,7 +205,7 @@ def _train(engine, gen: torch.Generator, steps: int, ga: int) -> list[float]:
 
 
 def _residual(engine) -> torch.Tensor | None:
-    from agoq_ds.gradient.zero_optimizer import STATE_KEY
+    from agoq_ds.gradient.store import STATE_KEY
 
     state = engine.optimizer.state_dict()[STATE_KEY]["per_step_residuals"]["partition"]
     return None if state is None else torch.cat([state["codes"].float(), state["scales"]])
@@ -214,7 +214,7 @@ def _residual(engine) -> torch.Tensor | None:
 def checkpoint_checks(rank: int, world: int, directory: str) -> dict[str, Any]:
     """Save at ZeRO-3 with the error-feedback residual, resume, compare with the uninterrupted run;
     stock <-> agoq checkpoints load both ways; the 16-bit model save is unaffected."""
-    from agoq_ds.gradient.zero_optimizer import STATE_KEY
+    from agoq_ds.gradient.store import STATE_KEY
 
     ga = 3
     agoq = {"gradient": {"error_feedback": True}}

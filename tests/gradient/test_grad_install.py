@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 
 from agoq_ds.config import AgoqConfig, parse_agoq_config
-from agoq_ds.gradient.install import UnsupportedConfigError, agoq_zero_optimizer, check_supported, optimizer_class
+from agoq_ds.deepspeed.install import agoq_zero_optimizer, optimizer_class
+from agoq_ds.deepspeed.unsupported import UnsupportedConfigError, check_supported
 
 
 def _cfg(stage: int = 2, **extra) -> dict:
@@ -58,7 +59,7 @@ def test_context_manager_rebinds_only_inside_the_block() -> None:
     import deepspeed.runtime.engine as ds_engine
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    from agoq_ds.gradient.zero_optimizer import AgoqZeroOptimizer
+    from agoq_ds.deepspeed.zero_optimizer import AgoqZeroOptimizer
 
     cfg = parse_agoq_config({"gradient": {"group_size": 256}})
     with agoq_zero_optimizer(cfg) as cls:
@@ -76,7 +77,7 @@ def test_stage3_class_is_rebound_only_inside_the_block() -> None:
     import deepspeed.runtime.zero.stage3 as ds_stage3
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 
-    from agoq_ds.gradient.stage3_optimizer import AgoqStage3Optimizer
+    from agoq_ds.deepspeed.stage3_optimizer import AgoqStage3Optimizer
 
     cfg = parse_agoq_config({"gradient": {"group_size": 256}})
     with agoq_zero_optimizer(cfg):
@@ -99,7 +100,7 @@ def test_stage3_class_is_rebound_only_inside_the_block() -> None:
 )
 def test_stage3_optimizer_refuses_by_name(arguments: dict, names: str) -> None:
     """What DeepSpeed hands the stage-3 optimizer, refused before anything is built."""
-    from agoq_ds.gradient.stage3_optimizer import reject_unsupported_arguments
+    from agoq_ds.deepspeed.unsupported import reject_unsupported_arguments
 
     with pytest.raises(ValueError, match=names.replace(".", r"\.")):
         reject_unsupported_arguments(arguments)
@@ -110,8 +111,8 @@ def test_bf16_context_manager_rebinds_only_inside_the_block() -> None:
     import deepspeed.runtime.engine as ds_engine
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 
-    from agoq_ds.gradient.bf16_optimizer import AgoqBF16Optimizer
-    from agoq_ds.gradient.install import agoq_bf16_optimizer, bf16_optimizer_class
+    from agoq_ds.deepspeed.bf16_optimizer import AgoqBF16Optimizer
+    from agoq_ds.deepspeed.install import agoq_bf16_optimizer, bf16_optimizer_class
 
     cfg = parse_agoq_config({"gradient": {"group_size": 64}})
     with agoq_bf16_optimizer(cfg) as cls:
@@ -136,7 +137,7 @@ def test_offload_refused_by_name_whether_enum_or_string(device: str) -> None:
     is refused with the device's JSON spelling (no AttributeError, no 'offloaddeviceenum.cpu')."""
     from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
 
-    from agoq_ds.gradient.zero_optimizer import reject_unsupported_arguments
+    from agoq_ds.deepspeed.unsupported import reject_unsupported_arguments
 
     for given in (device, OffloadDeviceEnum(device)):
         offload = SimpleNamespace(device=given)

@@ -53,7 +53,7 @@ def test_interpreter_start_stays_cheap() -> None:
 
 
 def test_importing_deepspeed_first_then_agoq_patches_too() -> None:
-    code = "import deepspeed, agoq_ds; from agoq_ds.integration import is_patched; print(is_patched())"
+    code = "import deepspeed, agoq_ds; from agoq_ds.deepspeed.integration import is_patched; print(is_patched())"
     assert _python(code, AGOQ_DS_AUTOLOAD="1") == "True"
 
 
@@ -72,7 +72,7 @@ def test_config_discovery_covers_every_calling_convention(tmp_path: Path) -> Non
     import argparse
     import base64
 
-    from agoq_ds.integration import find_ds_config, wants_agoq
+    from agoq_ds.deepspeed.config_source import find_ds_config, wants_agoq
 
     cfg = {"train_batch_size": 2, "agoq": {"activation": {"default_bits": 4}}}
     path = tmp_path / "ds.json"
@@ -96,8 +96,8 @@ def test_config_discovery_covers_every_calling_convention(tmp_path: Path) -> Non
 def test_engine_rebinding_is_call_scoped() -> None:
     import deepspeed
 
-    from agoq_ds.engine import AgoqEngine, AgoqPipelineEngine
-    from agoq_ds.integration import agoq_engines
+    from agoq_ds.deepspeed.engine import AgoqEngine, AgoqPipelineEngine
+    from agoq_ds.deepspeed.integration import agoq_engines
 
     original = deepspeed.DeepSpeedEngine, deepspeed.PipelineEngine
     with agoq_engines(deepspeed):
@@ -114,7 +114,7 @@ def test_untested_version_only_blocks_agoq_configs() -> None:
     import types
 
     from agoq_ds._compat import UntestedDeepSpeedError
-    from agoq_ds.integration import patch_deepspeed
+    from agoq_ds.deepspeed.integration import patch_deepspeed
 
     fake = types.SimpleNamespace(__version__="9.9.9", initialize=lambda *a, **k: "stock")
     patch_deepspeed(fake)

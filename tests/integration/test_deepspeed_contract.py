@@ -1,13 +1,17 @@
-"""The table of DeepSpeed internals agoq relies on (``agoq_ds/deepspeed_contract.py``) is complete and
-holds for the installed DeepSpeed, and a DeepSpeed change to one of them is reported by name."""
+"""The table of DeepSpeed internals agoq relies on (``agoq_ds/deepspeed/contract.py``) is complete and
+holds for the installed DeepSpeed, a DeepSpeed change to one of them is reported by name, and those
+internals are reached only from the ``agoq_ds/deepspeed`` package."""
 
 from __future__ import annotations
 
 import ast
 import inspect
 import textwrap
+from pathlib import Path
 
-from agoq_ds import deepspeed_contract as contract
+from agoq_ds.deepspeed import contract
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _own_methods(cls: type) -> set[str]:
@@ -43,15 +47,15 @@ def test_every_override_and_every_deepspeed_name_is_listed() -> None:
         assert overridden == set(fence.overrides), f"{fence.agoq_class}: update the table's overrides"
         state.setdefault(fence.agoq_class.rsplit(".", 1)[0] + "." + agoq.__name__, set()).update(fence.state)
     # The engine mixin serves both engines: its names may sit in either engine's entry.
-    mixin = "agoq_ds.engine.AgoqEngineMixin"
+    mixin = "agoq_ds.deepspeed.engine.AgoqEngineMixin"
     listed = {
-        mixin: state[mixin] | state["agoq_ds.engine.AgoqPipelineEngine"],
+        mixin: state[mixin] | state["agoq_ds.deepspeed.engine.AgoqPipelineEngine"],
         **{k: v for k, v in state.items() if k != mixin},
     }
     for path, names in listed.items():
         used = _self_names(contract.load(path))
         missing = used - names
-        assert not missing, f"{path} uses DeepSpeed names not in agoq_ds/deepspeed_contract.py: {sorted(missing)}"
+        assert not missing, f"{path} uses DeepSpeed names not in agoq_ds/deepspeed/contract.py: {sorted(missing)}"
     assert sum(len(f.overrides) for f in contract.FENCES) == 43
 
 
@@ -81,3 +85,57 @@ def test_a_changed_decorated_method_is_reported(monkeypatch) -> None:
     problems = contract.check()
     assert any("DeepSpeedZeroOptimizer_Stage3.partition_grads changed" in p for p in problems), problems
     assert not any("DeepSpeedZeroOptimizer_Stage3.step changed" in p for p in problems), problems
+
+
+def _imports(path) -> list[tuple[str, int]]:
+    """Absolute module names a file imports (relative imports resolved against the ``agoq_ds`` tree),
+    with their line numbers, wherever the import statement sits (functions included)."""
+    package = list(path.relative_to(ROOT).with_suffix("").parts)
+    package = package if path.name == "__init__.py" else package[:-1]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            found += [(module, node.lineno), *((f"{module}.{a.name}", node.lineno) for a in node.names)]
+    return found
+
+
+def test_nothing_outside_the_deepspeed_package_imports_deepspeed_runtime() -> None:
+    offenders = [
+        f"{path.relative_to(ROOT)}:{line} imports {module}"
+        for path in sorted((ROOT / "agoq_ds").rglob("*.py"))
+        if (ROOT / "agoq_ds" / "deepspeed") not in path.parents
+        for module, line in _imports(path)
+        if module == "deepspeed.runtime" or module.startswith("deepspeed.runtime.")
+    ]
+    assert not offenders, "DeepSpeed internals belong in agoq_ds/deepspeed:\n" + "\n".join(offenders)
+
+
+def test_the_deepspeed_package_has_no_import_cycle() -> None:
+    """The engine, the initialize seam and the optimizers import each other one way only (the engine
+    module and the integration module imported each other before)."""
+    modules = {}
+    for path in (ROOT / "agoq_ds").rglob("*.py"):
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        modules[name] = path
+    graph = {
+        name: {m for m, _ in _imports(path) if m in modules and m != name and not name.startswith(m + ".")}
+        for name, path in modules.items()
+    }
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph[todo.pop()] - seen:
+                if nxt == goal:
+                    return True
+                seen.add(nxt)
+                todo.append(nxt)
+        return False
+
+    ours = [m for m in modules if m.startswith("agoq_ds.deepspeed.")]
+    cycles = [(a, b) for a in ours for b in graph[a] if reaches(b, a)]
+    assert not cycles, f"import cycles through agoq_ds/deepspeed: {cycles}"

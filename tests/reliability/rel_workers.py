@@ -79,7 +79,7 @@ def initialize_properties(rank: int, world: int, n_valid: int, n_invalid: int) -
 
     from agoq_ds import quant
     from agoq_ds.config import AgoqConfigError, parse_agoq_config
-    from agoq_ds.gradient.install import UnsupportedConfigError
+    from agoq_ds.deepspeed.unsupported import UnsupportedConfigError
 
     _quiet()
     out: dict[str, Any] = {"valid_trained": 0, "valid_stock": 0, "backend_unavailable": 0, "invalid": 0}
@@ -176,7 +176,7 @@ def initialize_properties(rank: int, world: int, n_valid: int, n_invalid: int) -
 def agoq_state(engine) -> dict[str, Any]:
     """Every piece of agoq state a checkpoint must carry: the model-level state (activation policy,
     calibration, rounding stream) and the gradient optimizer's (error-feedback residuals, step)."""
-    from agoq_ds.gradient.zero_optimizer import STATE_KEY
+    from agoq_ds.gradient.store import STATE_KEY
 
     return {"model": engine.agoq_state_dict(), "gradient": engine.optimizer.state_dict().get(STATE_KEY)}
 

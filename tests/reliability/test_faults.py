@@ -290,7 +290,7 @@ def _plain(value: Any) -> bool:
 
 def test_agoq_checkpoint_state_loads_with_weights_only(bundle: list[dict], workdir: Path) -> None:
     from agoq_ds.constants import CHECKPOINT_KEY
-    from agoq_ds.gradient.zero_optimizer import STATE_KEY
+    from agoq_ds.gradient.store import STATE_KEY
 
     tag_dir = workdir / "ref" / "ckpt" / f"step{STEPS}"
     found = {"model": 0, "optimizer": 0}

@@ -34,28 +34,13 @@ from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from deepspeed.utils import logger
 
 from ..config import AgoqConfig, GradientConfig
+from ..gradient.allreduce import CHUNK_ELEMENTS, all_reduce_chunked, chunk_bounds
+from ..gradient.host import GradientHost
+from ..gradient.store import STATE_KEY, GradientStore
 from ..seeding import mix_seed as _mix
-from .allreduce import CHUNK_ELEMENTS, all_reduce_chunked, chunk_bounds
-from .host import GradientHost
-from .store import GradientStore
-from .zero_optimizer import STATE_KEY
+from .unsupported import reject_unsupported_arguments
 
 _SIGNATURE = inspect.signature(BF16_Optimizer.__init__)
-
-
-def reject_unsupported_arguments(arguments: dict[str, Any]) -> None:
-    """Raise ``ValueError`` for ``BF16_Optimizer`` arguments the 8-bit path cannot honour."""
-    if arguments.get("has_moe_layers"):
-        raise ValueError(
-            "agoq.gradient: MoE models (expert-parallel gradient groups) are not supported by the 8-bit gradient "
-            "path; set agoq.gradient.enabled=false"
-        )
-    init_optimizer = arguments.get("init_optimizer")
-    if "muon" in type(init_optimizer).__name__.lower():
-        raise ValueError(
-            f"agoq.gradient: the {type(init_optimizer).__name__} optimizer is not supported with BF16_Optimizer; "
-            "set agoq.gradient.enabled=false"
-        )
 
 
 class AgoqBF16Optimizer(GradientHost, BF16_Optimizer):

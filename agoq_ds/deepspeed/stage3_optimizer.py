@@ -29,36 +29,14 @@ from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 from deepspeed.utils import logger
 
 from ..config import AgoqConfig
-from .collectives import reduce_scatter_8bit, reduce_scatter_bytes
-from .host import GradientHost
-from .install import device_name
-from .store import GradientStore
-from .zero_optimizer import STATE_KEY
+from ..gradient.collectives import reduce_scatter_8bit, reduce_scatter_bytes
+from ..gradient.host import GradientHost
+from ..gradient.store import STATE_KEY, GradientStore
+from .unsupported import reject_unsupported_arguments
 
 _SIGNATURE = inspect.signature(DeepSpeedZeroOptimizer_Stage3.__init__)
 _MANGLED = "_DeepSpeedZeroOptimizer_Stage3__"
 _PARTITION = "partition"
-
-
-def reject_unsupported_arguments(arguments: dict[str, Any]) -> None:
-    """Raise ``ValueError`` for ``DeepSpeedZeroOptimizer_Stage3`` arguments the 8-bit path cannot honour."""
-    off = "set agoq.gradient.enabled=false to train without 8-bit gradients"
-    for key, name in (("offload_optimizer_config", "offload_optimizer"), ("offload_param_config", "offload_param")):
-        device = device_name(getattr(arguments.get(key), "device", None))
-        if device not in ("none", ""):
-            raise ValueError(
-                f"agoq.gradient: zero_optimization.{name}.device={device!r} is not supported at ZeRO stage 3 by the "
-                f"8-bit gradient path; remove the offload or {off}"
-            )
-    if arguments.get("zenflow_config") is not None:
-        raise ValueError(f"agoq.gradient: zero_optimization.zenflow is not supported; {off}")
-    if arguments.get("all2all_process_group") is not None:
-        raise ValueError(
-            "agoq.gradient: zero_optimization.zero_quantized_gradients=true (ZeRO++ qgZ) and agoq's 8-bit gradients "
-            f"both replace the ZeRO-3 reduce-scatter; use one of them: remove zero_quantized_gradients or {off}"
-        )
-    if "muon" in type(arguments.get("init_optimizer")).__name__.lower():
-        raise ValueError(f"agoq.gradient: the Muon optimizer is not supported; {off}")
 
 
 class AgoqStage3Optimizer(GradientHost, DeepSpeedZeroOptimizer_Stage3):

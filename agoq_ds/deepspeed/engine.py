@@ -24,13 +24,13 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.utils import groups, log_dist, logger
 from deepspeed.utils.logging import print_dist
 
-from . import quant
-from ._compat import check_deepspeed_version
-from .config import AgoqConfig, AgoqConfigError, parse_agoq_config
-from .constants import CHECKPOINT_KEY, CONFIG_KEY, MONITOR_PREFIX
-from .gradient.host import GradientHost, gradient_host
-from .overflow_watch import OverflowStreak, overflow_message
-from .summary import startup_summary
+from .. import quant
+from .._compat import check_deepspeed_version
+from ..config import AgoqConfig, AgoqConfigError, parse_agoq_config
+from ..constants import CHECKPOINT_KEY, CONFIG_KEY, MONITOR_PREFIX
+from ..gradient.host import GradientHost, gradient_host
+from ..overflow_watch import OverflowStreak, overflow_message
+from ..summary import startup_summary
 
 check_deepspeed_version(deepspeed.__version__)
 
@@ -39,7 +39,7 @@ def _ds_config_dict(kwargs: dict[str, Any]) -> dict[str, Any]:
     config_class = kwargs.get("config_class")
     if config_class is not None:
         return config_class._param_dict
-    from .integration import find_ds_config
+    from .config_source import find_ds_config
 
     return find_ds_config(kwargs.get("args"), kwargs.get("config"), kwargs.get("config_params")) or {}
 
@@ -71,7 +71,7 @@ class AgoqEngineMixin:
 
     @staticmethod
     def _agoq_check_before_build(ds_config: dict[str, Any], agoq_config: AgoqConfig) -> None:
-        from .gradient.install import check_supported
+        from .unsupported import check_supported
 
         if agoq_config.kernel_backend != "auto":
             try:
@@ -88,7 +88,7 @@ class AgoqEngineMixin:
     # --- construction hooks -------------------------------------------------------------------
 
     def _configure_zero_optimizer(self, optimizer):
-        from .gradient.install import agoq_zero_optimizer
+        from .install import agoq_zero_optimizer
 
         if not (self.agoq_config.enabled and self.agoq_config.gradient.enabled):
             return super()._configure_zero_optimizer(optimizer)
@@ -96,7 +96,7 @@ class AgoqEngineMixin:
             return super()._configure_zero_optimizer(optimizer)
 
     def _configure_bf16_optimizer(self, optimizer):
-        from .gradient.install import agoq_bf16_optimizer
+        from .install import agoq_bf16_optimizer
 
         if not (self.agoq_config.enabled and self.agoq_config.gradient.enabled):
             return super()._configure_bf16_optimizer(optimizer)
@@ -111,7 +111,7 @@ class AgoqEngineMixin:
             return
         if self.zero_optimization() or self.optimizer is None or isinstance(self.optimizer, BF16_Optimizer):
             return
-        from .gradient.param_grads import ParamGradients
+        from ..gradient.param_grads import ParamGradients
 
         group, _ = self._agoq_dp_group()
         gradients = ParamGradients(
@@ -128,7 +128,7 @@ class AgoqEngineMixin:
         cfg = self.agoq_config
         if not (cfg.enabled and cfg.activation.enabled):
             return
-        from .activation.quantizer import ActivationQuantizer
+        from ..activation.quantizer import ActivationQuantizer
 
         quantizer = ActivationQuantizer(
             self.module,

@@ -5,8 +5,9 @@ agoq subclasses five DeepSpeed classes. For each, ``FENCES`` lists the DeepSpeed
 overrides, with a hash of DeepSpeed's source of each (a DeepSpeed release that changes one of them
 fails the check by name, so the override is reviewed before it runs against code it was not written
 for), and the DeepSpeed attributes and helper methods the subclass uses on ``self``. ``REBINDS`` are
-the module globals agoq rebinds while an engine is built (so that DeepSpeed constructs agoq's
-optimizers). Written against ``DEEPSPEED_VERSION``.
+the module globals agoq rebinds while ``deepspeed.initialize`` runs (so that DeepSpeed constructs
+agoq's engine and optimizers); ``INTERNALS`` the other DeepSpeed internals agoq imports. Written
+against ``DEEPSPEED_VERSION``.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class Fence:
 
 FENCES: tuple[Fence, ...] = (
     Fence(
-        "agoq_ds.engine.AgoqEngineMixin",
+        "agoq_ds.deepspeed.engine.AgoqEngineMixin",
         "deepspeed.runtime.engine.DeepSpeedEngine",
         {
             "__init__": "eca5147d0b7c",
@@ -73,13 +74,13 @@ FENCES: tuple[Fence, ...] = (
         ),
     ),
     Fence(
-        "agoq_ds.engine.AgoqPipelineEngine",
+        "agoq_ds.deepspeed.engine.AgoqPipelineEngine",
         "deepspeed.runtime.pipe.engine.PipelineEngine",
         {"_exec_reduce_tied_grads": "7278dacd3b01"},
         ("module", "optimizer", "using_bf16_optimizer"),  # the last one set by the mixin, for pipelines
     ),
     Fence(
-        "agoq_ds.gradient.zero_optimizer.AgoqZeroOptimizer",
+        "agoq_ds.deepspeed.zero_optimizer.AgoqZeroOptimizer",
         "deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer",
         {
             "__init__": "a381470af4e9",
@@ -115,6 +116,7 @@ FENCES: tuple[Fence, ...] = (
             "overflow",
             "overlap_comm",
             "params_already_reduced",
+            "param_to_partition_ids",  # read by layout.bucket_layout
             "params_in_partition",
             "partition_gradients",
             "partition_size",
@@ -128,7 +130,7 @@ FENCES: tuple[Fence, ...] = (
         ),
     ),
     Fence(
-        "agoq_ds.gradient.stage3_optimizer.AgoqStage3Optimizer",
+        "agoq_ds.deepspeed.stage3_optimizer.AgoqStage3Optimizer",
         "deepspeed.runtime.zero.stage3.DeepSpeedZeroOptimizer_Stage3",
         {
             "_DeepSpeedZeroOptimizer_Stage3__avg_scatter_contiguous_grads": "98ac2e89a47b",
@@ -161,7 +163,7 @@ FENCES: tuple[Fence, ...] = (
         ),
     ),
     Fence(
-        "agoq_ds.gradient.bf16_optimizer.AgoqBF16Optimizer",
+        "agoq_ds.deepspeed.bf16_optimizer.AgoqBF16Optimizer",
         "deepspeed.runtime.bf16_optimizer.BF16_Optimizer",
         {
             "__init__": "ef41a0d8d1f3",
@@ -194,11 +196,25 @@ FENCES: tuple[Fence, ...] = (
 """The five subclasses (43 overridden methods)."""
 
 REBINDS: tuple[tuple[str, str], ...] = (
+    ("deepspeed", "DeepSpeedEngine"),
+    ("deepspeed", "PipelineEngine"),
     ("deepspeed.runtime.engine", "DeepSpeedZeroOptimizer"),
     ("deepspeed.runtime.engine", "BF16_Optimizer"),
     ("deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3"),
 )
-"""Module globals agoq rebinds while an engine builds its optimizer (``gradient/install.py``)."""
+"""Module globals agoq rebinds for one ``deepspeed.initialize`` call: the engines (``integration.py``)
+and the optimizers (``install.py``)."""
+
+
+INTERNALS: tuple[str, ...] = (
+    "deepspeed.runtime.config_utils.DeepSpeedConfigModel",
+    "deepspeed.runtime.pipe.module.PipelineModule",
+    "deepspeed.runtime.activation_checkpointing.checkpointing.checkpoint",
+    "deepspeed.runtime.tensor_parallel.init_utils.load_ds_config",
+    "deepspeed.runtime.zero.stage_1_and_2.GradPartitionBufferGroup",
+    "deepspeed.runtime.zero.stage3.DeepSpeedZeroOptimizer_Stage3",
+)
+"""Other DeepSpeed internals agoq imports (``internals.py``, and the partition-buffer type of ZeRO-1/2)."""
 
 
 def load(path: str) -> Any:
@@ -253,11 +269,16 @@ def check() -> list[str]:
             elif source_hash(fn) != digest:
                 problems.append(
                     f"{fence.deepspeed_class}.{method} changed (source hash {digest} -> {source_hash(fn)}): review "
-                    f"{fence.agoq_class}.{method}, which overrides it, then update agoq_ds/deepspeed_contract.py"
+                    f"{fence.agoq_class}.{method}, which overrides it, then update agoq_ds/deepspeed/contract.py"
                 )
         for name in fence.state:
             if not _uses(base, name):
                 problems.append(f"{fence.deepspeed_class} no longer has self.{name}, which {fence.agoq_class} uses")
+    for path in INTERNALS:
+        try:
+            load(path)
+        except (ImportError, AttributeError) as exc:
+            problems.append(f"{path} is gone ({exc}); agoq_ds/deepspeed imports it")
     for module, name in REBINDS:
         try:
             if not inspect.isclass(getattr(importlib.import_module(module), name, None)):

@@ -30,45 +30,17 @@ from typing import Any
 import torch
 from deepspeed import comm as dist
 from deepspeed.accelerator import get_accelerator
-from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer, GradPartitionBufferGroup
 from deepspeed.utils import logger
 
 from ..config import AgoqConfig, GradientConfig
-from .collectives import all_reduce_8bit, gather_slices, reduce_scatter_8bit, ring_allreduce_bytes
-from .host import GradientHost
-from .install import device_name
+from ..gradient.collectives import all_reduce_8bit, gather_slices, reduce_scatter_8bit, ring_allreduce_bytes
+from ..gradient.host import GradientHost
+from ..gradient.store import STATE_KEY, GradientStore
 from .layout import BucketLayout, bucket_layout
-from .store import GradientStore
-
-STATE_KEY = "agoq_gradient"
-"""Key of the agoq entry in the optimizer's ``state_dict()`` (``GradientStore.state()``)."""
+from .unsupported import reject_unsupported_arguments
 
 _SIGNATURE = inspect.signature(DeepSpeedZeroOptimizer.__init__)
-
-
-def reject_unsupported_arguments(arguments: dict[str, Any]) -> None:
-    """Raise ``ValueError`` for ``DeepSpeedZeroOptimizer`` arguments the 8-bit path cannot honour."""
-    offload = arguments.get("offload_optimizer_config")
-    device = device_name(getattr(offload, "device", None))
-    if device != OffloadDeviceEnum.none.value:
-        raise ValueError(
-            f"agoq.gradient: zero_optimization.offload_optimizer.device={device!r} is not supported "
-            "by the 8-bit gradient path; remove the offload or set agoq.gradient.enabled=false"
-        )
-    if arguments.get("has_moe_layers"):
-        raise ValueError(
-            "agoq.gradient: MoE models (expert-parallel gradient groups) are not supported by the 8-bit gradient "
-            "path; set agoq.gradient.enabled=false"
-        )
-    if arguments.get("zenflow_config") is not None:
-        raise ValueError("agoq.gradient: zero_optimization.zenflow is not supported; set agoq.gradient.enabled=false")
-    init_optimizer = arguments.get("init_optimizer")
-    if "muon" in type(init_optimizer).__name__.lower():
-        raise ValueError(
-            f"agoq.gradient: the {type(init_optimizer).__name__} optimizer (Muon updates are built from the "
-            "gradient partition) is not supported; set agoq.gradient.enabled=false"
-        )
 
 
 class AgoqZeroOptimizer(GradientHost, DeepSpeedZeroOptimizer):

@@ -4,10 +4,8 @@
 name and has no extension hook. ``patch_deepspeed`` wraps it: when the config carries an ``"agoq"``
 block, those two names are rebound to the AGoQ engine classes *for the duration of that one call*
 (under a lock) and restored afterwards, so ``isinstance(x, deepspeed.DeepSpeedEngine)`` elsewhere
-(accelerate, HF Trainer) keeps working. Configs without the block never touch agoq code.
-
-The config may arrive as ``config=`` (dict or path), ``config_params=`` (accelerate, HF Trainer)
-or ``args.deepspeed_config`` (the ``deepspeed`` launcher's ``--deepspeed_config``).
+(accelerate, HF Trainer) keeps working. Configs without the block never touch agoq code. Where the
+config comes from: ``config_source``.
 """
 
 from __future__ import annotations
@@ -19,36 +17,11 @@ from contextlib import contextmanager
 from types import ModuleType
 from typing import Any
 
-from .constants import CONFIG_KEY
+from ..constants import CONFIG_KEY
+from .config_source import find_ds_config, wants_agoq
 
 _lock = threading.RLock()
 _PATCHED_ATTR = "__agoq_ds_patched__"
-
-
-def find_ds_config(args: Any = None, config: Any = None, config_params: Any = None) -> dict[str, Any] | None:
-    """The DeepSpeed config dict ``deepspeed.initialize`` will use (read with DeepSpeed's own loader:
-    a dict, a JSON/hjson file path, or base64), or ``None`` when there is none."""
-    from deepspeed.runtime.tensor_parallel.init_utils import load_ds_config
-
-    source = config if config is not None else config_params
-    if source is None and args is not None:
-        source = getattr(args, "deepspeed_config", None) or getattr(args, "deepscale_config", None)
-    if source is None:
-        return None
-    try:
-        return load_ds_config(source)
-    except ValueError:
-        return None  # DeepSpeed itself reports the bad config
-
-
-def wants_agoq(ds_config: dict[str, Any] | None) -> bool:
-    """True when the config has an ``"agoq"`` block that is not switched off."""
-    if not isinstance(ds_config, dict) or CONFIG_KEY not in ds_config:
-        return False
-    block = ds_config[CONFIG_KEY]
-    if block is False:
-        return False
-    return not (isinstance(block, dict) and block.get("enabled", True) is False)
 
 
 @contextmanager
@@ -101,7 +74,7 @@ def patch_deepspeed(deepspeed_module: ModuleType) -> None:
     On a DeepSpeed version agoq-ds was not tested with, stock configs keep working but a config
     with an ``"agoq"`` block fails at ``initialize`` with ``UntestedDeepSpeedError``.
     """
-    from ._compat import UntestedDeepSpeedError, check_deepspeed_version
+    from .._compat import UntestedDeepSpeedError, check_deepspeed_version
 
     if getattr(deepspeed_module.initialize, _PATCHED_ATTR, False):
         return

@@ -1,0 +1,159 @@
+"""What the 8-bit gradient path does not support, refused by name before anything is built.
+
+One list of refusals serves every place a configuration can be seen: the ``ds_config`` dict
+(``check_supported``, called by the AGoQ engine before DeepSpeed builds its optimizer), a built
+engine (``check_supported``), and the arguments DeepSpeed hands an optimizer subclass
+(``reject_unsupported_arguments``). Each refusal is an ``UnsupportedConfigError`` (a ``ValueError``)
+naming the setting and its value, what to do instead, and how to train without 8-bit gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import AgoqConfig
+
+OFF = "set agoq.gradient.enabled=false to train without 8-bit gradients"
+"""How every refusal ends."""
+
+
+class UnsupportedConfigError(ValueError):
+    """A DeepSpeed setting the 8-bit gradient path does not support; the message names it."""
+
+
+def _refusal(setting: str, detail: str = "", remedy: str = "") -> UnsupportedConfigError:
+    return UnsupportedConfigError(f"agoq.gradient: {setting} is not supported{detail}; {remedy}{OFF}")
+
+
+def device_name(device: Any) -> str:
+    """An offload device as DeepSpeed spells it in JSON (``"cpu"``, ``"nvme"``, ``"none"``), whether it
+    arrives as DeepSpeed's ``OffloadDeviceEnum`` or as a plain string."""
+    return str(getattr(device, "value", device) or "none").lower()
+
+
+def _settings_from_dict(ds_config: dict[str, Any]) -> dict[str, Any]:
+    zero = ds_config.get("zero_optimization") or {}
+    stage = zero.get("stage", 0)
+
+    def offload_device(key: str) -> str:
+        block = zero.get(key)
+        if not isinstance(block, dict):
+            return "none"
+        return device_name(block.get("device"))
+
+    def enabled(key: str) -> bool:
+        block = ds_config.get(key)
+        return isinstance(block, dict) and block.get("enabled") is True
+
+    optimizer = ds_config.get("optimizer") or {}
+    return {
+        "stage": int(stage) if isinstance(stage, int | str) and str(stage).isdigit() else None,
+        "offload_optimizer": offload_device("offload_optimizer"),
+        "offload_param": offload_device("offload_param"),
+        "fp16": enabled("fp16"),
+        "bf16": enabled("bf16") or enabled("bfloat16"),
+        "grad_accum_dtype": str((ds_config.get("data_types") or {}).get("grad_accum_dtype") or "").lower(),
+        "zenflow": zero.get("zenflow") is not None,
+        "quantized_gradients": bool(zero.get("zero_quantized_gradients")),
+        "optimizer_type": str(optimizer.get("type", "")).lower(),
+        "deepcompile": bool((ds_config.get("compile") or {}).get("deepcompile")),
+        "moe": False,
+        "pipeline": False,
+    }
+
+
+def _settings_from_engine(engine: Any) -> dict[str, Any]:
+    import torch
+
+    _, grad_accum = engine.get_data_types()
+    return {
+        "stage": int(engine.zero_optimization_stage()),
+        "offload_optimizer": device_name(getattr(engine.zero_offload_optimizer(), "device", None)),
+        "offload_param": device_name(getattr(engine.zero_offload_param(), "device", None)),
+        "fp16": engine.fp16_enabled(),
+        "bf16": engine.bfloat16_enabled(),
+        "grad_accum_dtype": "fp32" if grad_accum == torch.float32 else str(grad_accum),
+        "zenflow": bool(getattr(engine, "zenflow", False)),
+        "quantized_gradients": bool(getattr(engine, "zero_quantized_gradients", lambda: False)()),
+        "optimizer_type": type(getattr(engine, "basic_optimizer", None)).__name__.lower(),
+        "deepcompile": bool(getattr(engine, "is_deepcompile_enabled", lambda: False)()),
+        "moe": bool(getattr(engine, "has_moe_layers", False)),
+        "pipeline": bool(getattr(engine, "pipeline_parallelism", False)),
+    }
+
+
+def _settings_from_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The settings visible in the arguments DeepSpeed passes an optimizer's ``__init__``."""
+
+    def offload(key: str) -> str:
+        return device_name(getattr(arguments.get(key), "device", None))
+
+    return {
+        "stage": None,
+        "offload_optimizer": offload("offload_optimizer_config"),
+        "offload_param": offload("offload_param_config"),
+        "fp16": False,
+        "zenflow": arguments.get("zenflow_config") is not None,
+        "quantized_gradients": arguments.get("all2all_process_group") is not None,
+        "optimizer_type": type(arguments.get("init_optimizer")).__name__.lower(),
+        "deepcompile": False,
+        "moe": bool(arguments.get("has_moe_layers")),
+    }
+
+
+def _refuse(s: dict[str, Any]) -> None:
+    stage = s["stage"]
+    if s["quantized_gradients"] and stage in (3, None):
+        raise _refusal(
+            "zero_optimization.zero_quantized_gradients=true (ZeRO++ qgZ)",
+            " together with agoq's 8-bit gradients (both replace the ZeRO-3 reduce-scatter)",
+            "use one of them: remove zero_quantized_gradients or ",
+        )
+    for key in ("offload_optimizer", "offload_param"):
+        if s[key] not in ("none", ""):
+            raise _refusal(
+                f"zero_optimization.{key}.device={s[key]!r}", " by the 8-bit gradient path", "remove the offload or "
+            )
+    if s["moe"]:
+        raise _refusal("MoE layers (expert-parallel gradient groups)", " by the 8-bit gradient path")
+    if s["fp16"]:
+        from deepspeed.accelerator import get_accelerator
+
+        if get_accelerator().device_name() == "cpu":
+            raise _refusal("fp16.enabled=true", " on CPU", "use bf16 or fp32, or ")
+        if stage == 0:
+            raise _refusal(
+                "fp16.enabled=true at zero_optimization.stage=0",
+                " (DeepSpeed's fp16 optimizers with 8-bit gradients are untested)",
+                "use bf16, ZeRO stage 1, 2 or 3, or ",
+            )
+    if s["zenflow"]:
+        raise _refusal("zero_optimization.zenflow")
+    if "muon" in s["optimizer_type"]:
+        raise _refusal("the Muon optimizer", " (its updates are built from the gradient partition)")
+    if s["deepcompile"]:
+        raise _refusal("compile.deepcompile=true")
+
+
+def check_supported(ds_config_or_engine: Any, agoq_config: AgoqConfig) -> None:
+    """Raise ``UnsupportedConfigError`` when the 8-bit gradient path cannot run with this config.
+
+    ``ds_config_or_engine`` is the DeepSpeed config dict or a built ``DeepSpeedEngine``. Nothing is
+    checked when ``agoq.enabled`` or ``agoq.gradient.enabled`` is false. Supported: ZeRO stage 0
+    (plain data parallel, incl. ``BF16_Optimizer`` in bf16 pipelines), 1, 2 and 3, fp32 and bf16, with or
+    without fp32 gradient accumulation. Refused: ZeRO++ qgZ, optimizer/parameter offload, MoE (engine
+    only), fp16 on CPU and fp16 at stage 0 (untested), ZenFlow, Muon, DeepCompile.
+    """
+    if not (agoq_config.enabled and agoq_config.gradient.enabled):
+        return
+    if isinstance(ds_config_or_engine, dict):
+        _refuse(_settings_from_dict(ds_config_or_engine))
+    else:
+        _refuse(_settings_from_engine(ds_config_or_engine))
+
+
+def reject_unsupported_arguments(arguments: dict[str, Any]) -> None:
+    """Raise ``UnsupportedConfigError`` for optimizer arguments (as DeepSpeed passes them to
+    ``DeepSpeedZeroOptimizer``, ``DeepSpeedZeroOptimizer_Stage3`` or ``BF16_Optimizer``) the 8-bit
+    path cannot honour."""
+    _refuse(_settings_from_arguments(arguments))
