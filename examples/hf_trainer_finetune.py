@@ -54,7 +54,9 @@ class RecordAgoq(TrainerCallback):
         self.record = {
             "engine": type(engine).__name__,
             "zero_stage": engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else None,
-            "gradient_host": type(engine.agoq_gradient_path()).__name__ if hasattr(engine, "agoq_gradient_path") else None,
+            "gradient_host": type(engine.agoq_gradient_path()).__name__
+            if hasattr(engine, "agoq_gradient_path")
+            else None,
             "agoq_stats": engine.agoq_stats() if hasattr(engine, "agoq_stats") else {},
             "losses": [h["loss"] for h in state.log_history if "loss" in h],
         }
