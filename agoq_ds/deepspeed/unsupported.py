@@ -109,7 +109,9 @@ def _refuse(s: dict[str, Any]) -> None:
             " together with agoq's 8-bit gradients (both replace the ZeRO-3 reduce-scatter)",
             "use one of them: remove zero_quantized_gradients or ",
         )
-    for key in ("offload_optimizer", "offload_param"):
+    # Parameter offload exists only at ZeRO-3; at stages 0-2 DeepSpeed ignores the block, and so does agoq.
+    offloads = ("offload_optimizer", "offload_param") if stage in (3, None) else ("offload_optimizer",)
+    for key in offloads:
         if s[key] not in ("none", ""):
             raise _refusal(
                 f"zero_optimization.{key}.device={s[key]!r}", " by the 8-bit gradient path", "remove the offload or "

@@ -271,6 +271,31 @@ def checkpoint_checks(rank: int, world: int, directory: str) -> dict[str, Any]:
     }
 
 
+def reshard_checks(rank: int, world: int, ckpt_dir: str, universal_tag: str) -> dict[str, Any]:
+    """The 2-rank ZeRO-3 checkpoint of ``checkpoint_checks``, converted to a universal checkpoint, loaded
+    on ``world`` ranks by stock DeepSpeed and by agoq: weights, residual, the next losses."""
+    import deepspeed
+
+    out = {}
+    for name, agoq in (("stock", None), ("agoq", {"gradient": {"error_feedback": True}})):
+        config = stage3_config(ga=3)
+        config["checkpoint"] = {"load_universal": True}
+        engine = make_stage3_engine(small_mlp(seed=1), config, agoq)
+        engine.load_checkpoint(ckpt_dir, tag=universal_tag)
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            params = torch.cat([p.detach().reshape(-1).clone() for p in engine.module.parameters()])
+        residual = _residual(engine) if agoq is not None else None
+        gen = torch.Generator().manual_seed(70 + rank)
+        out[name] = {
+            "params": params.tolist(),
+            "global_steps": engine.global_steps,
+            "residual_zero": residual is None or not bool(torch.count_nonzero(residual)),
+            "losses": _train(engine, gen, 2, 3),
+        }
+        engine.destroy()
+    return out
+
+
 def parity_checks(rank: int, world: int, steps: int) -> dict[str, Any]:
     """Stock ZeRO-3 versus agoq ZeRO-3 (8-bit reduce-scatter and partition), tiny LLaMA, same data."""
     out = {}

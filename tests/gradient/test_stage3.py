@@ -14,9 +14,13 @@ unpartitioned copy of the model).
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from distributed import run_ranks
-from stage3_workers import world2, world_n
+from stage3_workers import reshard_checks, world2, world_n
 
 pytestmark = pytest.mark.slow
 
@@ -29,8 +33,24 @@ EARLY_TOL = 0.005
 
 
 @pytest.fixture(scope="module")
-def ws2(tmp_path_factory) -> list[dict]:
-    return run_ranks(world2, 2, (str(tmp_path_factory.mktemp("agoq_zero3")), PARITY_STEPS))
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("agoq_zero3")
+
+
+@pytest.fixture(scope="module")
+def ws2(workdir: Path) -> list[dict]:
+    return run_ranks(world2, 2, (str(workdir), PARITY_STEPS))
+
+
+@pytest.fixture(scope="module")
+def resharded(ws2: list[dict], workdir: Path) -> list[dict]:
+    """The 2-rank agoq ZeRO-3 checkpoint converted with DeepSpeed's ``ds_to_universal`` and loaded on 3 ranks."""
+    ckpt = workdir / "stage3"
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt / "t3")]
+    cmd += ["--output_folder", str(ckpt / "t3_universal"), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    proc = subprocess.run([*cmd, "--inject_missing_state"], capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run_ranks(reshard_checks, 3, (str(ckpt), "t3_universal"))
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +125,16 @@ def test_training_parity_with_stock_zero3(ws2: list[dict], case: str) -> None:
         agoq_run = result["parity"][case]["agoq"]
         assert agoq_run["moved_min"] > 1e-3  # every parameter was updated
         assert agoq_run["stats"]["comm_bytes_ratio_fp32"] <= 0.27
+
+
+def test_resume_on_another_number_of_ranks_through_a_universal_checkpoint(resharded: list[dict]) -> None:
+    """Saved on 2 ranks, loaded on 3: the same weights and step as stock DeepSpeed loading the same
+    checkpoint; agoq's error-feedback residual starts from zero (another layout); training goes on
+    with the same first loss and close ones after."""
+    for rank, result in enumerate(resharded):
+        stock, agoq = result["stock"], result["agoq"]
+        assert stock["params"] == agoq["params"], rank
+        assert stock["global_steps"] == agoq["global_steps"] == 3
+        assert agoq["residual_zero"], rank
+        assert agoq["losses"][0] == pytest.approx(stock["losses"][0], rel=1e-6), (stock["losses"], agoq["losses"])
+        assert agoq["losses"] == pytest.approx(stock["losses"], rel=0.05), (stock["losses"], agoq["losses"])
