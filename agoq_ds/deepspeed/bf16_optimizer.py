@@ -24,52 +24,31 @@ What changes (everything else is DeepSpeed's code):
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
 from deepspeed import comm as dist
-from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from deepspeed.utils import logger
 
 from ..config import AgoqConfig, GradientConfig
 from ..gradient.allreduce import CHUNK_ELEMENTS, all_reduce_chunked, chunk_bounds
-from ..gradient.host import GradientHost
-from ..gradient.store import STATE_KEY, GradientStore
 from ..seeding import mix_seed as _mix
-from .unsupported import reject_unsupported_arguments
-
-_SIGNATURE = inspect.signature(BF16_Optimizer.__init__)
+from .optimizer_host import OptimizerHost
 
 
-class AgoqBF16Optimizer(GradientHost, BF16_Optimizer):
+class AgoqBF16Optimizer(OptimizerHost, BF16_Optimizer):
     """``BF16_Optimizer`` with an int8 gradient accumulation buffer and 8-bit all-reduce.
 
     Constructed by DeepSpeed with its own arguments (see ``install.agoq_bf16_optimizer``); the agoq
     settings come from ``agoq_config=`` or from the class attribute set by ``bf16_optimizer_class``.
     """
 
-    agoq_config: AgoqConfig | None = None
-    """The agoq settings; ``bf16_optimizer_class`` binds them to a subclass."""
-
     def __init__(self, *args: Any, agoq_config: AgoqConfig | None = None, **kwargs: Any) -> None:
-        bound_args = _SIGNATURE.bind(self, *args, **kwargs)
-        bound_args.apply_defaults()
-        reject_unsupported_arguments(bound_args.arguments)
-        self.agoq_config = agoq_config or type(self).agoq_config or AgoqConfig()
-        self._agoq_active = False  # DeepSpeed's own code paths until the setup below
+        self._agoq_begin(BF16_Optimizer.__init__, args, kwargs, agoq_config, "bf16_optimizer")
         self._agoq_store8 = False
         self._agoq_live: dict[int, bool] = {}
         self._agoq_offsets: dict[int, list[int]] = {}
-        group = bound_args.arguments["dp_process_group"]
-        self.agoq_store = GradientStore(
-            self.agoq_config,
-            host="bf16_optimizer",
-            rank=dist.get_rank(group=group),
-            world_size=dist.get_world_size(group=group),
-            device=get_accelerator().current_device_name(),
-        )
         super().__init__(*args, **kwargs)
         self._agoq_setup()
 
@@ -279,10 +258,7 @@ class AgoqBF16Optimizer(GradientHost, BF16_Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """DeepSpeed's state dict plus ``STATE_KEY``: the step counter and the error-feedback residual
         of each group (int8 codes + fp32 scales), as plain tensors. Stock DeepSpeed ignores the key."""
-        state = super().state_dict()
-        if self._agoq_active:
-            state[STATE_KEY] = self.agoq_store.state(**self._agoq_layout())
-        return state
+        return self._agoq_with_state(super().state_dict())
 
     def load_state_dict(
         self,
@@ -295,6 +271,7 @@ class AgoqBF16Optimizer(GradientHost, BF16_Optimizer):
     ) -> None:
         """DeepSpeed's ``load_state_dict``; restores the agoq state when optimizer states are loaded from
         per-rank files written for the same layout, otherwise residuals start from zero."""
+        state = self._agoq_saved_state(state_dict_list, load_optimizer_states, checkpoint_folder)
         super().load_state_dict(
             state_dict_list,
             checkpoint_folder=checkpoint_folder,
@@ -303,13 +280,4 @@ class AgoqBF16Optimizer(GradientHost, BF16_Optimizer):
             load_serial=load_serial,
             param_shapes=param_shapes,
         )
-        if not self._agoq_active:
-            return
-        state = None
-        rank = self.agoq_store.rank
-        if load_optimizer_states and not checkpoint_folder and isinstance(state_dict_list, list | tuple):
-            if len(state_dict_list) > rank:
-                state = state_dict_list[rank].get(STATE_KEY)
-        restored = self.agoq_store.load_state(state, **self._agoq_layout())
-        if not restored and state is not None and rank == 0:
-            logger.warning("agoq: checkpoint gradient state does not fit this layout; error feedback starts from zero")
+        self._agoq_restore(state)

@@ -18,7 +18,6 @@ What changes relative to ``DeepSpeedZeroOptimizer_Stage3`` (everything else is D
 
 from __future__ import annotations
 
-import inspect
 import itertools
 from typing import Any
 
@@ -30,40 +29,22 @@ from deepspeed.utils import logger
 
 from ..config import AgoqConfig
 from ..gradient.collectives import reduce_scatter_8bit, reduce_scatter_bytes
-from ..gradient.host import GradientHost
-from ..gradient.store import STATE_KEY, GradientStore
-from .unsupported import reject_unsupported_arguments
+from .optimizer_host import OptimizerHost
 
-_SIGNATURE = inspect.signature(DeepSpeedZeroOptimizer_Stage3.__init__)
 _MANGLED = "_DeepSpeedZeroOptimizer_Stage3__"
 _PARTITION = "partition"
 
 
-class AgoqStage3Optimizer(GradientHost, DeepSpeedZeroOptimizer_Stage3):
+class AgoqStage3Optimizer(OptimizerHost, DeepSpeedZeroOptimizer_Stage3):
     """``DeepSpeedZeroOptimizer_Stage3`` with 8-bit gradient reduce-scatter and int8 partition storage.
 
     Constructed by DeepSpeed with its own arguments (see ``install.agoq_stage3_optimizer``); the agoq
     settings come from ``agoq_config=`` or from the class attribute set by ``stage3_optimizer_class``.
     """
 
-    agoq_config: AgoqConfig | None = None
-    """The agoq settings; ``stage3_optimizer_class`` binds them to a subclass."""
-
     def __init__(self, *args: Any, agoq_config: AgoqConfig | None = None, **kwargs: Any) -> None:
-        bound_args = _SIGNATURE.bind(self, *args, **kwargs)
-        bound_args.apply_defaults()
-        reject_unsupported_arguments(bound_args.arguments)
-        self.agoq_config = agoq_config or type(self).agoq_config or AgoqConfig()
-        self._agoq_active = False  # DeepSpeed's own code paths until the setup below
+        self._agoq_begin(DeepSpeedZeroOptimizer_Stage3.__init__, args, kwargs, agoq_config, "zero3")
         self._agoq_owned: tuple[torch.Tensor, list[tuple[int, int]]] | None = None
-        group = bound_args.arguments["dp_process_group"]
-        self.agoq_store = GradientStore(
-            self.agoq_config,
-            host="zero3",
-            rank=dist.get_rank(group=group),
-            world_size=dist.get_world_size(group=group),
-            device=get_accelerator().current_device_name(),
-        )
         super().__init__(*args, **kwargs)
         self._agoq_setup()
 
@@ -249,7 +230,8 @@ class AgoqStage3Optimizer(GradientHost, DeepSpeedZeroOptimizer_Stage3):
             reduce_bucket(dtype)
         if self.is_gradient_accumulation_boundary():
             if not get_accelerator().resolves_data_dependency():
-                self.reduce_and_partition_stream.synchronize()
+                # An ordering, not a host wait: DeepSpeed's epilogue below synchronizes once, as stock does.
+                get_accelerator().current_stream().wait_stream(self.reduce_and_partition_stream)
             self._agoq_materialize()
         super().independent_gradient_partition_epilogue()
 
@@ -283,13 +265,13 @@ class AgoqStage3Optimizer(GradientHost, DeepSpeedZeroOptimizer_Stage3):
 
     # --- checkpointing -------------------------------------------------------------------------
 
+    def _agoq_layout(self) -> dict[str, Any]:
+        return {"stage": 3, "numel": getattr(self, "_agoq_numel", 0)}
+
     def state_dict(self) -> dict[str, Any]:
         """DeepSpeed's state dict plus ``STATE_KEY``: the step counter and the error-feedback residual of
         this rank's partition (int8 codes + fp32 scales). A stock DeepSpeed optimizer ignores the key."""
-        state = super().state_dict()
-        if self._agoq_active:
-            state[STATE_KEY] = self.agoq_store.state(stage=3, numel=self._agoq_numel)
-        return state
+        return self._agoq_with_state(super().state_dict())
 
     def load_state_dict(
         self,
@@ -303,10 +285,7 @@ class AgoqStage3Optimizer(GradientHost, DeepSpeedZeroOptimizer_Stage3):
         """DeepSpeed's ``load_state_dict``; restores the agoq residual when optimizer states are loaded
         from files written for this layout, otherwise it starts from zero (a stock checkpoint, a
         universal checkpoint, another number of ranks)."""
-        rank = dist.get_rank(group=self.dp_process_group)
-        state = None
-        if self._agoq_active and load_optimizer_states and not checkpoint_folder and state_dict_list:
-            state = state_dict_list[rank].get(STATE_KEY)
+        state = self._agoq_saved_state(state_dict_list, load_optimizer_states, checkpoint_folder)
         super().load_state_dict(
             state_dict_list,
             load_optimizer_states=load_optimizer_states,
@@ -315,8 +294,4 @@ class AgoqStage3Optimizer(GradientHost, DeepSpeedZeroOptimizer_Stage3):
             load_serial=load_serial,
             param_shapes=param_shapes,
         )
-        if not self._agoq_active:
-            return
-        restored = self.agoq_store.load_state(state, stage=3, numel=self._agoq_numel)
-        if not restored and state is not None and self.agoq_store.rank == 0:
-            logger.warning("agoq: checkpoint error-feedback state does not match this layout; starting from zero")
+        self._agoq_restore(state)

@@ -23,7 +23,6 @@ What changes relative to ``DeepSpeedZeroOptimizer`` (everything else is DeepSpee
 
 from __future__ import annotations
 
-import inspect
 from itertools import accumulate
 from typing import Any
 
@@ -35,39 +34,20 @@ from deepspeed.utils import logger
 
 from ..config import AgoqConfig, GradientConfig
 from ..gradient.collectives import all_reduce_8bit, gather_slices, reduce_scatter_8bit, ring_allreduce_bytes
-from ..gradient.host import GradientHost
-from ..gradient.store import STATE_KEY, GradientStore
 from .layout import BucketLayout, bucket_layout
-from .unsupported import reject_unsupported_arguments
-
-_SIGNATURE = inspect.signature(DeepSpeedZeroOptimizer.__init__)
+from .optimizer_host import OptimizerHost
 
 
-class AgoqZeroOptimizer(GradientHost, DeepSpeedZeroOptimizer):
+class AgoqZeroOptimizer(OptimizerHost, DeepSpeedZeroOptimizer):
     """``DeepSpeedZeroOptimizer`` (ZeRO stage 1 and 2) with 8-bit gradient communication and storage.
 
     Constructed by DeepSpeed with its own arguments (see ``install.agoq_zero_optimizer``); the agoq
     settings come from ``agoq_config=`` or from the class attribute set by ``install.optimizer_class``.
     """
 
-    agoq_config: AgoqConfig | None = None
-    """The agoq settings; ``optimizer_class`` binds them to a subclass."""
-
     def __init__(self, *args: Any, agoq_config: AgoqConfig | None = None, **kwargs: Any) -> None:
-        bound_args = _SIGNATURE.bind(self, *args, **kwargs)
-        bound_args.apply_defaults()
-        reject_unsupported_arguments(bound_args.arguments)
-        self.agoq_config = agoq_config or type(self).agoq_config or AgoqConfig()
-        self._agoq_active = False  # DeepSpeed's own code paths until the setup below
+        self._agoq_begin(DeepSpeedZeroOptimizer.__init__, args, kwargs, agoq_config, "zero12")
         self._agoq_hook_handles: list[Any] = []
-        group = bound_args.arguments["dp_process_group"]
-        self.agoq_store = GradientStore(
-            self.agoq_config,
-            host="zero12",
-            rank=dist.get_rank(group=group),
-            world_size=dist.get_world_size(group=group),
-            device=get_accelerator().current_device_name(),
-        )
         super().__init__(*args, **kwargs)
         self._agoq_setup()
 
@@ -348,12 +328,8 @@ class AgoqZeroOptimizer(GradientHost, DeepSpeedZeroOptimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """DeepSpeed's state dict plus ``STATE_KEY``: the error-feedback residuals (int8 codes and
-        fp32 scales per partition or param) and the step counter, as plain tensors and dicts.
-        A stock DeepSpeed optimizer ignores the extra key when loading."""
-        state = super().state_dict()
-        if self._agoq_active:
-            state[STATE_KEY] = self.agoq_store.state(**self._agoq_layout())
-        return state
+        fp32 scales per partition or param) and the step counter, as plain tensors and dicts."""
+        return self._agoq_with_state(super().state_dict())
 
     def load_state_dict(
         self,
@@ -367,6 +343,7 @@ class AgoqZeroOptimizer(GradientHost, DeepSpeedZeroOptimizer):
         """DeepSpeed's ``load_state_dict``; restores the agoq residuals when optimizer states are loaded
         and the checkpoint has them for the same layout (stage, world size, group size), otherwise
         starts them from zero (a stock DeepSpeed checkpoint, a universal checkpoint, a new layout)."""
+        state = self._agoq_saved_state(state_dict_list, load_optimizer_states, checkpoint_folder)
         super().load_state_dict(
             state_dict_list,
             load_optimizer_states=load_optimizer_states,
@@ -375,11 +352,4 @@ class AgoqZeroOptimizer(GradientHost, DeepSpeedZeroOptimizer):
             load_serial=load_serial,
             param_shapes=param_shapes,
         )
-        if not self._agoq_active:
-            return
-        state = None
-        if load_optimizer_states and not checkpoint_folder and state_dict_list:
-            state = state_dict_list[dist.get_rank(group=self.dp_process_group)].get(STATE_KEY)
-        restored = self.agoq_store.load_state(state, **self._agoq_layout())
-        if not restored and state is not None and self.agoq_store.rank == 0:
-            logger.warning("agoq: checkpoint error-feedback state does not match this layout; starting from zero")
+        self._agoq_restore(state)
