@@ -194,7 +194,7 @@ class ActivationConfig(_Model):
 
 
 class GradientConfig(_Model):
-    """8-bit gradients for ZeRO stage 0/1/2 (QuanGrad)."""
+    """8-bit gradients for ZeRO stage 0/1/2/3 (QuanGrad)."""
 
     enabled: bool = True
     """Use the 8-bit gradient path."""
