@@ -54,8 +54,9 @@ VARIANTS: dict[str, tuple[dict | None, bool]] = {
 """Name -> (the ``"agoq"`` block or None for stock, activation checkpointing)."""
 
 
-def ds_config(shape: str, agoq: dict | None) -> dict:
-    """ZeRO-2 bf16 AdamW (torch's, no fused-op JIT), clipping 1.0; the ``agoq`` block if given."""
+def ds_config(shape: str, agoq: dict | None, zero_stage: int = 2) -> dict:
+    """ZeRO-2 (or ``zero_stage``) bf16 AdamW (torch's, no fused-op JIT), clipping 1.0; the ``agoq`` block
+    if given."""
     _, _, _, _, _, _, micro, gas = SHAPES[shape]
     cfg: dict = {
         "train_micro_batch_size_per_gpu": micro,
@@ -64,7 +65,7 @@ def ds_config(shape: str, agoq: dict | None) -> dict:
         "gradient_clipping": 1.0,
         "bf16": {"enabled": True},
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.1, "torch_adam": True}},
-        "zero_optimization": {"stage": 2, "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8},
+        "zero_optimization": {"stage": zero_stage, "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8},
     }
     if agoq is not None:
         cfg["agoq"] = agoq
@@ -103,7 +104,7 @@ def worker(args: argparse.Namespace) -> dict:
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config=ds_config(args.shape, agoq)
+        model=model, model_parameters=model.parameters(), config=ds_config(args.shape, agoq, args.zero_stage)
     )
     device = engine.device
     train, _ = split(load_bytes())
@@ -163,6 +164,7 @@ def run_variant(shape: str, variant: str, args: argparse.Namespace) -> dict:
         out = Path(tmp) / "r.json"
         cmd = [sys.executable, __file__, "--worker", "--shape", shape, "--variant", variant, "--device", args.device]
         cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--out", str(out)]
+        cmd += ["--zero-stage", str(args.zero_stage)]
         env = {**os.environ, "PYTHONWARNINGS": "ignore"}
         if args.device == "cpu":
             env.setdefault("DS_ACCELERATOR", "cpu")
@@ -231,6 +233,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--warmup", type=int, default=5, help="steps left out of the median")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--zero-stage", type=int, choices=[2, 3], default=2, help="ZeRO stage of every variant")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per variant")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "gpu_step.json")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -46,6 +46,8 @@ stage gpu_kernels $py benchmarks/gpu_kernels.py --numel 67108864 --out "$out/gpu
 # shellcheck disable=SC2086
 stage gpu_step_76m $py benchmarks/gpu_step.py --shapes 76m --steps 12 --warmup 4 --out "$out/gpu_step_76m.json" ${GPU_STEP_ARGS:-}
 # shellcheck disable=SC2086
+stage gpu_step_76m_zero3 $py benchmarks/gpu_step.py --shapes 76m --variants stock agoq agoq-grad --zero-stage 3 \
+  --steps 10 --warmup 4 --out "$out/gpu_step_76m_zero3.json" ${GPU_STEP_ARGS:-}
 stage gpu_step_076b $py benchmarks/gpu_step.py --shapes 0.76b --variants stock agoq agoq-act agoq-grad --steps 10 \
   --warmup 4 --out "$out/gpu_step_076b.json" ${GPU_STEP_ARGS:-}
 
@@ -60,5 +62,6 @@ stage gpu_step_076b $py benchmarks/gpu_step.py --shapes 0.76b --variants stock a
   cat "$out"/agoq_cache/kernels-cuda-*.json 2>/dev/null | $py -c "import json,sys; print(json.load(sys.stdin)['choices'])"
   echo "--- step benchmark"
   grep -A20 "^shape" "$out/gpu_step_76m.log" 2>/dev/null
+  grep -A20 "^shape" "$out/gpu_step_76m_zero3.log" 2>/dev/null
   grep -A20 "^shape" "$out/gpu_step_076b.log" 2>/dev/null
 } | tee "$out/summary.txt"
