@@ -569,6 +569,8 @@ class DerivedTensor:
         y = self._result
         if y is None:
             y = self._result = self.bound([view.unpack() for view in self.sources])
+        if y.is_contiguous():  # the usual case, without working out a permutation (a few us per unpack)
+            return y.as_strided(shape, stride)
         perm = dense_permutation(y)
         flat = y.permute(perm) if perm is not None else y.contiguous()
         return flat.as_strided(shape, stride)
@@ -586,7 +588,7 @@ def dedup_key(t: torch.Tensor) -> DedupKey:
     """Identity of the data ``t`` shows: (storage address, offset, elements, dtype, version) for a
     dense tensor, so all views of one span match; shape and strides are added otherwise."""
     key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype, t._version)
-    if dense_permutation(t) is None:
+    if not t.is_contiguous() and dense_permutation(t) is None:
         key += (tuple(t.shape), t.stride())
     return key
 

@@ -150,6 +150,7 @@ FENCES: tuple[Fence, ...] = (
             "__param_id_to_grad_partition",  # private: rebound to the dequantized partition
             "_get_param_partition_group",
             "_get_param_partition_rank",
+            "_gradient_averaging_world_size",
             "averaged_gradients",
             "device",
             "dp_process_group",
@@ -160,6 +161,7 @@ FENCES: tuple[Fence, ...] = (
             "is_gradient_accumulation_boundary",
             "overflow",
             "reduce_and_partition_stream",
+            "sequence_parallel_size",
         ),
     ),
     Fence(

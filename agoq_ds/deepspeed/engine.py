@@ -304,8 +304,11 @@ class AgoqEngineMixin:
     def _agoq_load_gradient_file(self, load_dir: str, tag: str) -> None:
         path = self._agoq_gradient_file(load_dir, tag)
         state = torch.load(path, map_location="cpu", weights_only=True) if os.path.exists(path) else None
-        if not self.agoq_param_gradients.load_state_dict(state) and state is not None:
-            logger.warning(f"agoq: {path} does not match this layout; error feedback starts from zero")
+        gradients = self.agoq_param_gradients
+        why = gradients.agoq_store.mismatch(state, **gradients.layout())
+        if not gradients.load_state_dict(state) and state is not None:
+            reason = why or "a residual does not fit"
+            logger.warning(f"agoq: {path} is not restored: {reason}; error feedback starts from zero")
 
 
 def _hf_checkpointing_on(module: Any) -> bool:

@@ -69,6 +69,10 @@ class OptimizerHost(GradientHost):
         """Restore ``state`` when it fits this layout; otherwise residuals start from zero (said once)."""
         if not self.agoq_active:
             return
+        why = self.agoq_store.mismatch(state, **self._agoq_layout())
         restored = self.agoq_store.load_state(state, **self._agoq_layout())
         if not restored and state is not None and self.agoq_store.rank == 0:
-            logger.warning("agoq: checkpoint gradient state does not fit this layout; error feedback starts from zero")
+            reason = why or "a residual does not fit"
+            logger.warning(
+                f"agoq: the checkpoint's gradient state is not restored: {reason}; error feedback starts from zero"
+            )

@@ -14,6 +14,13 @@ What changes relative to ``DeepSpeedZeroOptimizer_Stage3`` (everything else is D
   the norm, clipping, ``safe_get_full_grad`` and the step read it unchanged. Non-finite values
   dequantize to NaN.
 * **Accounting.** The same meter as stages 0-2; the baseline is DeepSpeed's ring reduce-scatter.
+
+Limits, by design: DeepSpeed's gradient accessors (``safe_get_full_grad``, the tensor-fragment API)
+read the fp32 partition from the accumulation boundary to the end of ``step()``; outside that window
+they read zeros (stock: the running sum) and writes raise. From the boundary to the end of the step a
+rank holds the int8 partition beside the fp32 one (``buffer_bytes`` counts the int8 storage across
+micro-batches, as at ZeRO-2). With reentrant activation checkpointing the boundary epilogue runs once
+per backward phase, and each one dequantizes the partition again.
 """
 
 from __future__ import annotations
@@ -98,6 +105,9 @@ class AgoqStage3Optimizer(OptimizerHost, DeepSpeedZeroOptimizer_Stage3):
         """Dequantize the accumulated partition into the fp32 buffer the step reads."""
         self.agoq_store.note_buffers()
         flat = self._agoq_partition.dequantize().to(self.gradient_accumulation_dtype)
+        if not get_accelerator().resolves_data_dependency():
+            # DeepSpeed's overflow check reads the buffer on the reduce stream (stock writes it there).
+            self.reduce_and_partition_stream.wait_stream(get_accelerator().current_stream())
         self._agoq_bind(flat)
         for i, sub_group in enumerate(self.fp16_groups):
             views = getattr(self, _MANGLED + "param_id_to_grad_partition")
@@ -124,10 +134,19 @@ class AgoqStage3Optimizer(OptimizerHost, DeepSpeedZeroOptimizer_Stage3):
         offsets = list(itertools.accumulate((g.numel() for g in grads[:-1]), initial=0))
         return torch.cat([g.to(dtype) for g in grads]), offsets
 
-    def _agoq_scatter(self, params: list[torch.nn.Parameter], communication_data_type: torch.dtype) -> list:
-        """8-bit reduce-scatter of a bucket; this rank's averaged slices are kept for ``partition_grads``."""
+    def _agoq_scatter(
+        self, params: list[torch.nn.Parameter], communication_data_type: torch.dtype, *, contiguous: bool = False
+    ) -> list:
+        """8-bit reduce-scatter of a bucket; this rank's averaged slices are kept for ``partition_grads``.
+
+        Averaged as DeepSpeed averages that path: by the averaging world size (the whole data-parallel
+        group for AutoEP experts), and on the all-reduce path (``contiguous``) over the sequence-parallel
+        size too."""
         group = self._get_param_partition_group(params[0])
         world, rank = dist.get_world_size(group=group), dist.get_rank(group=group)
+        divisor = float(self._gradient_averaging_world_size(params, world))
+        if contiguous:
+            divisor /= float(self.sequence_parallel_size)
         flat, offsets = self._agoq_flat(params, communication_data_type)
         # Per destination: (partition offset, bucket offset, numel), sorted into partition order.
         slices: list[list[tuple[int, int, int]]] = [[] for _ in range(world)]
@@ -150,7 +169,7 @@ class AgoqStage3Optimizer(OptimizerHost, DeepSpeedZeroOptimizer_Stage3):
             group_size=g.group_size,
             stochastic=g.rounding == "stochastic",
             seed=store.seed(2),
-            scale=1.0 / world,
+            scale=1.0 / divisor,
             counter=store.accounting.comm,
             exact_below=g.min_numel,
         )
@@ -175,7 +194,7 @@ class AgoqStage3Optimizer(OptimizerHost, DeepSpeedZeroOptimizer_Stage3):
             )
             self._agoq_count_stock(params, communication_data_type, reduce_scatter=False)
             return parts
-        return self._agoq_scatter(list(params), communication_data_type)
+        return self._agoq_scatter(list(params), communication_data_type, contiguous=True)
 
     def _agoq_count_stock(self, params, communication_data_type: torch.dtype, *, reduce_scatter: bool) -> None:
         """Count a reduction DeepSpeed did itself (``communication_bits: 32``) with the same meter."""

@@ -186,15 +186,16 @@ class ParamGradients(GradientHost):
 
     # --- checkpointing -------------------------------------------------------------------------
 
-    def _layout(self) -> dict[str, Any]:
+    def layout(self) -> dict[str, Any]:
+        """The figures a checkpoint's state must match: the trainable parameters' sizes."""
         return {"numels": [p.numel() for p in self.params]}
 
     def state_dict(self) -> dict[str, Any]:
         """``GradientStore.state()``: the step counter and the error-feedback residual per trainable
         parameter (by index), for a per-rank checkpoint file."""
-        return self.agoq_store.state(**self._layout())
+        return self.agoq_store.state(**self.layout())
 
     def load_state_dict(self, state: dict[str, Any] | None) -> bool:
         """Restore ``state_dict()``'s result; returns False (residuals from zero) when there is none or
         it was written for another layout (world size, group size, parameters)."""
-        return self.agoq_store.load_state(state, **self._layout())
+        return self.agoq_store.load_state(state, **self.layout())

@@ -26,8 +26,9 @@ from ..seeding import mix_seed
 from .accounting import GradientAccounting
 from .accumulator import Accumulator, Fp32Accumulator, gradient_accumulator
 
-STATE_VERSION = 1
-"""Version of ``GradientStore.state()``; another version is not restored."""
+STATE_VERSION = 2
+"""Version of ``GradientStore.state()``; another version is not restored (1: the per-host formats
+before the store, keyed ``partition_residuals``/``param_residuals`` or ``residuals``)."""
 
 STATE_KEY = "agoq_gradient"
 """Key of the agoq entry (``GradientStore.state()``) in a gradient host optimizer's ``state_dict()``."""
@@ -159,6 +160,19 @@ class GradientStore:
             "per_step_residuals": {k: acc.residual_state() for k, acc in self.per_step.items()},
             "carried_residuals": {k: acc.residual_state() for k, acc in self.carried.items()},
         }
+
+    def mismatch(self, state: dict[str, Any] | None, **layout: Any) -> str | None:
+        """Why ``state`` cannot be restored into this layout (None: it can, or there is none)."""
+        if not isinstance(state, dict):
+            return None
+        if state.get("version") != STATE_VERSION:
+            return (
+                f"it was written by another agoq-ds version (gradient state version {state.get('version')}, "
+                f"this one reads {STATE_VERSION})"
+            )
+        expected = self._layout(layout)
+        differ = [f"{k} {state.get(k)!r} (here {v!r})" for k, v in expected.items() if state.get(k) != v]
+        return "its layout differs: " + ", ".join(differ) if differ else None
 
     def load_state(self, state: dict[str, Any] | None, **layout: Any) -> bool:
         """Restore ``state()``'s result when it was written for this layout; otherwise (no state, another
