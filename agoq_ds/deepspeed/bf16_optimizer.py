@@ -31,7 +31,7 @@ from deepspeed import comm as dist
 from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from deepspeed.utils import logger
 
-from ..config import AgoqConfig, GradientConfig
+from ..config import AgoqConfig
 from ..gradient.allreduce import CHUNK_ELEMENTS, all_reduce_chunked, chunk_bounds
 from ..seeding import mix_seed as _mix
 from .optimizer_host import OptimizerHost
@@ -53,11 +53,6 @@ class AgoqBF16Optimizer(OptimizerHost, BF16_Optimizer):
         self._agoq_setup()
 
     # --- setup ---------------------------------------------------------------------------------
-
-    @property
-    def agoq_gradient(self) -> GradientConfig:
-        """The ``agoq.gradient`` settings in use."""
-        return self.agoq_config.gradient
 
     def _agoq_setup(self) -> None:
         g = self.agoq_gradient

@@ -12,7 +12,7 @@ from deepspeed import comm as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import logger
 
-from ..config import AgoqConfig
+from ..config import AgoqConfig, GradientConfig
 from ..gradient.host import GradientHost
 from ..gradient.store import STATE_KEY, GradientStore
 from .unsupported import reject_unsupported_arguments
@@ -23,6 +23,11 @@ class OptimizerHost(GradientHost):
 
     agoq_config: AgoqConfig | None = None
     """The agoq settings; ``install`` binds them to a subclass."""
+
+    @property
+    def agoq_gradient(self) -> GradientConfig:
+        """The ``agoq.gradient`` settings in use."""
+        return self.agoq_config.gradient
 
     def _agoq_begin(
         self, deepspeed_init: Any, args: tuple, kwargs: dict, agoq_config: AgoqConfig | None, host: str

@@ -58,7 +58,7 @@ class AgoqStage3Optimizer(OptimizerHost, DeepSpeedZeroOptimizer_Stage3):
     # --- setup ---------------------------------------------------------------------------------
 
     def _agoq_setup(self) -> None:
-        g = self.agoq_config.gradient
+        g = self.agoq_gradient
         on = self.agoq_config.enabled and g.enabled
         self._agoq_comm8 = on and g.communication_bits == 8
         self._agoq_store8 = on and g.storage_bits == 8
@@ -109,8 +109,8 @@ class AgoqStage3Optimizer(OptimizerHost, DeepSpeedZeroOptimizer_Stage3):
             # DeepSpeed's overflow check reads the buffer on the reduce stream (stock writes it there).
             self.reduce_and_partition_stream.wait_stream(get_accelerator().current_stream())
         self._agoq_bind(flat)
+        views = getattr(self, _MANGLED + "param_id_to_grad_partition")
         for i, sub_group in enumerate(self.fp16_groups):
-            views = getattr(self, _MANGLED + "param_id_to_grad_partition")
             self.averaged_gradients[i] = [
                 views[p.ds_id] if p.requires_grad else torch.zeros_like(p.ds_tensor) for p in sub_group
             ]
@@ -160,7 +160,7 @@ class AgoqStage3Optimizer(OptimizerHost, DeepSpeedZeroOptimizer_Stage3):
         for own in slices:
             own.sort()
         numel = sum(p.ds_numel for p in params)
-        store, g = self.agoq_store, self.agoq_config.gradient
+        store, g = self.agoq_store, self.agoq_gradient
         store.accounting.comm.add_baseline(numel, world, reduce_scatter=True)
         result = reduce_scatter_8bit(
             flat,
@@ -203,7 +203,7 @@ class AgoqStage3Optimizer(OptimizerHost, DeepSpeedZeroOptimizer_Stage3):
         numel = sum(p.ds_numel for p in params)
         counter = self.agoq_store.accounting.comm
         counter.add_baseline(numel, world, reduce_scatter=True)
-        size = torch.empty((), dtype=communication_data_type).element_size()
+        size = communication_data_type.itemsize
         sent = reduce_scatter_bytes(numel, world, size) * (1 if reduce_scatter else 2)
         counter.sent_bytes += int(sent)
         counter.calls += 1

@@ -32,7 +32,7 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer, GradPartitionBufferGroup
 from deepspeed.utils import logger
 
-from ..config import AgoqConfig, GradientConfig
+from ..config import AgoqConfig
 from ..gradient.collectives import all_reduce_8bit, gather_slices, reduce_scatter_8bit, ring_allreduce_bytes
 from .layout import BucketLayout, bucket_layout
 from .optimizer_host import OptimizerHost
@@ -52,11 +52,6 @@ class AgoqZeroOptimizer(OptimizerHost, DeepSpeedZeroOptimizer):
         self._agoq_setup()
 
     # --- setup ---------------------------------------------------------------------------------
-
-    @property
-    def agoq_gradient(self) -> GradientConfig:
-        """The ``agoq.gradient`` settings in use."""
-        return self.agoq_config.gradient
 
     def _agoq_setup(self) -> None:
         g = self.agoq_gradient

@@ -16,6 +16,7 @@ from grad_workers import (
     _overflow_run,
     _plain,
     _quiet,
+    _train_steps,
     ds_config,
     small_mlp,
     train_llama,
@@ -192,18 +193,6 @@ def overflow_checks(rank: int, world: int) -> dict[str, Any]:
     return out
 
 
-def _train(engine, gen: torch.Generator, steps: int, ga: int) -> list[float]:
-    losses = []
-    for _ in range(steps):
-        for _ in range(ga):
-            x, y = _mlp_batch(gen)
-            loss = nn.functional.mse_loss(engine(x), y)
-            engine.backward(loss)
-            engine.step()
-        losses.append(loss.item())
-    return losses
-
-
 def _residual(engine) -> torch.Tensor | None:
     from agoq_ds.gradient.store import STATE_KEY
 
@@ -222,28 +211,28 @@ def checkpoint_checks(rank: int, world: int, directory: str) -> dict[str, Any]:
     save_16bit = {"stage3_gather_16bit_weights_on_model_save": True}
     engine = make_stage3_engine(small_mlp(), stage3_config(ga=ga, **save_16bit), agoq)
     gen = torch.Generator().manual_seed(50 + rank)
-    _train(engine, gen, 3, ga)
+    _train_steps(engine, gen, 3, ga)
     engine.save_checkpoint(path, tag="t3")
     saved = _residual(engine)
     state = gen.get_state()
-    uninterrupted = _train(engine, gen, 3, ga)
+    uninterrupted = _train_steps(engine, gen, 3, ga)
 
     resumed_engine = make_stage3_engine(small_mlp(seed=1), stage3_config(ga=ga), agoq)
     resumed_engine.load_checkpoint(path, tag="t3")
     loaded = _residual(resumed_engine)
     gen.set_state(state)
-    resumed = _train(resumed_engine, gen, 3, ga)
+    resumed = _train_steps(resumed_engine, gen, 3, ga)
 
     without_ef = make_stage3_engine(small_mlp(seed=1), stage3_config(ga=ga), agoq)
     without_ef.load_checkpoint(path, tag="t3")
     without_ef.optimizer.agoq_store.per_step["partition"].reset_residual()
     gen.set_state(state)
-    resumed_without_ef = _train(without_ef, gen, 3, ga)
+    resumed_without_ef = _train_steps(without_ef, gen, 3, ga)
 
     stock = make_stage3_engine(small_mlp(seed=1), stage3_config(ga=ga, **save_16bit), None)
     stock.load_checkpoint(path, tag="t3")
     gen.set_state(state)
-    stock_losses = _train(stock, gen, 1, ga)
+    stock_losses = _train_steps(stock, gen, 1, ga)
     stock_path = os.path.join(directory, "stock3")
     stock.save_checkpoint(stock_path, tag="s")
     from_stock = make_stage3_engine(small_mlp(seed=1), stage3_config(ga=ga), agoq)
@@ -290,7 +279,7 @@ def reshard_checks(rank: int, world: int, ckpt_dir: str, universal_tag: str) -> 
             "params": params.tolist(),
             "global_steps": engine.global_steps,
             "residual_zero": residual is None or not bool(torch.count_nonzero(residual)),
-            "losses": _train(engine, gen, 2, 3),
+            "losses": _train_steps(engine, gen, 2, 3),
         }
         engine.destroy()
     return out
