@@ -1,7 +1,7 @@
 """The AGoQ engines: ``DeepSpeedEngine`` and ``PipelineEngine`` subclasses sharing one mixin.
 
 At construction the mixin validates the ``"agoq"`` block and rejects unsupported combinations
-before DeepSpeed builds anything, swaps the 8-bit ZeRO-1/2 optimizer (or the 8-bit
+before DeepSpeed builds anything, swaps the 8-bit ZeRO-1/2 or ZeRO-3 optimizer (or the 8-bit
 ``BF16_Optimizer``) in while DeepSpeed constructs its optimizer, hangs the stage-0 ``param.grad``
 accumulator on the engine when there is neither, installs the activation quantizer once the model
 (and pipeline stage) is known, and prints one start-up summary on rank 0. Every ``steps_per_print``
