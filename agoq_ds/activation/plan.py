@@ -337,7 +337,16 @@ class Replay:
         return t
 
     def finish(self) -> bool:
-        """Count the forward in the ledger; False if it departed from the plan (drop the plan)."""
+        """Count the forward in the ledger; False if it departed from the plan (drop the plan). Lets
+        go of the holders: every saved tensor's autograd record keeps ``pack`` (so this object)
+        alive until backward is over, and holding them here would keep every stored span and
+        recomputed result until then, where stock frees each after its last use."""
+        try:
+            return self._count()
+        finally:
+            self.holders, self.storages = [], {}
+
+    def _count(self) -> bool:
         # Holders are counted live here, all at once (they drop themselves when freed).
         if self.deviated is None and self.cursor == len(self.plan.steps):
             total = self.plan.total

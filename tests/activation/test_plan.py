@@ -8,6 +8,7 @@ run on the same model from the same weights and batches.
 
 from __future__ import annotations
 
+import gc
 import logging
 
 import pytest
@@ -288,3 +289,39 @@ def test_replayed_pack_and_unpack_launch_one_kernel_each(monkeypatch) -> None:
         others = [op for op in pack_ops + unpack_ops if op not in ("quantize", "dequantize")]
         assert set(others) <= extra, (pack_ops, unpack_ops)
     assert quantized >= 20  # the tiny LLaMA stores dozens of quantized spans
+
+
+HOLDER_TYPES = (DerivedTensor, storage.SavedTensor)
+
+
+@pytest.mark.parametrize("replay", [True, False], ids=["replayed", "hooks"])
+def test_backward_frees_each_layers_spans_once_it_is_done(replay: bool) -> None:
+    """As stock autograd frees a saved tensor after its last use, a stored span and a recomputed
+    result die once their layer's backward has run, not when the whole backward is over (a replay
+    that held its holders kept every recomputed tensor of the model alive through backward)."""
+    model = build_llama("tiny", seed=0).train()
+    quantizer = ActivationQuantizer(model, ActivationConfig(min_numel=0))
+    quantizer.engine.replay = replay
+    quantizer.install()
+    ids = text_batch(batch=2, seq=32)
+    for _ in range(2):  # traced, then recorded: the third forward replays
+        lm_step(model, ids)
+        quantizer.on_step_end()
+    layers = model.model.layers
+    later = tuple(f"layers.{k}." for k in range(1, len(layers)))
+    seen: dict[str, int] = {}
+
+    def after_layer_zero(*_: object) -> None:
+        holders = [o for o in gc.get_objects() if type(o) in HOLDER_TYPES]
+        seen["later"] = sum(any(s in h.module for s in later) for h in holders)
+        seen["results"] = sum(isinstance(h, DerivedTensor) and h._result is not None for h in holders)
+        seen["layer0"] = sum("layers.0." in h.module for h in holders)
+
+    forward = [o for o in gc.get_objects() if type(o) in HOLDER_TYPES]
+    assert not forward, "holders of an earlier step are still alive"
+    handle = layers[0].register_full_backward_hook(after_layer_zero)
+    lm_step(model, ids)
+    handle.remove()
+    assert quantizer.engine.replayed == (1 if replay else 0)
+    assert seen["later"] == 0, f"{seen['later']} spans of layers 1.. outlived their layer's backward"
+    assert seen["results"] <= 2, f"{seen['results']} recomputed results still held (layer 0's MLP at most)"
