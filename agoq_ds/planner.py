@@ -9,7 +9,11 @@ activations autograd saves, tensor by tensor, as HF's LLaMA implementation saves
 tensors, the loss's log-probabilities), each stored at its class's bits by agoq. Under a 1F1B
 pipeline stage ``s`` holds ``max(2, min(S - s, M))`` micro-batches of activations. Tensor
 parallelism divides weights and the attention/MLP-internal activations by ``tp`` (no sequence
-parallelism). A test checks the activation and gradient predictions against a real run (< 5%).
+parallelism). The peak is the larger of backward's (gradients, stored activations, and agoq's
+working set: one decoder block's or the loss head's saved tensors at full width, quantized as they
+are saved and dequantized or rebuilt as backward reaches them) and the optimizer step's (agoq's fp32
+partition beside its int8 state). Tests check the activation and gradient predictions against a real
+run (< 5%) and that the working set covers what a measured step holds beyond its stored activations.
 """
 
 from __future__ import annotations
@@ -221,10 +225,19 @@ class StageMemory:
     """Gradient accumulation storage: baseline and agoq."""
     activations: dict[str, int] = field(default_factory=dict)
     """Peak stored activations: baseline and agoq."""
+    transient: dict[str, int] = field(default_factory=dict)
+    """Unquantized working set beside the stored activations: agoq packs a layer's tensors as they are
+    saved and unpacks or rebuilds them in backward, so one decoder block's (or the loss head's) saved
+    tensors exist at full width at a time. Stock: 0 (its saved tensors are counted in full)."""
+    step_gradients: dict[str, int] = field(default_factory=dict)
+    """Gradient bytes during ``optimizer.step()``: agoq dequantizes its partition to fp32 for the step
+    beside its int8 state (the activations are freed by then)."""
 
     def total(self, variant: str) -> int:
-        """Everything on one GPU of this stage for ``baseline`` or ``agoq``."""
-        return self.weights + self.optimizer + self.gradients[variant] + self.activations[variant]
+        """Peak on one GPU of this stage for ``baseline`` or ``agoq``: the larger of backward's
+        (gradients, activations and their working set) and the optimizer step's."""
+        backward = self.gradients[variant] + self.activations[variant] + self.transient[variant]
+        return self.weights + self.optimizer + max(backward, self.step_gradients[variant])
 
 
 def _layers_per_stage(layers: int, pp: int) -> list[int]:
@@ -232,13 +245,31 @@ def _layers_per_stage(layers: int, pp: int) -> list[int]:
     return [base + (1 if s < extra else 0) for s in range(pp)]
 
 
+def gradients_quantized(cfg: AgoqConfig) -> bool:
+    """Whether ``cfg`` keeps gradients in int8 (otherwise they are fp32, as stock's)."""
+    return cfg.enabled and cfg.gradient.enabled and cfg.gradient.storage_bits < 32
+
+
 def gradient_bytes(numel: int, cfg: AgoqConfig) -> int:
     """agoq's gradient state for ``numel`` gradient elements (codes + scales + residual)."""
     grad = cfg.gradient
-    if not (cfg.enabled and grad.enabled) or grad.storage_bits >= 32:
+    if not gradients_quantized(cfg):
         return 4 * numel
     state = numel + 4 * math.ceil(numel / grad.group_size)
     return state * (2 if grad.error_feedback else 1)
+
+
+def working_set(dims: ModelDims, par: Parallelism, stage: int, layers: int, cfg: AgoqConfig) -> int:
+    """What agoq holds unquantized beside its stored activations at the peak: the saved tensors of
+    the largest unit in flight (a decoder block, or the loss head on the last stage) at full width
+    (``StageMemory.transient``); 0 when activations are not quantized."""
+    if not (cfg.enabled and cfg.activation.enabled):
+        return 0
+    tokens = par.micro_batch * par.seq_len
+    units = [layer_saved_tensors(dims, tokens, par.tp)] if layers else []
+    if stage == par.pp - 1:
+        units.append(head_saved_tensors(dims, tokens, par.tp))
+    return max((sum(t.numel * t.elem_bytes for t in unit) for unit in units), default=0)
 
 
 def plan(dims: ModelDims, par: Parallelism, cfg: AgoqConfig | None = None) -> list[StageMemory]:
@@ -263,11 +294,18 @@ def plan(dims: ModelDims, par: Parallelism, cfg: AgoqConfig | None = None) -> li
             weights=2 * params,
             optimizer=12 * params // (par.dp if par.zero >= 1 else 1),
         )
-        stage.gradients = {"baseline": 4 * grad_numel, "agoq": gradient_bytes(grad_numel, cfg)}
+        agoq_grads = gradient_bytes(grad_numel, cfg)
+        step_partition = 4 * (params // par.dp if par.zero >= 1 else params)
+        stage.gradients = {"baseline": 4 * grad_numel, "agoq": agoq_grads}
+        stage.step_gradients = {
+            "baseline": 4 * grad_numel,
+            "agoq": agoq_grads + step_partition if gradients_quantized(cfg) else agoq_grads,
+        }
         stage.activations = {
             "baseline": holds * sum(t.numel * t.elem_bytes for t in saved),
             "agoq": holds * sum(stored_bytes(t, table[str(t.cls.value)], cfg) for t in saved),
         }
+        stage.transient = {"baseline": 0, "agoq": working_set(dims, par, s, n_layers, cfg)}
         stages.append(stage)
     return stages
 
@@ -282,14 +320,14 @@ def format_plan(dims: ModelDims, par: Parallelism, stages: list[StageMemory]) ->
         f"{par.micro_batches} micro-batches | TP{par.tp} PP{par.pp} DP{par.dp} ZeRO-{par.zero}"
     )
     cols = f"{'stage':>5} {'layers':>6} {'held':>4} {'weights':>8} {'optim':>8} {'grad':>15} {'activations':>17}"
-    lines = [head, cols + f" {'total':>17} {'saved':>6}"]
+    lines = [head, cols + f" {'working':>7} {'peak':>17} {'saved':>6}"]
     for st in stages:
         g, a = st.gradients, st.activations
         tb, ta = st.total("baseline"), st.total("agoq")
         lines.append(
             f"{st.stage:>5} {st.layers:>6} {st.holds:>4} {st.weights / GIB:>8.2f} {st.optimizer / GIB:>8.2f} "
             f"{g['baseline'] / GIB:>6.2f}->{g['agoq'] / GIB:<6.2f} {a['baseline'] / GIB:>7.2f}->{a['agoq'] / GIB:<7.2f}"
-            f" {tb / GIB:>7.2f}->{ta / GIB:<7.2f} {1 - ta / tb:>6.1%}"
+            f" {st.transient['agoq'] / GIB:>7.2f} {tb / GIB:>7.2f}->{ta / GIB:<7.2f} {1 - ta / tb:>6.1%}"
         )
     worst_b = max(st.total("baseline") for st in stages)
     worst_a = max(st.total("agoq") for st in stages)
@@ -307,8 +345,8 @@ def plot(stages: list[StageMemory], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(stages)), 4))
-    parts = ("weights", "optimizer", "gradients", "activations")
-    colors = ("tab:gray", "tab:purple", "tab:orange", "tab:blue")
+    parts = ("weights", "optimizer", "gradients", "activations", "transient")
+    colors = ("tab:gray", "tab:purple", "tab:orange", "tab:blue", "tab:cyan")
     for i, st in enumerate(stages):
         for j, variant in enumerate(("baseline", "agoq")):
             bottom = 0.0

@@ -4,17 +4,18 @@
 by ``tests/planner``) for pipeline + data parallelism with ZeRO-1 — by default PP=4, DP=8 (32 GPUs),
 sequence 4096, micro-batch 1, 8 micro-batches per step (1F1B) — and agoq's default configuration.
 For every model: the busiest GPU (the pipeline stage with the largest total) stock and agoq, the
-reduction, the part each of weights / optimizer states / gradients / activations plays, and the
-paper's headline figure ("up to 52% less memory", arXiv 2605.00539) beside it. A second table
-varies the pipeline x data-parallel layout (up to the paper's 64 GPUs) and notes what fits in 80 GiB.
+reduction, the part each of weights / optimizer states / gradients / activations / agoq's working
+set plays, and the paper's headline figure ("up to 52% less memory", arXiv 2605.00539) beside it.
+A second table varies the pipeline x data-parallel layout (up to the paper's 64 GPUs) and notes what fits in 80 GiB.
 
     python benchmarks/plan_table.py                       # markdown tables + results/plan_table.json
     python benchmarks/plan_table.py --pp 8 --dp 8 --micro-batches 16
 
 What the planner counts and leaves out is in ``agoq_ds/planner.py``'s docstring: bf16 weights, fp32
 master weights + Adam moments (ZeRO-1: divided by DP), an fp32 gradient accumulation buffer (ZeRO-1:
-not partitioned) versus int8 codes + scales, and every activation autograd saves without activation
-checkpointing; no CUDA context, allocator fragmentation or communication buffers.
+not partitioned) versus int8 codes + scales, every activation autograd saves without activation
+checkpointing, agoq's working set (one block at full width) and the step's fp32 partition; no CUDA
+context, allocator fragmentation or communication buffers.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from agoq_ds.planner import GIB, NAMED_MODELS, Parallelism, StageMemory, plan
 PAPER_REDUCTION = 0.52
 """The paper's headline: "up to 52%" less memory (versus Megatron-LM/DeepSpeed baselines)."""
 MODELS = ("llama-8b", "llama-13b", "llama-32b")
-PARTS = ("weights", "optimizer", "gradients", "activations")
+PARTS = ("weights", "optimizer", "gradients", "activations", "transient")
 
 
 def _part(stage: StageMemory, part: str, variant: str) -> int:
@@ -86,8 +87,9 @@ def main_table(rows: list[dict]) -> str:
         f"micro-batch {par['micro_batch']}, {par['micro_batches']} micro-batches (1F1B); busiest GPU, GiB.",
         "",
         "| model | params | stock GiB/GPU | agoq GiB/GPU | predicted reduction | paper | "
-        "vs bf16-gradient stock | weights | optimizer | gradients stock→agoq | activations stock→agoq |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "vs bf16-gradient stock | weights | optimizer | gradients stock→agoq | activations stock→agoq | "
+        "agoq working set |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         p = {k: {v: b / GIB for v, b in d.items()} for k, d in r["parts"].items()}
@@ -97,7 +99,7 @@ def main_table(rows: list[dict]) -> str:
             f"{r['reduction_vs_bf16_grad_stock']:.1%} | "
             f"{p['weights']['baseline']:.1f} | {p['optimizer']['baseline']:.1f} | "
             f"{p['gradients']['baseline']:.1f}→{p['gradients']['agoq']:.1f} | "
-            f"{p['activations']['baseline']:.1f}→{p['activations']['agoq']:.1f} |"
+            f"{p['activations']['baseline']:.1f}→{p['activations']['agoq']:.1f} | {p['transient']['agoq']:.1f} |"
         )
     return "\n".join(lines)
 

@@ -1,5 +1,6 @@
 """The memory planner against measured bytes of real runs (activation and gradient predictions must
-be within 5%), named model sizes, and the CLI."""
+be within 5%, agoq's working set must cover what a step holds beyond its stored activations), named
+model sizes, and the CLI."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ import engine_workers as w
 import pytest
 import torch
 from distributed import run_ranks
+from live_bytes import LiveBytes, parameter_storages
 
 from agoq_ds.activation import ActivationQuantizer
 from agoq_ds.config import parse_agoq_config
 from agoq_ds.models import SHAPES, build_llama
-from agoq_ds.planner import NAMED_MODELS, ModelDims, Parallelism, plan
+from agoq_ds.planner import NAMED_MODELS, ModelDims, Parallelism, plan, working_set
 
 TOL = 0.05
 
@@ -42,6 +44,49 @@ def test_activation_bytes_match_a_measured_forward(block: dict) -> None:
     (stage,) = plan(_dims("small"), Parallelism(seq_len=seq, micro_batch=batch), cfg)
     assert stage.activations["agoq"] == pytest.approx(measured["stored_bytes_per_forward"], rel=TOL)
     assert stage.activations["baseline"] == pytest.approx(measured["baseline_bytes_per_forward"], rel=TOL)
+
+
+def test_working_set_covers_what_a_step_holds_beyond_its_stored_activations() -> None:
+    """A replayed step's measured peak, forward and backward, against stored + working set."""
+    batch, seq = 2, 256
+    model = build_llama("small", dtype=torch.bfloat16)
+    cfg = parse_agoq_config({})
+    quantizer = ActivationQuantizer(model, cfg.activation).install()
+    ids = torch.randint(0, 256, (batch, seq), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):  # traced, recorded: the measured step replays
+        model(input_ids=ids, labels=ids).loss.backward()
+        quantizer.on_step_end()
+    model.zero_grad(set_to_none=True)
+    grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    with LiveBytes(parameter_storages(model)) as live:
+        loss = model(input_ids=ids, labels=ids).loss
+        stored = live.mark()
+        loss.backward()
+    forward_peak, backward_peak = live.peaks
+    dims, par = _dims("small"), Parallelism(seq_len=seq, micro_batch=batch)
+    (stage,) = plan(dims, par, cfg)
+    work = working_set(dims, par, 0, dims.layers, cfg)
+    assert stage.transient["agoq"] == work and stage.transient["baseline"] == 0
+    assert stored == pytest.approx(stage.activations["agoq"], rel=TOL)
+    # The gating product is computed while its two factors (activation output, up output) are
+    # alive: three MLP-wide tensors at full width, at least, beside what is stored.
+    mlp_tensor = batch * seq * SHAPES["small"].intermediate * 2
+    assert 3 * mlp_tensor <= forward_peak - stored <= work
+    # Backward (parameter gradients aside, which the planner counts with the gradient buffers).
+    assert backward_peak - grad_bytes <= stage.activations["agoq"] + work
+
+
+def test_step_peak_counts_the_fp32_partition_beside_int8() -> None:
+    dims = NAMED_MODELS["llama-8b"]
+    (stage,) = plan(dims, Parallelism(micro_batch=1, micro_batches=1, dp=8, zero=2), parse_agoq_config({}))
+    numel = stage.params // 8
+    assert stage.step_gradients["baseline"] == 4 * numel
+    assert stage.step_gradients["agoq"] == stage.gradients["agoq"] + 4 * numel
+    fixed = stage.weights + stage.optimizer
+    backward = stage.gradients["agoq"] + stage.activations["agoq"] + stage.transient["agoq"]
+    assert stage.total("agoq") == fixed + max(backward, stage.step_gradients["agoq"])
+    (off,) = plan(dims, Parallelism(dp=8, zero=2), parse_agoq_config({"gradient": {"enabled": False}}))
+    assert off.step_gradients["agoq"] == off.gradients["agoq"] == 4 * numel
 
 
 def test_gradient_bytes_match_a_measured_zero2_run() -> None:
