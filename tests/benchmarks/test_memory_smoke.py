@@ -50,3 +50,17 @@ def test_plan_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
         assert 0.3 < r["reduction"] < 0.8
         assert r["agoq_peak_bytes"] < r["stock_peak_bytes"]
     assert "| LLaMA-3 8B |" in capsys.readouterr().out
+
+
+def test_step_memory_smoke(tmp_path: Path) -> None:
+    """benchmarks/step_memory.py: stock's stored bytes are the planner's, agoq's peak (gradients aside)
+    is inside stored + working set and well below stock's."""
+    bench = load_benchmark("step_memory", "step_memory_bench")
+    out = tmp_path / "step.json"
+    res = bench.main(["--model", "small", "--seq-len", "64", "--out", str(out)])
+    planned = res["planner"]
+    assert res["stock"]["after_forward_bytes"] == pytest.approx(planned["stock_activation_bytes"], rel=0.05)
+    assert res["agoq"]["after_forward_bytes"] == pytest.approx(planned["agoq_activation_bytes"], rel=0.05)
+    assert res["agoq"]["peak_without_gradients_bytes"] <= planned["agoq_peak_bytes"]
+    assert res["peak_ratio"] < 0.6
+    assert json.loads(out.read_text())["model"] == "small" and out.with_suffix(".png").stat().st_size > 10_000
