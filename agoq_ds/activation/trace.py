@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
 
 TensorKey = tuple
@@ -75,15 +76,28 @@ class Trace:
         """Every call seen, in the order calls started."""
         self._open: list[int] = []
         self._forward = 0
-        self._held: list[torch.Tensor] = []
-        """Every tensor keyed in the current forward, kept alive until it ends: a key is an address,
-        and a freed tensor's address reused by a new tensor of the same shape would otherwise link
-        calls that never exchanged data (and make the classification depend on allocator history)."""
+        self._storages: dict[int, tuple[int, StorageWeakRef]] = {}
+        """Storage address -> (number, weak reference) of each storage keyed in this forward. Keys
+        carry the number, not the address: a freed tensor's address reused by a new tensor of the
+        same shape would otherwise link calls that never exchanged data (and make the classification
+        depend on allocator history). Holding the tensors instead would keep every module's input
+        and output alive through the traced forward (stock frees what it does not save)."""
+        self._numbered = 0
+
+    def _storage_number(self, t: torch.Tensor) -> int:
+        storage = t.untyped_storage()
+        address = storage.data_ptr()
+        entry = self._storages.get(address)
+        if entry is None or entry[1].expired():
+            self._numbered += 1
+            entry = self._storages[address] = (self._numbered, StorageWeakRef(storage))
+        return entry[0]
 
     def _keys(self, *objs: Any) -> set[TensorKey]:
-        tensors = tensors_in(*objs)
-        self._held += tensors
-        return {(self._forward, *tensor_key(t)) for t in tensors}
+        return {
+            (self._forward, self._storage_number(t), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+            for t in tensors_in(*objs)
+        }
 
     def enter(self, module: int, args: tuple, kwargs: dict) -> None:
         """A module call starts."""
@@ -102,10 +116,10 @@ class Trace:
             self.calls[self._open[-1]].ops.add(kind)
 
     def reset_open(self) -> None:
-        """A forward ended: forget unfinished calls (a forward that raised), release the tensors held
-        for their keys, and key the next forward's tensors apart from this one's."""
+        """A forward ended: forget unfinished calls (a forward that raised) and the storages keyed,
+        and key the next forward's tensors apart from this one's."""
         self._open.clear()
-        self._held.clear()
+        self._storages.clear()
         self._forward += 1
 
 

@@ -146,3 +146,57 @@ def test_parameters_buffers_integers_and_small_tensors_left_alone():
     assert quantized == 32 * 8 * 64  # only the large float tensor
     assert sum(u.baseline for u in usage.values()) == 32 * 8 * 8 + 8 * 64 * 4 + 32 * 8 * 64 * 4
     quantizer.remove()
+
+
+class _Double(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2  # saves nothing for backward
+
+
+def test_traced_forward_frees_what_stock_frees():
+    """The first (traced) forward keys module inputs and outputs by storage, without holding them:
+    a module output nothing saves is freed as soon as the forward is done with it, as without agoq."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), _Double(), nn.Linear(512, 256))
+    quantizer = ActivationQuantizer(model, ActivationConfig(policy="uniform", default_bits=4)).install()
+    first: dict = {}
+
+    def later(*_: object) -> None:  # in the last Linear: the first one's output is no one's input now
+        gc.collect()
+        first["alive"] = first["out"]() is not None
+
+    hooks = [
+        model[0].register_forward_hook(lambda m, a, out: first.update(out=weakref.ref(out))),
+        model[2].register_forward_hook(later),
+    ]
+    model(torch.randn(64, 256)).sum().backward()
+    for h in hooks:
+        h.remove()
+    assert quantizer.engine.trace is not None and quantizer.engine.trace.calls  # that forward was traced
+    assert first["alive"] is False, "the traced forward held a module output nothing saves"
+
+
+def test_first_step_peaks_below_stock():
+    """Forward and backward peaks of the traced first step and of a replayed step, against stock's
+    (live storages counted by ``tests/live_bytes.py``; parameters and their gradients aside)."""
+    from live_bytes import LiveBytes, parameter_storages
+
+    ids = text_batch(batch=2, seq=128)
+    peaks = {}
+    for variant in ("stock", "agoq"):
+        model = build_llama("small", dtype=torch.bfloat16, seed=0)
+        if variant == "agoq":
+            ActivationQuantizer(model, ActivationConfig()).install()
+        for step in range(2):
+            model.zero_grad(set_to_none=True)
+            with LiveBytes(parameter_storages(model)) as live:
+                loss = model(input_ids=ids, labels=ids).loss
+                live.mark()
+                loss.backward()
+            peaks[variant, step] = live.peaks
+    grads = sum(p.numel() * p.element_size() for p in build_llama("small", dtype=torch.bfloat16).parameters())
+    for step in range(2):
+        stock_forward, stock_backward = peaks["stock", step]
+        agoq_forward, agoq_backward = peaks["agoq", step]
+        assert agoq_forward < 0.7 * stock_forward, (step, agoq_forward, stock_forward)
+        assert agoq_backward - grads < 0.7 * (stock_backward - grads), (step, agoq_backward, stock_backward)
