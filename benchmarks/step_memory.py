@@ -5,7 +5,8 @@ default activation policy (``ActivationQuantizer``, the step measured being a re
 steady-state training). ``tests/live_bytes.py`` counts the bytes of every storage the step's operators
 create and frees (no allocator statistics on CPUs): the bytes alive after forward (what is stored), the
 forward peak and the backward peak (which also holds the bf16 parameter gradients, counted by the
-planner with the gradient buffers). Beside them, the planner's stored activations and its agoq
+planner with the gradient buffers), for the replayed step and for the first one (agoq traces the
+model's structure there). Beside them, the planner's stored activations and its agoq
 working set (``agoq_ds.planner.working_set``): its peak is stored + working set.
 
     python benchmarks/step_memory.py                                  # bench shape, 2 x 512 tokens
@@ -38,15 +39,7 @@ from agoq_ds.models import SHAPES, build_llama  # noqa: E402
 MB = 1e6
 
 
-def measure_variant(args: argparse.Namespace, agoq: bool) -> dict:
-    """One variant: three steps (traced, recorded, replayed), the last one measured."""
-    model = build_llama(args.model, dtype=torch.bfloat16, seed=0)
-    quantizer = ActivationQuantizer(model, parse_agoq_config({}).activation).install() if agoq else None
-    ids = load_bytes(max_bytes=args.batch * args.seq_len).long().view(args.batch, args.seq_len)
-    for _ in range(2):
-        model(input_ids=ids, labels=ids).loss.backward()
-        if quantizer is not None:
-            quantizer.on_step_end()
+def _measured_step(model, ids: torch.Tensor) -> dict:
     model.zero_grad(set_to_none=True)
     with LiveBytes(parameter_storages(model)) as live:
         loss = model(input_ids=ids, labels=ids).loss
@@ -61,6 +54,20 @@ def measure_variant(args: argparse.Namespace, agoq: bool) -> dict:
         "parameter_gradient_bytes": grads,
         "peak_without_gradients_bytes": max(forward_peak, backward_peak - grads),
     }
+
+
+def measure_variant(args: argparse.Namespace, agoq: bool) -> dict:
+    """One variant, three steps (agoq: traced, recorded, replayed): the replayed one's figures, and the
+    first step's under ``first_step``."""
+    model = build_llama(args.model, dtype=torch.bfloat16, seed=0)
+    quantizer = ActivationQuantizer(model, parse_agoq_config({}).activation).install() if agoq else None
+    ids = load_bytes(max_bytes=args.batch * args.seq_len).long().view(args.batch, args.seq_len)
+    steps = []
+    for _ in range(3):
+        steps.append(_measured_step(model, ids))
+        if quantizer is not None:
+            quantizer.on_step_end()
+    return {**steps[-1], "first_step": steps[0]}
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -138,14 +145,14 @@ def main(argv: list[str] | None = None) -> dict:
         reexec_in_snapshot(__file__, [a for a in sys.argv[1:]], args.snapshot)
     result = measure(args)
     write_results(result, args.out, plot)
-    print(f"{'MB':>8s} {'after fwd':>10s} {'fwd peak':>10s} {'bwd peak':>10s} {'grads':>8s} {'peak w/o grads':>15s}")
+    print(f"{'MB':>14s} {'after fwd':>10s} {'fwd peak':>10s} {'bwd peak':>10s} {'grads':>8s} {'peak w/o grads':>15s}")
     for variant in ("stock", "agoq"):
-        r = result[variant]
-        print(
-            f"{variant:>8s} {r['after_forward_bytes'] / MB:10.2f} {r['forward_peak_bytes'] / MB:10.2f} "
-            f"{r['backward_peak_bytes'] / MB:10.2f} {r['parameter_gradient_bytes'] / MB:8.2f} "
-            f"{r['peak_without_gradients_bytes'] / MB:15.2f}"
-        )
+        for label, r in ((variant, result[variant]), (f"{variant} step 1", result[variant]["first_step"])):
+            print(
+                f"{label:>14s} {r['after_forward_bytes'] / MB:10.2f} {r['forward_peak_bytes'] / MB:10.2f} "
+                f"{r['backward_peak_bytes'] / MB:10.2f} {r['parameter_gradient_bytes'] / MB:8.2f} "
+                f"{r['peak_without_gradients_bytes'] / MB:15.2f}"
+            )
     pl = result["planner"]
     print(
         f"planner: stock activations {pl['stock_activation_bytes'] / MB:.2f} MB, agoq stored "
