@@ -11,9 +11,10 @@ pipeline stage ``s`` holds ``max(2, min(S - s, M))`` micro-batches of activation
 parallelism divides weights and the attention/MLP-internal activations by ``tp`` (no sequence
 parallelism). The peak is the larger of backward's (gradients, stored activations, and agoq's
 working set: one decoder block's or the loss head's saved tensors at full width, quantized as they
-are saved and dequantized or rebuilt as backward reaches them) and the optimizer step's (agoq's fp32
-partition beside its int8 state). Tests check the activation and gradient predictions against a real
-run (< 5%) and that the working set covers what a measured step holds beyond its stored activations.
+are saved and dequantized or rebuilt as backward reaches them) and the accumulation boundary's
+(agoq's int8 state beside the fp32 buffer it is reduced into, as large as stock's). Tests check the
+activation and gradient predictions against a real run (< 5%) and that the working set covers what
+a measured step holds beyond its stored activations.
 """
 
 from __future__ import annotations
@@ -230,8 +231,10 @@ class StageMemory:
     saved and unpacks or rebuilds them in backward, so one decoder block's (or the loss head's) saved
     tensors exist at full width at a time. Stock: 0 (its saved tensors are counted in full)."""
     step_gradients: dict[str, int] = field(default_factory=dict)
-    """Gradient bytes during ``optimizer.step()``: agoq dequantizes its partition to fp32 for the step
-    beside its int8 state (the activations are freed by then)."""
+    """Gradient bytes at the accumulation boundary (the activations are freed by then): agoq reduces
+    its int8 state into an fp32 buffer the size of stock's (ZeRO-2: the partition; ZeRO-0/1: every
+    gradient of the stage, as DeepSpeed's ``BF16_Optimizer`` all-reduces them) and holds both until
+    the reduction is done."""
 
     def total(self, variant: str) -> int:
         """Peak on one GPU of this stage for ``baseline`` or ``agoq``: the larger of backward's
@@ -295,11 +298,10 @@ def plan(dims: ModelDims, par: Parallelism, cfg: AgoqConfig | None = None) -> li
             optimizer=12 * params // (par.dp if par.zero >= 1 else 1),
         )
         agoq_grads = gradient_bytes(grad_numel, cfg)
-        step_partition = 4 * (params // par.dp if par.zero >= 1 else params)
         stage.gradients = {"baseline": 4 * grad_numel, "agoq": agoq_grads}
         stage.step_gradients = {
             "baseline": 4 * grad_numel,
-            "agoq": agoq_grads + step_partition if gradients_quantized(cfg) else agoq_grads,
+            "agoq": agoq_grads + 4 * grad_numel if gradients_quantized(cfg) else agoq_grads,
         }
         stage.activations = {
             "baseline": holds * sum(t.numel * t.elem_bytes for t in saved),
@@ -327,7 +329,7 @@ def format_plan(dims: ModelDims, par: Parallelism, stages: list[StageMemory]) ->
         lines.append(
             f"{st.stage:>5} {st.layers:>6} {st.holds:>4} {st.weights / GIB:>8.2f} {st.optimizer / GIB:>8.2f} "
             f"{g['baseline'] / GIB:>6.2f}->{g['agoq'] / GIB:<6.2f} {a['baseline'] / GIB:>7.2f}->{a['agoq'] / GIB:<7.2f}"
-            f" {st.transient['agoq'] / GIB:>7.2f} {tb / GIB:>7.2f}->{ta / GIB:<7.2f} {1 - ta / tb:>6.1%}"
+            f" {st.transient['agoq'] / GIB:>7.2f} {tb / GIB:>7.2f}->{ta / GIB:<7.2f} {1 - ta / tb if tb else 0:>6.1%}"
         )
     worst_b = max(st.total("baseline") for st in stages)
     worst_a = max(st.total("agoq") for st in stages)
@@ -335,6 +337,10 @@ def format_plan(dims: ModelDims, par: Parallelism, stages: list[StageMemory]) ->
         f"peak GPU: {worst_b / GIB:.2f} GiB stock -> {worst_a / GIB:.2f} GiB agoq ({1 - worst_a / worst_b:.1%} less)"
     )
     return "\n".join(lines)
+
+
+LABELS = {"transient": "agoq working set", "step_gradients": "gradients at the boundary (int8 + fp32)"}
+"""Chart legend names of ``StageMemory`` fields that differ from the field name."""
 
 
 def plot(stages: list[StageMemory], path: Path, title: str) -> None:
@@ -345,12 +351,24 @@ def plot(stages: list[StageMemory], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(stages)), 4))
-    parts = ("weights", "optimizer", "gradients", "activations", "transient")
-    colors = ("tab:gray", "tab:purple", "tab:orange", "tab:blue", "tab:cyan")
+    colors = {
+        "weights": "tab:gray",
+        "optimizer": "tab:purple",
+        "gradients": "tab:orange",
+        "activations": "tab:blue",
+        "transient": "tab:cyan",
+        "step_gradients": "tab:red",
+    }
+    labelled: set[str] = set()
     for i, st in enumerate(stages):
         for j, variant in enumerate(("baseline", "agoq")):
             bottom = 0.0
-            for part, color in zip(parts, colors, strict=True):
+            backward = st.gradients[variant] + st.activations[variant] + st.transient[variant]
+            # The bar shows the phase that sets the peak: backward, or the accumulation boundary.
+            at_boundary = st.step_gradients[variant] > backward
+            parts = ("weights", "optimizer", *(("step_gradients",) if at_boundary else tuple(colors)[2:5]))
+            for part in parts:
+                color = colors[part]
                 value = getattr(st, part)
                 value = value[variant] if isinstance(value, dict) else value
                 ax.bar(
@@ -360,8 +378,9 @@ def plot(stages: list[StageMemory], path: Path, title: str) -> None:
                     bottom=bottom,
                     color=color,
                     alpha=1.0 if j else 0.55,
-                    label=part if i == 0 and j == 0 else None,
+                    label=None if part in labelled else LABELS.get(part, part),
                 )
+                labelled.add(part)
                 bottom += value / GIB
     ax.set_xticks([i + 0.2 for i in range(len(stages))], [f"stage {st.stage}\nstock | agoq" for st in stages])
     ax.set_ylabel("GiB per GPU")

@@ -54,6 +54,13 @@ def bf16_grad_stock_peak(stages: list[StageMemory]) -> int:
     return max(s.total("baseline") - s.gradients["baseline"] // 2 for s in stages)
 
 
+def peak_phase(stage: StageMemory) -> str:
+    """When agoq's peak falls on ``stage``: in backward or at the accumulation boundary (int8 state
+    beside the fp32 buffer it is reduced into)."""
+    backward = stage.gradients["agoq"] + stage.activations["agoq"] + stage.transient["agoq"]
+    return "boundary" if stage.step_gradients["agoq"] > backward else "backward"
+
+
 def row(model: str, par: Parallelism, agoq: dict) -> dict:
     """Planner figures of one model at ``par``: the busiest GPU stock and agoq, parts, best stage."""
     dims = NAMED_MODELS[model]
@@ -73,6 +80,7 @@ def row(model: str, par: Parallelism, agoq: dict) -> dict:
         "reduction_vs_bf16_grad_stock": 1 - peak_agoq / bf16_grad_stock_peak(stages),
         "best_stage_reduction": max(1 - s.total("agoq") / s.total("baseline") for s in stages),
         "busiest_stage": stock.stage,
+        "agoq_peak_phase": peak_phase(ours),
         "parts": {p: {v: _part(stock, p, v) for v in ("baseline", "agoq")} for p in PARTS},
         "stages": [asdict(s) for s in stages],
     }
@@ -88,8 +96,8 @@ def main_table(rows: list[dict]) -> str:
         "",
         "| model | params | stock GiB/GPU | agoq GiB/GPU | predicted reduction | paper | "
         "vs bf16-gradient stock | weights | optimizer | gradients stock→agoq | activations stock→agoq | "
-        "agoq working set |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "agoq working set | agoq peak at |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         p = {k: {v: b / GIB for v, b in d.items()} for k, d in r["parts"].items()}
@@ -99,7 +107,8 @@ def main_table(rows: list[dict]) -> str:
             f"{r['reduction_vs_bf16_grad_stock']:.1%} | "
             f"{p['weights']['baseline']:.1f} | {p['optimizer']['baseline']:.1f} | "
             f"{p['gradients']['baseline']:.1f}→{p['gradients']['agoq']:.1f} | "
-            f"{p['activations']['baseline']:.1f}→{p['activations']['agoq']:.1f} | {p['transient']['agoq']:.1f} |"
+            f"{p['activations']['baseline']:.1f}→{p['activations']['agoq']:.1f} | {p['transient']['agoq']:.1f} | "
+            f"{r['agoq_peak_phase']} |"
         )
     return "\n".join(lines)
 
