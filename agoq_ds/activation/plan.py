@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 if TYPE_CHECKING:
     from torch import nn
@@ -273,8 +274,9 @@ class Replay:
         """Index of the next step."""
         self.holders: list[Any] = []
         """Spans created so far, in plan order."""
-        self.storages: dict[int, int] = {}
-        """Storage address of each aliased span (checked by its views)."""
+        self.storages: dict[int, tuple[int, StorageWeakRef]] = {}
+        """Storage address and weak reference of each aliased span (checked by its views: the same
+        live storage, not merely a later one at a freed span's address)."""
         self.deviated: int | None = None
         """Index of the first saved tensor that did not match the plan, if one did not."""
 
@@ -300,11 +302,12 @@ class Replay:
         n = step.span
         span = self.spans[n]
         if kind == ALIAS:
-            if n < len(self.holders) and (not span.aliased or self.storages[n] == t.untyped_storage().data_ptr()):
+            if n < len(self.holders) and (not span.aliased or self._same_storage(n, t)):
                 return SavedView(self.holders[n], step.shape, step.stride)
             return self._deviate(i, t, "not a view of the planned span")
         if span.aliased:
-            self.storages[n] = t.untyped_storage().data_ptr()
+            storage = t.untyped_storage()
+            self.storages[n] = (storage.data_ptr(), StorageWeakRef(storage))
         if not span.derived_from:
             seed = self.seed(n) if self.stochastic or span.log_space else 0
             holder: Any = SavedTensor.planned(t, span, self.ledger, self.spec, seed)
@@ -323,6 +326,10 @@ class Replay:
             holder.cls, holder.module, holder.final, holder.held = span.cls, span.module, True, True
         self.holders.append(holder)
         return SavedView(holder, step.shape, step.stride)
+
+    def _same_storage(self, n: int, t: torch.Tensor) -> bool:
+        address, ref = self.storages[n]
+        return address == t.untyped_storage().data_ptr() and not ref.expired()
 
     def _deviate(self, i: int, t: torch.Tensor, why: str) -> torch.Tensor:
         self.deviated = i

@@ -15,6 +15,7 @@ import pytest
 import torch
 from act_helpers import lm_step, text_batch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from agoq_ds.activation import ActivationQuantizer, storage
@@ -328,3 +329,18 @@ def test_backward_frees_each_layers_spans_once_it_is_done(replay: bool) -> None:
     assert quantizer.engine.replayed == (1 if replay else 0)
     assert seen["later"] == 0, f"{seen['later']} spans of layers 1.. outlived their layer's backward"
     assert seen["results"] <= 2, f"{seen['results']} recomputed results still held (layer 0's MLP at most)"
+
+
+def test_alias_check_needs_the_same_live_storage() -> None:
+    """A planned view of an earlier span matches only the span's own storage while it lives, not a
+    later tensor that the allocator placed at the freed address."""
+    _, quantizer, _ = _replaying()
+    (plan,) = quantizer.engine.plans._plans.values()
+    replay = Replay(plan, (), quantizer.engine.ledger, quantizer.engine.spec, lambda n: 0, frozenset())
+    t = torch.randn(4096)
+    storage = t.untyped_storage()
+    replay.storages[0] = (storage.data_ptr(), StorageWeakRef(storage))
+    assert replay._same_storage(0, t[10:20])
+    del t, storage
+    later = torch.randn(4096)  # often at the same address on CPU allocators; never the same storage
+    assert not replay._same_storage(0, later)
