@@ -23,6 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from agoq_ds.shutdown import remove_cpu_allreduce_buffers, session_start
+
 ROOT = Path(__file__).resolve().parent.parent
 HERE = ROOT / "tests" / "deepspeed_unit"
 OUTCOME = re.compile(r"^(\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)")
@@ -34,7 +36,11 @@ def run(tests: Path, ids: list[str], inject: bool, timeout: float) -> dict[str, 
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "LOCAL_SIZE": "4", "PYTHONPATH": str(HERE)}
     env["AGOQ_INJECT"] = "1" if inject else "0"
     cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", "-o", "addopts=", *ids]
-    proc = subprocess.run(cmd, cwd=tests, env=env, capture_output=True, text=True, timeout=timeout)
+    since = session_start()
+    try:
+        proc = subprocess.run(cmd, cwd=tests, env=env, capture_output=True, text=True, timeout=timeout)
+    finally:
+        remove_cpu_allreduce_buffers(since)  # DeepSpeed's CPU all-reduce leaves one per rank (LOCAL_SIZE)
     text = re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout)
     out: dict[str, dict[str, str]] = {}
     for line in text.splitlines():

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from distributed import free_port
 
+from agoq_ds.shutdown import CPU_ALLREDUCE_PREFIX, SHM_DIR
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 PRETRAIN = ["examples/pretrain_llama.py", "--model", "tiny", "--steps", "3", "--eval-every", "3", "--seq-len", "64"]
@@ -25,6 +27,11 @@ def _launch(cmd: list[str], out: Path) -> dict:
     proc = subprocess.run([*cmd, "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert out.is_file(), proc.stdout[-3000:]
+    # DeepSpeed's CPU all-reduce (the deepspeed launcher sets LOCAL_SIZE) made a /dev/shm workspace per
+    # rank; the examples' end_distributed_run unlinks them.
+    port = cmd[cmd.index("--master_port") + 1] if "--master_port" in cmd else env["MASTER_PORT"]
+    left = sorted(SHM_DIR.glob(f"{CPU_ALLREDUCE_PREFIX}_{os.getuid()}_*_{port}_*"))
+    assert not left, f"the run left {[p.name for p in left]}"
     return json.loads(out.read_text())
 
 
