@@ -236,11 +236,19 @@ class StageMemory:
     gradient of the stage, as DeepSpeed's ``BF16_Optimizer`` all-reduces them) and holds both until
     the reduction is done."""
 
+    def backward(self, variant: str) -> int:
+        """Beyond weights and optimizer states, what backward holds at its peak: gradients, stored
+        activations and their working set."""
+        return self.gradients[variant] + self.activations[variant] + self.transient[variant]
+
+    def peaks_at_boundary(self, variant: str) -> bool:
+        """Whether the accumulation boundary, not backward, sets the peak."""
+        return self.step_gradients[variant] > self.backward(variant)
+
     def total(self, variant: str) -> int:
-        """Peak on one GPU of this stage for ``baseline`` or ``agoq``: the larger of backward's
-        (gradients, activations and their working set) and the optimizer step's."""
-        backward = self.gradients[variant] + self.activations[variant] + self.transient[variant]
-        return self.weights + self.optimizer + max(backward, self.step_gradients[variant])
+        """Peak on one GPU of this stage for ``baseline`` or ``agoq``: the larger of backward's and the
+        accumulation boundary's."""
+        return self.weights + self.optimizer + max(self.backward(variant), self.step_gradients[variant])
 
 
 def _layers_per_stage(layers: int, pp: int) -> list[int]:
@@ -363,9 +371,8 @@ def plot(stages: list[StageMemory], path: Path, title: str) -> None:
     for i, st in enumerate(stages):
         for j, variant in enumerate(("baseline", "agoq")):
             bottom = 0.0
-            backward = st.gradients[variant] + st.activations[variant] + st.transient[variant]
             # The bar shows the phase that sets the peak: backward, or the accumulation boundary.
-            at_boundary = st.step_gradients[variant] > backward
+            at_boundary = st.peaks_at_boundary(variant)
             parts = ("weights", "optimizer", *(("step_gradients",) if at_boundary else tuple(colors)[2:5]))
             for part in parts:
                 color = colors[part]

@@ -54,13 +54,6 @@ def bf16_grad_stock_peak(stages: list[StageMemory]) -> int:
     return max(s.total("baseline") - s.gradients["baseline"] // 2 for s in stages)
 
 
-def peak_phase(stage: StageMemory) -> str:
-    """When agoq's peak falls on ``stage``: in backward or at the accumulation boundary (int8 state
-    beside the fp32 buffer it is reduced into)."""
-    backward = stage.gradients["agoq"] + stage.activations["agoq"] + stage.transient["agoq"]
-    return "boundary" if stage.step_gradients["agoq"] > backward else "backward"
-
-
 def row(model: str, par: Parallelism, agoq: dict) -> dict:
     """Planner figures of one model at ``par``: the busiest GPU stock and agoq, parts, best stage."""
     dims = NAMED_MODELS[model]
@@ -80,7 +73,7 @@ def row(model: str, par: Parallelism, agoq: dict) -> dict:
         "reduction_vs_bf16_grad_stock": 1 - peak_agoq / bf16_grad_stock_peak(stages),
         "best_stage_reduction": max(1 - s.total("agoq") / s.total("baseline") for s in stages),
         "busiest_stage": stock.stage,
-        "agoq_peak_phase": peak_phase(ours),
+        "agoq_peak_phase": "boundary" if ours.peaks_at_boundary("agoq") else "backward",
         "parts": {p: {v: _part(stock, p, v) for v in ("baseline", "agoq")} for p in PARTS},
         "stages": [asdict(s) for s in stages],
     }

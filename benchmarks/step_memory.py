@@ -29,7 +29,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]  # agoq_ds itself: the in
 
 import torch  # noqa: E402
 from _machine import ROOT, SNAPSHOT_ENV, machine_info, reexec_in_snapshot, write_results  # noqa: E402
-from live_bytes import LiveBytes, parameter_storages, set_gradients_aside  # noqa: E402
+from live_bytes import measure_step  # noqa: E402
 
 from agoq_ds import planner  # noqa: E402
 from agoq_ds.activation import ActivationQuantizer  # noqa: E402
@@ -41,23 +41,16 @@ MB = 1e6
 
 
 def _measured_step(model, ids: torch.Tensor) -> dict:
-    model.zero_grad(set_to_none=True)
-    with LiveBytes(parameter_storages(model)) as live:
-        handles = set_gradients_aside(model, live)
-        loss = model(input_ids=ids, labels=ids).loss
-        after_forward = live.mark()
-        loss.backward()
-    for h in handles:
-        h.remove()
-    forward_peak, backward_peak = live.peaks
+    step = measure_step(model, ids)
+    forward_peak, backward_peak = step["peaks"]
     grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
     return {
-        "after_forward_bytes": after_forward,
+        "after_forward_bytes": step["after_forward"],
         "forward_peak_bytes": forward_peak,
         "backward_peak_bytes": backward_peak,
-        "backward_peak_without_gradients_bytes": live.kept_peaks[1],
+        "backward_peak_without_gradients_bytes": step["kept_peaks"][1],
         "parameter_gradient_bytes": grads,
-        "peak_without_gradients_bytes": max(live.kept_peaks),
+        "peak_without_gradients_bytes": max(step["kept_peaks"]),
     }
 
 

@@ -8,6 +8,8 @@
     live.peaks       # [forward peak, backward peak]
     live.kept_peaks  # the same without the parameter gradients accumulated so far
 
+    measure_step(model, ids)  # the above for one step of an HF causal LM
+
 Every storage an operator creates under the mode is counted once and dropped when it is freed (a
 weak reference to the storage); storages that existed before (``existing``: the parameters) are not
 counted when an operator returns a view of them. ``set_gradients_aside(model, live)`` moves each
@@ -107,3 +109,18 @@ def set_gradients_aside(model: nn.Module, live: LiveBytes) -> list:
         for p in model.parameters()
         if p.requires_grad
     ]
+
+
+def measure_step(model: nn.Module, ids: torch.Tensor) -> dict:
+    """One forward and backward of an HF causal LM on ``ids`` (gradients cleared first), counted:
+    ``after_forward`` bytes, ``peaks`` and ``kept_peaks`` ([forward, backward], the latter with the
+    parameter gradients set aside)."""
+    model.zero_grad(set_to_none=True)
+    with LiveBytes(parameter_storages(model)) as live:
+        handles = set_gradients_aside(model, live)
+        loss = model(input_ids=ids, labels=ids).loss
+        after_forward = live.mark()
+        loss.backward()
+    for handle in handles:
+        handle.remove()
+    return {"after_forward": after_forward, "peaks": live.peaks, "kept_peaks": live.kept_peaks}

@@ -179,7 +179,7 @@ def test_traced_forward_frees_what_stock_frees():
 def test_first_step_peaks_below_stock():
     """Forward and backward peaks of the traced first step and of a replayed step, against stock's
     (live storages counted by ``tests/live_bytes.py``; parameters and their gradients aside)."""
-    from live_bytes import LiveBytes, parameter_storages, set_gradients_aside
+    from live_bytes import measure_step
 
     ids = text_batch(batch=2, seq=128)
     peaks = {}
@@ -187,15 +187,7 @@ def test_first_step_peaks_below_stock():
         model = build_llama("small", dtype=torch.bfloat16, seed=0)
         quantizer = ActivationQuantizer(model, ActivationConfig()).install() if variant == "agoq" else None
         for step in range(3):  # agoq: traced, recorded, replayed
-            model.zero_grad(set_to_none=True)
-            with LiveBytes(parameter_storages(model)) as live:
-                handles = set_gradients_aside(model, live)
-                loss = model(input_ids=ids, labels=ids).loss
-                live.mark()
-                loss.backward()
-            for h in handles:
-                h.remove()
-            peaks[variant, step] = live.kept_peaks
+            peaks[variant, step] = measure_step(model, ids)["kept_peaks"]
             if quantizer is not None:
                 quantizer.on_step_end()
         if quantizer is not None:

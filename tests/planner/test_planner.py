@@ -13,7 +13,7 @@ import engine_workers as w
 import pytest
 import torch
 from distributed import run_ranks
-from live_bytes import LiveBytes, parameter_storages, set_gradients_aside
+from live_bytes import measure_step
 
 from agoq_ds.activation import ActivationQuantizer
 from agoq_ds.config import parse_agoq_config
@@ -56,13 +56,9 @@ def test_working_set_covers_what_a_step_holds_beyond_its_stored_activations() ->
     for _ in range(2):  # traced, recorded: the measured step replays
         model(input_ids=ids, labels=ids).loss.backward()
         quantizer.on_step_end()
-    model.zero_grad(set_to_none=True)
-    with LiveBytes(parameter_storages(model)) as live:
-        set_gradients_aside(model, live)
-        loss = model(input_ids=ids, labels=ids).loss
-        stored = live.mark()
-        loss.backward()
-    forward_peak, backward_peak = live.kept_peaks
+    step = measure_step(model, ids)
+    stored = step["after_forward"]
+    forward_peak, backward_peak = step["kept_peaks"]
     dims, par = _dims("small"), Parallelism(seq_len=seq, micro_batch=batch)
     (stage,) = plan(dims, par, cfg)
     work = working_set(dims, par, 0, dims.layers, cfg)
@@ -88,6 +84,7 @@ def test_boundary_peak_counts_the_fp32_buffer_beside_int8(zero: int) -> None:
     assert stage.step_gradients["agoq"] == stage.gradients["agoq"] + 4 * numel
     fixed = stage.weights + stage.optimizer
     backward = stage.gradients["agoq"] + stage.activations["agoq"] + stage.transient["agoq"]
+    assert stage.backward("agoq") == backward
     assert stage.total("agoq") == fixed + max(backward, stage.step_gradients["agoq"])
     (off,) = plan(dims, par, parse_agoq_config({"gradient": {"enabled": False}}))
     assert off.step_gradients["agoq"] == off.gradients["agoq"] == 4 * numel
