@@ -73,7 +73,9 @@ def main(argv: list[str] | None = None) -> dict:
         for k in ("stock", "agoq")
     }
     print(json.dumps(counts))
-    result = {"selection": str(args.selection.relative_to(ROOT)), "counts": counts, "rows": rows}
+    selection = args.selection.resolve()
+    shown = selection.relative_to(ROOT) if selection.is_relative_to(ROOT) else selection
+    result = {"selection": str(shown), "counts": counts, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

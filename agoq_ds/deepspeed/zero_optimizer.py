@@ -106,11 +106,10 @@ class AgoqZeroOptimizer(OptimizerHost, DeepSpeedZeroOptimizer):
         acc = self.agoq_store.carried.get(self.get_param_id(param))
         if acc is None or not acc.has_value:
             return
-        total = acc.dequantize().view(param.shape)
+        total = acc.take().view(param.shape)  # owned: reset must not zero what param.grad becomes
         if param.grad is not None:
-            total = total + param.grad.float()
+            total += param.grad.float()
         param.grad = total.to(param.dtype)
-        acc.reset()
 
     def get_gradient_for_reduction(self, param: torch.nn.Parameter) -> torch.Tensor | None:
         """DeepSpeed's gradient for reduction, with a stage-1 int8 accumulator added back first."""

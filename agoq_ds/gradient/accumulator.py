@@ -47,7 +47,11 @@ class Accumulator(Protocol):
         """Add ``values`` (pieces concatenated in ``positions`` order) at their offsets."""
 
     def dequantize(self) -> torch.Tensor:
-        """The accumulated value in fp32."""
+        """The accumulated value in fp32; it may share storage with the accumulator (``Fp32Accumulator``),
+        so it is valid only until the next ``add_`` or ``reset``. Use ``take`` to keep it past those."""
+
+    def take(self) -> torch.Tensor:
+        """The accumulated value in fp32, owned by the caller; the accumulator is emptied (``reset``)."""
 
     def reset(self) -> None:
         """Forget the accumulated value (an error-feedback residual is kept)."""
@@ -227,6 +231,12 @@ class Int8Accumulator:
             return torch.zeros(self.numel, dtype=torch.float32, device=self.device)
         return dequantize(self._view(self.codes, self.scales, 0, self.numel))
 
+    def take(self) -> torch.Tensor:
+        """The accumulated value as a new fp32 tensor; the accumulator is emptied (``reset``)."""
+        value = self.dequantize()
+        self.reset()
+        return value
+
     def dequantize_range(self, start: int, end: int) -> torch.Tensor:
         """Elements ``[start, end)`` as a new fp32 tensor; ``start`` must be a multiple of ``group_size``
         (lets a caller materialize a large accumulator chunk by chunk)."""
@@ -327,10 +337,17 @@ class Fp32Accumulator:
         self.has_value = True
 
     def dequantize(self) -> torch.Tensor:
-        """The buffer itself (not a copy); zeros when nothing was added."""
+        """The buffer itself (not a copy: ``reset`` zeroes it); zeros when nothing was added."""
         if self.buffer is None:
             self.buffer = torch.zeros(self.numel, dtype=torch.float32, device=self.device)
         return self.buffer
+
+    def take(self) -> torch.Tensor:
+        """The buffer itself, handed over without a copy; the next ``add_`` starts a new one."""
+        value = self.dequantize()
+        self.buffer = None
+        self.has_value = False
+        return value
 
     def dequantize_range(self, start: int, end: int) -> torch.Tensor:
         """Elements ``[start, end)`` (a view of the buffer)."""

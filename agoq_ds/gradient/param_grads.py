@@ -92,10 +92,9 @@ class ParamGradients(GradientHost):
         grad = param.grad
         if acc is None or not acc.has_value:
             return None if grad is None else grad.detach().reshape(-1).float()
-        total = acc.dequantize()
+        total = acc.take()  # owned: an fp32 accumulator's buffer is handed over, not zeroed under us
         if grad is not None:
             total += grad.detach().reshape(-1).float()
-        acc.reset()
         return total
 
     def agoq_materialize(self, params: Sequence[nn.Parameter] | None = None) -> None:

@@ -207,3 +207,20 @@ def test_release_on_reset_frees_the_value_and_starts_fresh(error_feedback: bool)
             acc.reset()
         assert released.nbytes == 0 and kept.nbytes == 1000 + 4 * 8
         assert released.residual_nbytes == kept.residual_nbytes  # the residual carries on in both
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int8"])
+def test_take_hands_over_the_value_and_empties_the_accumulator(kind: str) -> None:
+    """``take`` is what the hosts use to move an accumulated gradient into ``param.grad``: the value
+    must survive the accumulator being emptied and refilled. (An fp32 accumulator's ``dequantize`` is
+    its buffer; emptying it after ``dequantize`` zeroed every gradient below ``min_numel``.)"""
+    acc = Fp32Accumulator(5) if kind == "fp32" else Int8Accumulator(256, 128, error_feedback=False)
+    values = torch.arange(1, acc.numel + 1, dtype=torch.float32)
+    acc.add_(values)
+    taken = acc.take()
+    assert not acc.has_value
+    acc.add_(torch.full_like(values, 1000.0))
+    acc.reset()
+    tol = 0 if kind == "fp32" else float(values.abs().max()) / 254
+    assert torch.allclose(taken, values, atol=tol, rtol=0), taken
+    assert torch.count_nonzero(acc.take()) == 0
