@@ -211,6 +211,12 @@ class GradientConfig(_Model):
     """Reductions of fewer elements (a whole bucket or chunk) travel in fp32, and gradient buffers of
     fewer elements (a partition, a parameter) are kept in fp32: quantizing a few elements saves
     nothing and costs their precision."""
+    check_steps: int = Field(0, ge=0)
+    """Debug guard: at the first ``check_steps`` optimizer steps, keep an exact fp32 sum of every
+    parameter's gradient beside agoq's and raise, naming the parameter, when agoq's gradient is all
+    zero although the exact one is above the 8-bit path's resolution, or finite where the exact one
+    is not. Costs a host synchronisation and an fp32 copy of the gradients while it runs; 0 (the
+    default) installs nothing."""
     error_feedback: bool = False
     """Carry each rank's storage quantization residual into the next accumulation. The residual is
     held in 8 bits, as large as the gradient buffer itself (total gradient state 0.52x fp32 instead

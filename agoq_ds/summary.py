@@ -34,9 +34,13 @@ def _gradient_line(engine: Any) -> list[str]:
         return ["gradients     stock DeepSpeed (agoq gradient path off)"]
     store = f"int{cfg.storage_bits} storage" if cfg.storage_bits == 8 else "fp32 storage"
     ef = " + error feedback" if cfg.error_feedback else ""
+    paths = list(path.agoq_param_paths().values())
+    check = f", checked at the first {cfg.check_steps} steps" if cfg.check_steps else ""
     return [
         f"gradients     {path.agoq_description}, {store}{ef}, group {cfg.group_size}, {cfg.rounding} rounding "
-        f"[{type(path).__name__}]"
+        f"[{type(path).__name__}]",
+        f"              parameters: {paths.count('8bit')} on the 8-bit path, {paths.count('exact')} exact "
+        f"(below min_numel {cfg.min_numel} or one rank){check}",
     ]
 
 

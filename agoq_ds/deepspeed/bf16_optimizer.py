@@ -32,7 +32,9 @@ from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from deepspeed.utils import logger
 
 from ..config import AgoqConfig
+from ..gradient.accumulator import Int8Accumulator
 from ..gradient.allreduce import CHUNK_ELEMENTS, all_reduce_chunked, chunk_bounds
+from ..gradient.paths import Path, path, reduction_exact
 from ..seeding import mix_seed as _mix
 from .optimizer_host import OptimizerHost
 
@@ -87,6 +89,17 @@ class AgoqBF16Optimizer(OptimizerHost, BF16_Optimizer):
         if self._agoq_store8 and folding_spec is not None and folding_spec.tp_size > 1:
             raise ValueError("agoq.gradient: AutoEP folding with tensor parallelism is not supported (BF16_Optimizer)")
         super().configure_autoep_folding_tp_gradient_reduction(folding_spec)
+
+    def agoq_param_paths(self) -> dict[int, Path]:
+        """Exact when the param group's accumulator is fp32 and the group's all-reduce is below
+        ``min_numel`` (the whole flat group is reduced in chunks)."""
+        g, store = self.agoq_gradient, self.agoq_store
+        paths = {}
+        for i, group in enumerate(self.bf16_groups):
+            storage_exact = not isinstance(store.per_step.get(i), Int8Accumulator)
+            exact_reduction = reduction_exact(g, store.world_size, self.fp32_groups_gradients_flat[i].numel())
+            paths.update({id(lp): path(storage_exact, exact_reduction) for lp in group if lp.requires_grad})
+        return paths
 
     # --- the flat buffer and its views ---------------------------------------------------------
 

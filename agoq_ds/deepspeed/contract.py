@@ -121,6 +121,7 @@ FENCES: tuple[Fence, ...] = (
             "partition_gradients",
             "partition_size",
             "real_dp_process_group",
+            "reduce_bucket_size",  # bounds a bucket's size for agoq_param_paths
             "reduce_ipg_grads",
             "reduce_scatter",
             "reduction_stream",
@@ -161,6 +162,7 @@ FENCES: tuple[Fence, ...] = (
             "is_gradient_accumulation_boundary",
             "overflow",
             "reduce_and_partition_stream",
+            "reduce_bucket_size",  # bounds a bucket's size for agoq_param_paths
             "sequence_parallel_size",
         ),
     ),

@@ -60,12 +60,14 @@ class AgoqEngineMixin:
         object.__setattr__(self, "_agoq_summary_logged", False)
         object.__setattr__(self, "_agoq_overflows", OverflowStreak())
         object.__setattr__(self, "agoq_param_gradients", None)
+        object.__setattr__(self, "_agoq_check", None)
         super().__init__(*args, **kwargs)
         if hasattr(self, "using_bf16_optimizer"):
             # PipelineEngine tests type(optimizer) == BF16_Optimizer; the agoq subclass takes that route too.
             self.using_bf16_optimizer = isinstance(self.optimizer, BF16_Optimizer)
         self._agoq_install_param_gradients()
         self._agoq_install_activation()
+        self._agoq_install_check()
         if self.agoq_config.log_summary:
             print_dist(startup_summary(self), ranks=[0])
 
@@ -124,6 +126,14 @@ class AgoqEngineMixin:
         )
         object.__setattr__(self, "agoq_param_gradients", gradients)
 
+    def _agoq_install_check(self) -> None:
+        """``agoq.gradient.check_steps``: the debug guard (``gradient/check.py``); nothing when 0."""
+        steps = self.agoq_config.gradient.check_steps
+        if steps and self.agoq_gradient_path() is not None:
+            from ..gradient.check import GradientCheck
+
+            object.__setattr__(self, "_agoq_check", GradientCheck(list(self.module.named_parameters()), steps))
+
     def _agoq_install_activation(self) -> None:
         cfg = self.agoq_config
         if not (cfg.enabled and cfg.activation.enabled):
@@ -172,6 +182,8 @@ class AgoqEngineMixin:
         """Remove the stage-0 gradient hooks, then DeepSpeed's ``destroy``."""
         if self.agoq_param_gradients is not None:
             self.agoq_param_gradients.remove()
+        if self._agoq_check is not None:
+            self._agoq_check.remove()
         super().destroy()
 
     def zero_grad(self):
@@ -184,6 +196,10 @@ class AgoqEngineMixin:
         gradients = self.agoq_param_gradients
         if gradients is not None and gradients.agoq_store.pending():
             gradients.agoq_materialize()  # a step without reduction (no_sync): DeepSpeed steps on local sums
+        check = self._agoq_check
+        if check is not None and check.active:
+            group, _ = self._agoq_dp_group()
+            check.check(self.global_steps + 1, group=group, world_size=dist.get_world_size(group=group))
         super()._take_model_step(lr_kwargs)
         overflow = bool(getattr(self.optimizer, "overflow", False))  # a host bool DeepSpeed already has
         if gradients is not None:
@@ -237,6 +253,15 @@ class AgoqEngineMixin:
         if self.agoq_param_gradients is not None:
             return self.agoq_param_gradients
         return gradient_host(self.optimizer)
+
+    def agoq_param_paths(self) -> dict[str, str]:
+        """``name -> "exact" | "8bit"`` for every trainable parameter of this rank's module whose
+        gradient agoq holds (``agoq_ds/gradient/paths.py``); empty when the gradient path is off."""
+        host = self.agoq_gradient_path()
+        if host is None:
+            return {}
+        paths = host.agoq_param_paths()
+        return {name: paths[id(p)] for name, p in self.module.named_parameters() if id(p) in paths}
 
     def agoq_report(self, per_layer: bool = False) -> str:
         """Human-readable activation table (bits, bytes, ratio per class) plus gradient figures."""

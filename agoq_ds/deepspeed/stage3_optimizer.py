@@ -35,7 +35,9 @@ from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 from deepspeed.utils import logger
 
 from ..config import AgoqConfig
+from ..gradient.accumulator import Int8Accumulator
 from ..gradient.collectives import reduce_scatter_8bit, reduce_scatter_bytes
+from ..gradient.paths import Path, largest_bucket, path, reduction_exact
 from .optimizer_host import OptimizerHost
 
 _MANGLED = "_DeepSpeedZeroOptimizer_Stage3__"
@@ -85,6 +87,22 @@ class AgoqStage3Optimizer(OptimizerHost, DeepSpeedZeroOptimizer_Stage3):
                 f"agoq: ZeRO-3 gradients: reduce-scatter {g.communication_bits}-bit, partition storage "
                 f"{g.storage_bits}-bit, group {g.group_size}, rounding {g.rounding}, error feedback {g.error_feedback}"
             )
+
+    def agoq_param_paths(self) -> dict[int, Path]:
+        """Exact when the flat partition accumulator is fp32 and the parameter's bucket stays below
+        ``min_numel``."""
+        g, store = self.agoq_gradient, self.agoq_store
+        params = [p for p in self._agoq_params if p.requires_grad]
+        total = sum(p.ds_numel for p in params)
+        storage_exact = not isinstance(self._agoq_partition, Int8Accumulator)
+        return {
+            id(p): path(
+                storage_exact,
+                not self._agoq_comm8
+                or reduction_exact(g, store.world_size, largest_bucket(p.ds_numel, self.reduce_bucket_size, total)),
+            )
+            for p in params
+        }
 
     # --- the flat partition buffer and its views -----------------------------------------------
 

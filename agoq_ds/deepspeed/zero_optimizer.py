@@ -33,7 +33,9 @@ from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer, GradPar
 from deepspeed.utils import logger
 
 from ..config import AgoqConfig
+from ..gradient.accumulator import Int8Accumulator
 from ..gradient.collectives import all_reduce_8bit, gather_slices, reduce_scatter_8bit, ring_allreduce_bytes
+from ..gradient.paths import Path, largest_bucket, path, reduction_exact
 from .layout import BucketLayout, bucket_layout
 from .optimizer_host import OptimizerHost
 
@@ -303,6 +305,24 @@ class AgoqZeroOptimizer(OptimizerHost, DeepSpeedZeroOptimizer):
         self.agoq_store.finish_step(overflow=bool(self.overflow))
 
     # --- statistics ----------------------------------------------------------------------------
+
+    def agoq_param_paths(self) -> dict[int, Path]:
+        """Stage 2: exact when the param group's partition accumulator is fp32 and the param's bucket
+        stays below ``min_numel``; stage 1: the per-parameter fold accumulator instead of the partition
+        (which is fp32 from the boundary reduction to ``step()``)."""
+        g, store = self.agoq_gradient, self.agoq_store
+        params = [(i, p) for i, group in enumerate(self.bit16_groups) for p in group if p.requires_grad]
+        total = sum(p.numel() for _, p in params)
+        paths = {}
+        for i, param in params:
+            if self.partition_gradients:
+                held = store.per_step.get(i)
+            else:
+                held = store.carried.get(self.get_param_id(param))
+            largest = largest_bucket(param.numel(), self.reduce_bucket_size, total)
+            exact_reduction = not self._agoq_comm8 or reduction_exact(g, store.world_size, largest)
+            paths[id(param)] = path(not isinstance(held, Int8Accumulator), exact_reduction)
+        return paths
 
     def backward_prologue(self, *args: Any, **kwargs: Any) -> Any:
         """Counts micro-steps for the statistics."""

@@ -10,6 +10,7 @@ engine talks to each through these names only, one per role:
 * ``agoq_reduce``, ``agoq_materialize``: reduce the accumulated gradients / put them where DeepSpeed
   reads them without communicating (a tied-weight reduction, a step without reduction);
 * ``agoq_stats``: the figures of the last step;
+* ``agoq_param_paths``: which trainable parameters' gradients can meet a quantizer (``paths.py``);
 * ``agoq_description``: one line for the start-up summary.
 """
 
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .paths import Path, count_paths
 from .store import GradientStore
 
 
@@ -49,8 +51,13 @@ class GradientHost:
         (``params``: only those, where the host can tell them apart). Nothing to do by default."""
 
     def agoq_stats(self) -> dict[str, float]:
-        """Figures of the last finished optimizer step on this rank (``GradientStore.stats``)."""
-        return self.agoq_store.stats()
+        """Figures of the last finished optimizer step on this rank (``GradientStore.stats``) and how many
+        of this rank's trainable parameters are on the exact and on the 8-bit path."""
+        return {**self.agoq_store.stats(), **count_paths(self.agoq_param_paths().values())}
+
+    def agoq_param_paths(self) -> dict[int, Path]:
+        """``id(param) -> "exact" | "8bit"`` for every trainable parameter the host holds (``paths.py``)."""
+        raise NotImplementedError
 
 
 def gradient_host(candidate: Any) -> GradientHost | None:

@@ -23,9 +23,10 @@ from torch import nn
 
 from ..config import AgoqConfig
 from ..seeding import mix_seed as _mix
-from .accumulator import Accumulator
+from .accumulator import Accumulator, Int8Accumulator
 from .allreduce import CHUNK_ELEMENTS, all_reduce_chunked
 from .host import GradientHost
+from .paths import Path, path, reduction_exact
 from .store import GradientStore
 
 
@@ -174,6 +175,13 @@ class ParamGradients(GradientHost):
         for param in bucket:
             param.grad = flat[offset : offset + param.numel()].view(param.shape).to(param.dtype)
             offset += param.numel()
+
+    def agoq_param_paths(self) -> dict[int, Path]:
+        """Exact when the parameter's accumulator is fp32 and the whole reduction is below ``min_numel``
+        (a bucket or chunk never holds more than every trainable parameter)."""
+        total = sum(p.numel() for p in self.params)
+        exact_reduction = reduction_exact(self.config.gradient, self.agoq_store.world_size, total)
+        return {id(p): path(not isinstance(self._acc(p), Int8Accumulator), exact_reduction) for p in self.params}
 
     # --- step ----------------------------------------------------------------------------------
 
