@@ -15,15 +15,15 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from .activation.classes import (
+from .constants import CONFIG_KEY
+from .deepspeed.internals import DeepSpeedConfigModel
+from .layer_classes import (
     ATTENTION_CLASSES,
     ATTENTION_MIN_BITS,
     DEFAULT_CLASS_BITS,
     LayerClass,
     resolve_class_bits,
 )
-from .constants import CONFIG_KEY
-from .deepspeed.internals import DeepSpeedConfigModel
 from .quant.format import GROUP_SIZES
 
 GroupSize = Literal[32, 64, 128, 256, 512, 1024, 2048, 4096]

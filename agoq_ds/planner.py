@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from .activation.allocate import pipeline_holds
-from .activation.classes import LOSS_HEAD_MIN_BITS, LayerClass
 from .config import AgoqConfig, parse_agoq_config
+from .layer_classes import LOSS_HEAD_MIN_BITS, LayerClass
 
 
 @dataclass(frozen=True)
