@@ -1,7 +1,8 @@
 """The ``"agoq"`` block of ``ds_config.json``.
 
-Modelled like DeepSpeed's own sub-configs (``DeepSpeedConfigModel``: ``extra="forbid"``, ``"auto"``
-means "use the default", one docstring per field). ``parse_agoq_config`` turns pydantic's errors
+Modelled like DeepSpeed's own sub-configs (its ``DeepSpeedConfigModel``: ``extra="forbid"``, ``"auto"``
+means "use the default", one docstring per field), on a base of its own so that the config imports
+without DeepSpeed. ``parse_agoq_config`` turns pydantic's errors
 into messages that name the key path, the bad value and what is allowed, and suggests the nearest
 key for a misspelt one.
 """
@@ -13,10 +14,9 @@ import json
 import typing
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .constants import CONFIG_KEY
-from .deepspeed.internals import DeepSpeedConfigModel
 from .layer_classes import (
     ATTENTION_CLASSES,
     ATTENTION_MIN_BITS,
@@ -58,7 +58,20 @@ def _numeric_rule(field: Any) -> str | None:
     return rule + (" or null" if type(None) in typing.get_args(field.annotation) else "")
 
 
-class _Model(DeepSpeedConfigModel):
+class _Model(BaseModel):
+    """The base of every config model: what agoq used from DeepSpeed's ``DeepSpeedConfigModel``.
+
+    ``"auto"`` (HF/accelerate style) means "use the default": such keys are dropped before
+    validation, at every level (pydantic calls an overridden ``__init__`` for nested models too),
+    unless ``strict=True``; like DeepSpeed's base, a key named ``replace_method`` keeps its
+    ``"auto"``. DeepSpeed's deprecated-field handling is left out: no agoq field is deprecated.
+    """
+
+    def __init__(self, strict: bool = False, **data: Any) -> None:
+        if not strict:
+            data = {k: v for k, v in data.items() if v != "auto" or k == "replace_method"}
+        super().__init__(**data)
+
     model_config = ConfigDict(
         validate_default=True,
         validate_assignment=True,
