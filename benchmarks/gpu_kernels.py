@@ -1,7 +1,8 @@
 """Quantize/dequantize throughput of the GPU backends against a device copy (issue 12's table).
 
-For each backend (cuda, triton), input dtype, width, group size and symmetry: the median time of
-``--reps`` calls of quantize and of dequantize on ``--numel`` elements (CUDA events), as bandwidth
+For each backend (cuda, triton), input dtype, width, group size and symmetry: the time per call of
+quantize and of dequantize on ``--numel`` elements (the fastest of ``--reps`` batches of 20
+back-to-back calls between two CUDA events: ``autotune.time_per_call``), as bandwidth
 (bytes read + written: input + codes + scales) over the bandwidth of a device-to-device copy of the
 input measured in the same run (its bytes read + written). Target: >= 0.85x for >= 16M elements.
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 import sys
 from functools import partial
 from pathlib import Path
@@ -27,22 +27,15 @@ import torch  # noqa: E402
 from _machine import machine_info, write_results  # noqa: E402
 
 from agoq_ds.quant import backends, dequantize, quantize  # noqa: E402
+from agoq_ds.quant.autotune import time_per_call  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _time(fn, reps: int) -> float:
-    """Median seconds of ``fn()`` over ``reps`` calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+    """Seconds per call of ``fn()``: the fastest of ``reps`` batches of 20 back-to-back calls between
+    two CUDA events (one call alone between events carries 10-25 us of launch latency)."""
+    return time_per_call(fn, torch.device("cuda"), repeats=reps, calls=20)
 
 
 def run(args: argparse.Namespace) -> dict:

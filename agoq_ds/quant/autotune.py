@@ -2,8 +2,9 @@
 
 The first time a device type with more than one compiled backend (CUDA and Triton on a GPU; the
 pure-torch reference never competes) needs a backend, each of them quantizes and dequantizes one
-probe tensor (bf16, groups of 128, symmetric) at 2, 4 and 8 bits; the fastest per
-``(op, bits)`` is used from then on. The table is cached in a JSON file per machine (device name,
+probe tensor (bf16, groups of 128, symmetric; 64M elements on a GPU) at 2, 4 and 8 bits, each timed
+over batches of back-to-back calls (``time_per_call``); the fastest per ``(op, bits)`` is used from
+then on. The table is cached in a JSON file per machine (device name,
 torch and Triton versions), so the other ranks and later runs read it instead of measuring, and
 every process of a run picks the same kernels (their stochastic-rounding draws differ).
 
@@ -29,11 +30,17 @@ OPS = ("quantize", "dequantize")
 """The ops a table covers."""
 BITS = (2, 4, 8)
 """The widths a table covers."""
-PROBE_NUMEL = {"cuda": 1 << 24, "cpu": 1 << 20}
+PROBE_NUMEL = {"cuda": 1 << 26, "cpu": 1 << 20}
 """Elements of the probe tensor per device type (large enough to time bandwidth, not launches)."""
-REPEATS = 7
-"""Timed calls per backend, op and width after one warm-up call; the fastest counts (a busy machine
+REPEATS = 5
+"""Timed batches per backend, op and width after one warm-up call; the fastest counts (a busy machine
 only ever slows a call down)."""
+CALLS_PER_BATCH = 20
+"""Calls timed back to back as one batch: a GPU kernel of 10-60 us timed alone carries 10-25 us of
+launch latency and host synchronisation, which decided the choice more than the kernel did."""
+METHOD = 2
+"""Version of the timing method, stored with the cached table; a table measured otherwise (1: one call
+between two synchronisations, a 16M-element probe) is measured again."""
 
 
 def enabled() -> bool:
@@ -67,18 +74,32 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _time(fn: Callable[[], object], device: torch.device) -> float:
+def time_per_call(
+    fn: Callable[[], object], device: torch.device, *, repeats: int | None = None, calls: int | None = None
+) -> float:
+    """Seconds per call of ``fn`` on ``device``: after one warm-up call, ``repeats`` batches of ``calls``
+    back-to-back calls, each batch timed as a whole (CUDA events on a GPU, so the host never waits
+    between calls); the fastest batch over its number of calls."""
+    repeats = REPEATS if repeats is None else repeats
+    calls = CALLS_PER_BATCH if calls is None else calls
     fn()
-    times = []
-    for _ in range(REPEATS):
+    best = float("inf")
+    for _ in range(repeats):
         if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return min(times)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(calls):
+                fn()
+            end.record()
+            end.synchronize()
+            elapsed = start.elapsed_time(end) / 1e3
+        else:
+            begin = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            elapsed = time.perf_counter() - begin
+        best = min(best, elapsed / calls)
+    return best
 
 
 def measure(device: torch.device, candidates: dict[str, ModuleType]) -> dict[str, dict]:
@@ -96,8 +117,8 @@ def measure(device: torch.device, candidates: dict[str, ModuleType]) -> dict[str
             def dequantize(impl=impl, bits=bits, codes=codes, scales=scales):
                 return impl.dequantize(codes, scales, None, bits, 128, x.numel(), x.dtype)
 
-            table.setdefault(f"quantize/{bits}", {})[name] = _time(quantize, device)
-            table.setdefault(f"dequantize/{bits}", {})[name] = _time(dequantize, device)
+            table.setdefault(f"quantize/{bits}", {})[name] = time_per_call(quantize, device)
+            table.setdefault(f"dequantize/{bits}", {})[name] = time_per_call(dequantize, device)
     return table
 
 
@@ -110,13 +131,20 @@ def choices(device: torch.device, candidates: dict[str, ModuleType]) -> dict[str
     with _locked(path.with_suffix(".lock")):
         try:
             cached = json.loads(path.read_text())
-            if sorted(cached.get("candidates", [])) == sorted(candidates):
+            if sorted(cached.get("candidates", [])) == sorted(candidates) and cached.get("method") == METHOD:
                 return cached["choices"]
         except (OSError, ValueError, KeyError):
             pass
         seconds = measure(device, candidates)
         picked = {key: min(times, key=times.get) for key, times in seconds.items()}
-        record = {"candidates": sorted(candidates), "choices": picked, "seconds": seconds, "probe_numel": PROBE_NUMEL}
+        record = {
+            "candidates": sorted(candidates),
+            "choices": picked,
+            "seconds": seconds,
+            "probe_numel": PROBE_NUMEL,
+            "method": METHOD,
+            "calls_per_batch": CALLS_PER_BATCH,
+        }
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(record, indent=1))
         os.replace(tmp, path)

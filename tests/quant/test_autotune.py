@@ -31,6 +31,7 @@ def test_fastest_per_op_and_width_measured_once_then_read_from_the_cache(tmp_pat
     monkeypatch.setenv("AGOQ_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(autotune, "PROBE_NUMEL", {"cpu": 4096})
     monkeypatch.setattr(autotune, "REPEATS", 2)
+    monkeypatch.setattr(autotune, "CALLS_PER_BATCH", 2)
     slow = 0.01
     fast_at_8 = _backend({"quantize/2": slow, "quantize/4": slow, "dequantize/2": slow, "dequantize/4": slow})
     fast_below_8 = _backend({"quantize/8": slow, "dequantize/8": slow})
@@ -56,6 +57,38 @@ def test_fastest_per_op_and_width_measured_once_then_read_from_the_cache(tmp_pat
     assert autotune.choices(cpu, candidates) == picked
     with pytest.raises(AssertionError, match="cached table"):  # other candidates: measured again
         autotune.choices(cpu, {"a": fast_at_8})
+
+
+def test_time_per_call_times_batches_of_back_to_back_calls(monkeypatch) -> None:
+    """One warm-up call, then ``repeats`` batches of ``calls`` calls each timed as a whole: per-call
+    launch and synchronisation overhead is spread over the batch instead of timed with every call."""
+    clock = iter(range(0, 10_000, 1))
+    reads: list[int] = []
+
+    def fake_clock() -> float:
+        reads.append(1)
+        return float(next(clock))
+
+    calls = []
+    monkeypatch.setattr(autotune.time, "perf_counter", fake_clock)
+    seconds = autotune.time_per_call(lambda: calls.append(1), torch.device("cpu"), repeats=3, calls=20)
+    assert len(calls) == 1 + 3 * 20
+    assert len(reads) == 2 * 3  # the clock is read around each batch, never around a single call
+    assert seconds == 1 / 20
+
+
+def test_a_table_timed_by_another_method_is_measured_again(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("AGOQ_CACHE_DIR", str(tmp_path))
+    cpu = torch.device("cpu")
+    path = autotune.cache_path(cpu)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"candidates": ["a", "b"], "choices": {"quantize/8": "b"}, "method": 1}))
+    measured = []
+    monkeypatch.setattr(
+        autotune, "measure", lambda device, c: measured.append(1) or {"quantize/8": {"a": 1.0, "b": 2.0}}
+    )
+    assert autotune.choices(cpu, {"a": None, "b": None}) == {"quantize/8": "a"}
+    assert measured and json.loads(path.read_text())["method"] == autotune.METHOD
 
 
 def test_reference_never_competes(monkeypatch) -> None:
