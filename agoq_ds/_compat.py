@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 
 TESTED_DEEPSPEED = ("0.19.8",)
-"""DeepSpeed releases whose private internals (ZeRO buckets, engine hooks) agoq-ds was verified on."""
+"""DeepSpeed releases whose private internals (ZeRO buckets, engine hooks) agoq-ds was verified on; the
+last is the one the source hashes of ``agoq_ds/deepspeed/contract.py`` were taken from (the only place
+a DeepSpeed version is written)."""
 
 ALLOW_ENV = "AGOQ_DS_ALLOW_UNTESTED_DEEPSPEED"
 """Set to 1 to run on an untested DeepSpeed anyway (at your own risk)."""

@@ -78,10 +78,10 @@ def report(_: argparse.Namespace) -> int:
             for dev in devices:
                 ops.add_row(f"agoq::{op}", str(bits), dev, quant.select(torch.device(dev), op, bits))
     console.print(ops)
-    from .deepspeed.contract import DEEPSPEED_VERSION, FENCES, check
+    from .deepspeed.contract import DEEPSPEED_VERSION, FENCES, FOREIGN, check
 
     problems = check()
-    listed = sum(len(f.overrides) + len(f.state) for f in FENCES)
+    listed = sum(len(f.overrides) + len(f.helpers) + len(f.state) for f in FENCES) + len(FOREIGN)
     console.print(
         f"DeepSpeed internals agoq relies on ({listed}, written against {DEEPSPEED_VERSION}): "
         + ("all present" if not problems else "CHANGED:\n  " + "\n  ".join(problems))

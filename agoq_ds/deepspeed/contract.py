@@ -4,24 +4,43 @@ still provides them (``check()``; run by ``agoq-ds report`` and ``tests/integrat
 agoq subclasses five DeepSpeed classes. For each, ``FENCES`` lists the DeepSpeed methods the subclass
 overrides, with a hash of DeepSpeed's source of each (a DeepSpeed release that changes one of them
 fails the check by name, so the override is reviewed before it runs against code it was not written
-for), and the DeepSpeed attributes and helper methods the subclass uses on ``self``. ``REBINDS`` are
-the module globals agoq rebinds while ``deepspeed.initialize`` runs (so that DeepSpeed constructs
-agoq's engine and optimizers); ``INTERNALS`` the other DeepSpeed internals agoq imports. Written
-against ``DEEPSPEED_VERSION``.
+for), the DeepSpeed methods (and properties) the subclass calls on ``self`` or ``super()``, hashed
+the same way (a fork copied from DeepSpeed relies on what its helpers do), and the DeepSpeed data
+attributes it uses on ``self``. ``FOREIGN`` lists the DeepSpeed names agoq reads or sets on other
+objects (a parameter's ``ds_id``, a tensor's ``_zero_padding``, a module's private function).
+``REBINDS`` are the module globals agoq rebinds while ``deepspeed.initialize`` runs (so that
+DeepSpeed constructs agoq's engine and optimizers); ``INTERNALS`` the other DeepSpeed internals agoq
+imports. Written against the last of ``agoq_ds._compat.TESTED_DEEPSPEED``.
+
+The rule ``uncovered()`` enforces over every module of ``agoq_ds/deepspeed``: each private name
+(``_name``, name-mangled ``_Class__name`` included, dunders and agoq's own ``_agoq*`` and module-level
+names left out) and each ``ds_*`` name used as an attribute, through any receiver, or as the string
+constant of a ``getattr``/``setattr``/``hasattr``/``delattr``, is listed: through ``self`` or
+``super()`` in a fence of that module, through anything else in ``FOREIGN`` for that module.
+
+After reviewing a DeepSpeed upgrade, ``python -m agoq_ds.deepspeed.contract`` prints the hashes of
+the installed DeepSpeed in the table's layout.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
 import inspect
 import re
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-DEEPSPEED_VERSION = "0.19.8"
-"""The DeepSpeed release the table was written against."""
+from .._compat import TESTED_DEEPSPEED
+
+DEEPSPEED_VERSION = TESTED_DEEPSPEED[-1]
+"""The DeepSpeed release the hashes were taken from: the last tested one (``_compat`` is the one source)."""
+
+WING = Path(__file__).resolve().parent
+"""``agoq_ds/deepspeed``: the modules that may use DeepSpeed internals."""
 
 
 @dataclass(frozen=True)
@@ -35,7 +54,23 @@ class Fence:
     overrides: dict[str, str]
     """DeepSpeed method -> ``source_hash`` of DeepSpeed's source of it."""
     state: tuple[str, ...]
-    """DeepSpeed attributes and methods the agoq class uses on ``self`` (beyond its overrides)."""
+    """DeepSpeed data attributes the agoq class uses on ``self``."""
+    helpers: dict[str, str] = field(default_factory=dict)
+    """DeepSpeed methods and properties the agoq class calls on ``self``/``super()`` (beyond its
+    overrides) -> ``source_hash`` of DeepSpeed's source of each."""
+
+
+@dataclass(frozen=True)
+class Foreign:
+    """A DeepSpeed name agoq uses on an object other than its subclasses' ``self``."""
+
+    name: str
+    owner: str
+    """Import path of the DeepSpeed module or class that defines or sets it."""
+    used_in: tuple[str, ...]
+    """The ``agoq_ds/deepspeed`` modules (file stems) that use it."""
+    digest: str = ""
+    """``source_hash`` of it, where it is a function."""
 
 
 FENCES: tuple[Fence, ...] = (
@@ -54,30 +89,33 @@ FENCES: tuple[Fence, ...] = (
             "zero_grad": "a5378adee885",
         },
         (
-            "_load_zero_checkpoint",
-            "communication_data_type",
             "device",
             "global_rank",
             "global_samples",
             "global_steps",
-            "gradient_accumulation_steps",
             "gradient_average",
-            "is_gradient_accumulation_boundary",
             "module",
             "monitor",
             "mpu",
             "optimizer",
             "pipeline_parallelism",
             "sequence_parallel_size",
-            "steps_per_print",
-            "zero_optimization",
         ),
+        helpers={
+            "_load_zero_checkpoint": "178566fb831f",
+            "communication_data_type": "cd577f3f2265",
+            "gradient_accumulation_steps": "cdf691109d77",
+            "is_gradient_accumulation_boundary": "10b57720f62d",
+            "steps_per_print": "870fa40df40d",
+            "zero_optimization": "ccd18f249cc8",
+        },
     ),
     Fence(
         "agoq_ds.deepspeed.engine.AgoqPipelineEngine",
         "deepspeed.runtime.pipe.engine.PipelineEngine",
         {"_exec_reduce_tied_grads": "7278dacd3b01"},
-        ("module", "optimizer", "using_bf16_optimizer"),  # the last one set by the mixin, for pipelines
+        # using_bf16_optimizer set by the mixin, for pipelines; stage_id/num_stages read by it (with a default)
+        ("module", "num_stages", "optimizer", "stage_id", "using_bf16_optimizer"),
     ),
     Fence(
         "agoq_ds.deepspeed.zero_optimizer.AgoqZeroOptimizer",
@@ -99,20 +137,13 @@ FENCES: tuple[Fence, ...] = (
             "zero_grad": "ff3a3baad403",
         },
         (
-            "_clear_param_grad_only",
-            "_clear_previous_reduced_grads",
-            "_epilogue_ran_this_backward",
-            "_release_ipg_buffers",
             "averaged_gradients",
             "bit16_groups",
-            "clear_grad_attribute",
             "dp_process_group",
-            "get_param_id",
             "grad_partition_insertion_offset",
             "grad_start_offset",
             "gradient_average",
             "ipg_buckets",
-            "is_gradient_accumulation_boundary",
             "overflow",
             "overlap_comm",
             "params_already_reduced",
@@ -122,13 +153,22 @@ FENCES: tuple[Fence, ...] = (
             "partition_size",
             "real_dp_process_group",
             "reduce_bucket_size",  # bounds a bucket's size for agoq_param_paths
-            "reduce_ipg_grads",
             "reduce_scatter",
             "reduction_stream",
             "sequence_parallel_size",
-            "set_gradient_accumulation_boundary",
             "zero_stage_string",
         ),
+        helpers={
+            "_clear_param_grad_only": "7bb9c44ab8f5",
+            "_clear_previous_reduced_grads": "ddff9af6623d",
+            "_epilogue_ran_this_backward": "6ce3407ccb79",
+            "_release_ipg_buffers": "4e543a9eca47",
+            "clear_grad_attribute": "ecddb6950dc5",
+            "get_param_id": "1cf2da14f45c",
+            "is_gradient_accumulation_boundary": "e68bd6b56643",
+            "reduce_ipg_grads": "2d681fbe1aa9",
+            "set_gradient_accumulation_boundary": "80acd33cc6ec",
+        },
     ),
     Fence(
         "agoq_ds.deepspeed.stage3_optimizer.AgoqStage3Optimizer",
@@ -147,11 +187,8 @@ FENCES: tuple[Fence, ...] = (
             "zero_grad": "178d952378e9",
         },
         (
-            "_DeepSpeedZeroOptimizer_Stage3__reduce_and_partition_ipg_grads",  # private: called by name
-            "__param_id_to_grad_partition",  # private: rebound to the dequantized partition
-            "_get_param_partition_group",
-            "_get_param_partition_rank",
-            "_gradient_averaging_world_size",
+            # private, rebound to the dequantized partition:
+            "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition",
             "averaged_gradients",
             "device",
             "dp_process_group",
@@ -159,12 +196,18 @@ FENCES: tuple[Fence, ...] = (
             "grad_partitions_flat_buffer",
             "gradient_accumulation_dtype",
             "ipg_buckets",
-            "is_gradient_accumulation_boundary",
             "overflow",
             "reduce_and_partition_stream",
             "reduce_bucket_size",  # bounds a bucket's size for agoq_param_paths
             "sequence_parallel_size",
         ),
+        helpers={
+            "_DeepSpeedZeroOptimizer_Stage3__reduce_and_partition_ipg_grads": "ad6856c4cdf1",  # private: called by name
+            "_get_param_partition_group": "b21c55cefdce",
+            "_get_param_partition_rank": "66322c326514",
+            "_gradient_averaging_world_size": "9156e29d98e2",
+            "is_gradient_accumulation_boundary": "e68bd6b56643",
+        },
     ),
     Fence(
         "agoq_ds.deepspeed.bf16_optimizer.AgoqBF16Optimizer",
@@ -180,7 +223,6 @@ FENCES: tuple[Fence, ...] = (
             "update_hp_grads": "44949879ec65",
         },
         (
-            "_split_flat_tensor",
             "bf16_groups",
             "dp_process_group",
             "fp32_groups_actual_gradients_flat",
@@ -195,9 +237,31 @@ FENCES: tuple[Fence, ...] = (
             "real_dp_process_group",
             "using_real_optimizer",
         ),
+        helpers={
+            "_split_flat_tensor": "0d551dea85d2",
+        },
     ),
 )
 """The five subclasses (43 overridden methods)."""
+
+FOREIGN: tuple[Foreign, ...] = (
+    Foreign(
+        "_param_dict", "deepspeed.runtime.config.DeepSpeedConfig", ("engine",)
+    ),  # the config the engine is built from
+    Foreign("_get_sequence_data_parallel_group", "deepspeed.utils.groups", ("engine",), "3730ce54b2b4"),
+    Foreign("_zero_padding", "deepspeed.runtime.zero.stage_1_and_2", ("zero_optimizer",)),  # marks a padding view
+    Foreign("_hp_grad", "deepspeed.runtime.bf16_optimizer", ("bf16_optimizer",)),  # a bf16 param's fp32 gradient view
+    Foreign(
+        "ds_id", "deepspeed.runtime.zero.partition_parameters", ("stage3_optimizer",)
+    ),  # ZeRO-3 parameter attributes
+    Foreign("ds_numel", "deepspeed.runtime.zero.partition_parameters", ("stage3_optimizer",)),
+    Foreign("ds_tensor", "deepspeed.runtime.zero.partition_parameters", ("stage3_optimizer",)),
+    Foreign(
+        "partition_numel", "deepspeed.runtime.zero.partition_parameters", ("stage3_optimizer",)
+    ),  # public, listed too
+)
+"""DeepSpeed names used on objects other than a subclass's ``self`` (parameters, tensors, the config,
+a module's private function); every private one ``uncovered`` finds must be here."""
 
 REBINDS: tuple[tuple[str, str], ...] = (
     ("deepspeed", "DeepSpeedEngine"),
@@ -241,24 +305,66 @@ def source_hash(fn: Any) -> str:
     return hashlib.sha256(textwrap.dedent(inspect.getsource(unwrap(fn))).encode()).hexdigest()[:12]
 
 
-def _uses(cls: type, name: str) -> bool:
-    """Whether DeepSpeed's ``cls`` (or a DeepSpeed base of it) defines ``name`` or sets/reads ``self.<name>``."""
-    if any(name in vars(k) for k in cls.__mro__):
+def _static(owner: Any, name: str) -> Any:
+    """``name`` as ``owner`` (a class: its MRO; a module) defines it, unbound; ``None`` if it does not."""
+    for k in owner.__mro__ if inspect.isclass(owner) else (owner,):
+        if name in vars(k):
+            return vars(k)[name]
+    return None
+
+
+def helper(owner: Any, name: str) -> Any:
+    """The function behind DeepSpeed's method, property or function ``name`` of ``owner`` (``None``
+    if ``name`` is not one: a data attribute, or gone)."""
+    value = _static(owner, name)
+    if isinstance(value, property):
+        return value.fget
+    if isinstance(value, (staticmethod, classmethod)):
+        return value.__func__
+    return value if inspect.isfunction(value) else None
+
+
+def _uses(owner: Any, name: str) -> bool:
+    """Whether DeepSpeed's ``owner`` (a class, with its DeepSpeed bases, or a module) defines ``name`` or
+    sets/reads ``<x>.<name>`` (``self.__x`` in the source of ``_Class__x``'s class)."""
+    if _static(owner, name) is not None:
         return True
-    pattern = re.compile(rf"\bself\.{re.escape(name)}\b")
-    for k in cls.__mro__:
-        if not k.__module__.startswith("deepspeed"):
+    scopes = owner.__mro__ if inspect.isclass(owner) else (owner,)
+    for k in scopes:
+        if not (getattr(k, "__module__", None) or k.__name__).startswith("deepspeed"):
             continue
+        spelt = name.removeprefix(f"_{k.__name__}") if name.startswith(f"_{k.__name__}__") else name
+        receiver = r"\bself" if inspect.isclass(owner) else ""
         try:
-            if pattern.search(inspect.getsource(k)):
+            if re.search(rf"{receiver}\.{re.escape(spelt)}\b", inspect.getsource(k)):
                 return True
         except (OSError, TypeError):
             continue
     return False
 
 
+def _load_owner(path: str) -> Any:
+    """A DeepSpeed module or class by import path."""
+    try:
+        return importlib.import_module(path)
+    except ImportError:
+        return load(path)
+
+
+def _digest_problem(where: str, fn: Any, digest: str, user: str, role: str) -> str | None:
+    if fn is None:
+        return f"{where} is gone; {user} {role}"
+    if source_hash(fn) != digest:
+        return (
+            f"{where} changed (source hash {digest} -> {source_hash(fn)}): review {user}, which {role}, "
+            "then update agoq_ds/deepspeed/contract.py (python -m agoq_ds.deepspeed.contract prints the hashes)"
+        )
+    return None
+
+
 def check() -> list[str]:
-    """What the installed DeepSpeed no longer provides as the table says, one sentence each (empty: all)."""
+    """What the installed DeepSpeed no longer provides as the table says, and what the table misses of
+    ``agoq_ds/deepspeed`` (``uncovered``), one sentence each (empty: all)."""
     problems: list[str] = []
     for fence in FENCES:
         try:
@@ -268,16 +374,37 @@ def check() -> list[str]:
             continue
         for method, digest in fence.overrides.items():
             fn = getattr(base, method, None)
-            if fn is None:
-                problems.append(f"{fence.deepspeed_class}.{method} is gone; {fence.agoq_class} overrides it")
-            elif source_hash(fn) != digest:
-                problems.append(
-                    f"{fence.deepspeed_class}.{method} changed (source hash {digest} -> {source_hash(fn)}): review "
-                    f"{fence.agoq_class}.{method}, which overrides it, then update agoq_ds/deepspeed/contract.py"
-                )
+            found = _digest_problem(
+                f"{fence.deepspeed_class}.{method}",
+                fn and unwrap(fn),
+                digest,
+                f"{fence.agoq_class}.{method}",
+                "overrides it",
+            )
+            problems += [found] if found else []
+        for name, digest in fence.helpers.items():
+            found = _digest_problem(
+                f"{fence.deepspeed_class}.{name}", helper(base, name), digest, fence.agoq_class, "calls it"
+            )
+            problems += [found] if found else []
         for name in fence.state:
-            if not _uses(base, name):
+            if helper(base, name) is not None:
+                problems.append(f"{fence.deepspeed_class}.{name} is a method: list it in helpers, with its hash")
+            elif not _uses(base, name):
                 problems.append(f"{fence.deepspeed_class} no longer has self.{name}, which {fence.agoq_class} uses")
+    for use in FOREIGN:
+        users = ", ".join(f"agoq_ds/deepspeed/{m}.py" for m in use.used_in)
+        try:
+            owner = _load_owner(use.owner)
+        except (ImportError, AttributeError) as exc:
+            problems.append(f"{use.owner} is gone ({exc}); {users} use its {use.name}")
+            continue
+        fn = helper(owner, use.name)
+        if fn is not None or use.digest:
+            found = _digest_problem(f"{use.owner}.{use.name}", fn, use.digest, users, "uses it")
+            problems += [found] if found else []
+        elif not _uses(owner, use.name):
+            problems.append(f"{use.owner} no longer defines or sets .{use.name}, which {users} use")
     for path in INTERNALS:
         try:
             load(path)
@@ -289,4 +416,136 @@ def check() -> list[str]:
                 problems.append(f"{module}.{name} is no longer a class agoq can rebind")
         except ImportError as exc:
             problems.append(f"{module} is gone ({exc}); agoq rebinds {module}.{name}")
+    return problems + uncovered()
+
+
+@dataclass(frozen=True)
+class Use:
+    """One use of a private DeepSpeed name in a module of ``agoq_ds/deepspeed``."""
+
+    module: str
+    line: int
+    name: str
+    receiver: str
+    """``self``, ``super()`` or the source of the other receiver."""
+    cls: str | None
+    """The class the use sits in, if any."""
+
+
+_ACCESSORS = ("getattr", "setattr", "hasattr", "delattr")
+
+
+def _is_private(name: str) -> bool:
+    """A private DeepSpeed name: ``_name`` / ``_Class__name`` or ``ds_*``; not a dunder, not agoq's ``_agoq*``."""
+    if name.startswith("ds_"):
+        return True
+    dunder = name.startswith("__") and name.endswith("__")
+    return name.startswith("_") and not dunder and not name.startswith(("_agoq", "__agoq"))
+
+
+def uses(source: str, module: str) -> list[Use]:
+    """Every private DeepSpeed name (``_is_private``) ``source`` (the module ``module`` of
+    ``agoq_ds/deepspeed``) uses as an attribute, through any receiver, or as a ``getattr``-family name
+    (a string constant, or a module-level string constant plus a literal). The module's own top-level
+    names are agoq's, not DeepSpeed's."""
+    tree = ast.parse(source)
+    consts: dict[str, str] = {}
+    own: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            own.add(node.name)
+        targets = (
+            node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        )
+        for target in targets:
+            if isinstance(target, ast.Name):
+                own.add(target.id)
+                value = getattr(node, "value", None)
+                if isinstance(value, ast.Constant) and isinstance(value.value, str):
+                    consts[target.id] = value.value
+
+    def text(expr: ast.expr) -> str | None:
+        if isinstance(expr, ast.Constant) and isinstance(expr.value, str):
+            return expr.value
+        if isinstance(expr, ast.Name):
+            return consts.get(expr.id)
+        if isinstance(expr, ast.BinOp) and isinstance(expr.op, ast.Add):
+            left, right = text(expr.left), text(expr.right)
+            return None if left is None or right is None else left + right
+        return None
+
+    def receiver(expr: ast.expr) -> str:
+        if isinstance(expr, ast.Call) and isinstance(expr.func, ast.Name) and expr.func.id == "super":
+            return "super()"
+        return ast.unparse(expr)
+
+    found: list[Use] = []
+
+    def visit(node: ast.AST, cls: str | None) -> None:
+        name, target = None, None
+        if isinstance(node, ast.Attribute):
+            name, target = node.attr, node.value
+        elif isinstance(node, ast.Call) and len(node.args) >= 2:
+            func = node.func
+            accessor = isinstance(func, ast.Name) and func.id in _ACCESSORS
+            accessor |= isinstance(func, ast.Attribute) and func.attr in ("__setattr__", "__getattribute__")
+            if accessor:
+                name, target = text(node.args[1]), node.args[0]
+        if name is not None and target is not None and _is_private(name) and name not in own:
+            found.append(Use(module, getattr(node, "lineno", 0), name, receiver(target), cls))
+        for child in ast.iter_child_nodes(node):
+            visit(child, node.name if isinstance(node, ast.ClassDef) else cls)
+
+    visit(tree, None)
+    return found
+
+
+def uncovered_in(source: str, module: str) -> list[str]:
+    """The private DeepSpeed names ``source`` (module ``module`` of ``agoq_ds/deepspeed``) uses that
+    the table does not list, one sentence each."""
+    fenced: set[str] = set()
+    for fence in FENCES:
+        if fence.agoq_class.rsplit(".", 2)[-2] == module:
+            fenced |= set(fence.overrides) | set(fence.helpers) | set(fence.state)
+    foreign = {use.name for use in FOREIGN if module in use.used_in}
+    problems = []
+    for use in uses(source, module):
+        through_self = use.receiver in ("self", "super()") and use.cls is not None
+        if use.name not in (fenced if through_self else foreign):
+            table = f"the fence of {use.cls}" if through_self else f"FOREIGN (used_in {module!r})"
+            problems.append(
+                f"agoq_ds/deepspeed/{module}.py:{use.line} uses {use.receiver}.{use.name}, a DeepSpeed internal "
+                f"not in {table} of agoq_ds/deepspeed/contract.py"
+            )
     return problems
+
+
+def uncovered() -> list[str]:
+    """``uncovered_in`` over every module of ``agoq_ds/deepspeed``."""
+    return [p for path in sorted(WING.glob("*.py")) for p in uncovered_in(path.read_text(), path.stem)]
+
+
+def hashes() -> str:
+    """The table's hashes recomputed on the installed DeepSpeed, in its layout (for a maintainer to
+    paste after reviewing what changed)."""
+    lines = []
+    for fence in FENCES:
+        base = load(fence.deepspeed_class)
+        lines.append(f"# {fence.agoq_class} <- {fence.deepspeed_class}")
+        for title, table in (("overrides", fence.overrides), ("helpers", fence.helpers)):
+            lines.append(f"{title} = {{")
+            for name in sorted(table):
+                fn = helper(base, name) if title == "helpers" else getattr(base, name, None)
+                fn = fn and unwrap(fn)
+                lines.append(f'    "{name}": "{source_hash(fn) if fn is not None else "GONE"}",')
+            lines.append("}")
+    lines.append("# FOREIGN functions")
+    for use in FOREIGN:
+        fn = helper(_load_owner(use.owner), use.name)
+        if fn is not None:
+            lines.append(f'Foreign("{use.name}", "{use.owner}", {use.used_in!r}, "{source_hash(fn)}")')
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(hashes())
