@@ -22,6 +22,8 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from .. import pipeline_support
+from ..pipeline_support import PipelineSupport
 from .hooks import PackEngine, active_engine
 
 CHECKPOINT_OPTIONS = frozenset({"preserve_rng_state", "context_fn", "determinism_check", "debug", "early_stop"})
@@ -83,21 +85,21 @@ def restore_hf_checkpoint_function(previous: dict[nn.Module, Any]) -> None:
             m._gradient_checkpointing_func = fn
 
 
-def is_pipeline_module(model: nn.Module) -> bool:
-    """Whether ``model`` is a DeepSpeed ``PipelineModule``."""
-    from ..deepspeed.internals import is_pipeline_module as check
+def is_pipeline_module(model: nn.Module, support: PipelineSupport | None = None) -> bool:
+    """Whether ``model`` is a DeepSpeed ``PipelineModule`` (``support``: default the one installed in
+    ``agoq_ds.pipeline_support``, DeepSpeed's once ``agoq_ds.deepspeed`` has patched DeepSpeed)."""
+    return (support or pipeline_support.installed()).is_pipeline_module(model)
 
-    return check(model)
 
-
-def swap_pipeline_checkpoint_function(model: nn.Module, function: Callable) -> Callable | None:
+def swap_pipeline_checkpoint_function(
+    model: nn.Module, function: Callable, support: PipelineSupport | None = None
+) -> Callable | None:
     """If ``model`` is a DeepSpeed ``PipelineModule`` checkpointing with DeepSpeed's own
     (reentrant) function, use ``function`` instead; returns the one replaced (else ``None``)."""
-    from ..deepspeed.internals import deepspeed_checkpoint_function
-
-    if not is_pipeline_module(model) or model.activation_checkpoint_interval <= 0:
+    support = support or pipeline_support.installed()
+    if not support.is_pipeline_module(model) or model.activation_checkpoint_interval <= 0:
         return None
-    if model.activation_checkpoint_func is not deepspeed_checkpoint_function():
+    if model.activation_checkpoint_func is not support.default_checkpoint_function():
         return None
     previous = model.activation_checkpoint_func
     model.activation_checkpoint_func = function

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..pipeline_support import PipelineSupport
 from .allocate import StagePlan, allocate_budget, balance_stages, pipeline_holds, spread
 from .calibration import Calibration
 from .checkpoint import (
@@ -55,7 +56,9 @@ class ActivationQuantizer:
     ``max(2, min(S - s, M))`` micro-batches on stage ``s``); ``seed`` drives stochastic rounding;
     ``process_group`` is where stage-aware mode gathers the other stages' measurements (default:
     the whole world, when ``torch.distributed`` is initialised); ``log_report`` logs ``report()``
-    once, after the first step (the AGoQ engine does that itself).
+    once, after the first step (the AGoQ engine does that itself); ``pipeline`` recognises a
+    ``PipelineModule`` and DeepSpeed's checkpoint function (default: the one installed in
+    ``agoq_ds.pipeline_support``, which ``agoq_ds.deepspeed`` fills in).
     """
 
     def __init__(
@@ -69,8 +72,12 @@ class ActivationQuantizer:
         seed: int = 0,
         process_group: Any = None,
         log_report: bool = False,
+        pipeline: PipelineSupport | None = None,
     ) -> None:
         self.model = model
+        self.pipeline = pipeline
+        """How to recognise a ``PipelineModule`` and DeepSpeed's checkpoint function (``None``: the
+        installed ``pipeline_support.installed()``; the AGoQ engine passes DeepSpeed's)."""
         self.config = config
         self.stage_id = stage_id
         self.num_stages = num_stages
@@ -129,9 +136,11 @@ class ActivationQuantizer:
             return self
         self.engine.install()
         if self.config.checkpointing:
-            self._pipeline_previous = swap_pipeline_checkpoint_function(self.model, self.checkpoint_function)
+            self._pipeline_previous = swap_pipeline_checkpoint_function(
+                self.model, self.checkpoint_function, self.pipeline
+            )
         loss_fn = getattr(self.model, "loss_fn", None)
-        if is_pipeline_module(self.model) and callable(loss_fn) and not isinstance(loss_fn, nn.Module):
+        if is_pipeline_module(self.model, self.pipeline) and callable(loss_fn) and not isinstance(loss_fn, nn.Module):
             # The pipeline engine calls loss_fn outside the module's forward; run it in the root scope.
             self._loss_previous = loss_fn
             self.model.loss_fn = self.engine.scoped(loss_fn)

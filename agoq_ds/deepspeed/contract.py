@@ -275,7 +275,6 @@ and the optimizers (``install.py``)."""
 
 
 INTERNALS: tuple[str, ...] = (
-    "deepspeed.runtime.config_utils.DeepSpeedConfigModel",
     "deepspeed.runtime.pipe.module.PipelineModule",
     "deepspeed.runtime.activation_checkpointing.checkpointing.checkpoint",
     "deepspeed.runtime.tensor_parallel.init_utils.load_ds_config",

@@ -139,6 +139,7 @@ class AgoqEngineMixin:
         if not (cfg.enabled and cfg.activation.enabled):
             return
         from ..activation.quantizer import ActivationQuantizer
+        from .internals import PIPELINE
 
         quantizer = ActivationQuantizer(
             self.module,
@@ -147,6 +148,7 @@ class AgoqEngineMixin:
             num_stages=getattr(self, "num_stages", 1),
             micro_batches=self.gradient_accumulation_steps(),
             seed=cfg.seed,
+            pipeline=PIPELINE,
         )
         quantizer.install()
         if _hf_checkpointing_on(self.module) and cfg.activation.checkpointing:

@@ -74,8 +74,11 @@ def patch_deepspeed(deepspeed_module: ModuleType) -> None:
     On a DeepSpeed version agoq-ds was not tested with, stock configs keep working but a config
     with an ``"agoq"`` block fails at ``initialize`` with ``UntestedDeepSpeedError``.
     """
+    from .. import pipeline_support
     from .._compat import UntestedDeepSpeedError, check_deepspeed_version
+    from .internals import PIPELINE
 
+    pipeline_support.install(PIPELINE)  # a bare ActivationQuantizer on a PipelineModule swaps its checkpointing
     if getattr(deepspeed_module.initialize, _PATCHED_ATTR, False):
         return
     try:

@@ -1,8 +1,10 @@
 """The DeepSpeed internals that agoq modules outside this package use, behind one name each.
 
-Outside ``agoq_ds/deepspeed`` nothing imports ``deepspeed.runtime``; what the config model, the
-activation checkpointing and the pipeline support need from it comes from here (each listed in
-``contract.INTERNALS``, checked by ``contract.check``).
+Outside ``agoq_ds/deepspeed`` nothing imports ``deepspeed.runtime``, and ``config.py`` and
+``activation/`` import nothing from this package: the activation checkpointing learns about
+``PipelineModule`` through ``agoq_ds.pipeline_support``, where ``integration.patch_deepspeed``
+installs ``PIPELINE`` (and the AGoQ engine passes it to its ``ActivationQuantizer``). Each internal is
+listed in ``contract.INTERNALS``, checked by ``contract.check``.
 """
 
 from __future__ import annotations
@@ -10,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+from ..pipeline_support import PipelineSupport
 
-__all__ = ["DeepSpeedConfigModel", "deepspeed_checkpoint_function", "is_pipeline_module", "load_ds_config"]
+__all__ = ["PIPELINE", "deepspeed_checkpoint_function", "is_pipeline_module", "load_ds_config"]
 
 
 def is_pipeline_module(model: Any) -> bool:
@@ -27,6 +29,21 @@ def deepspeed_checkpoint_function() -> Callable:
     from deepspeed.runtime.activation_checkpointing import checkpointing
 
     return checkpointing.checkpoint
+
+
+class DeepSpeedPipelineSupport(PipelineSupport):
+    """``PipelineModule`` and DeepSpeed's ``checkpointing.checkpoint`` for the activation checkpointing."""
+
+    def is_pipeline_module(self, model: Any) -> bool:
+        return is_pipeline_module(model)
+
+    def default_checkpoint_function(self) -> Callable:
+        return deepspeed_checkpoint_function()
+
+
+PIPELINE = DeepSpeedPipelineSupport()
+"""DeepSpeed's pipeline support: installed as the default by ``integration.patch_deepspeed`` and
+passed by the engine to its ``ActivationQuantizer``."""
 
 
 def load_ds_config(source: Any) -> dict[str, Any]:
