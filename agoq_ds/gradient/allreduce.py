@@ -15,10 +15,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from deepspeed import comm as dist
 
 from ..config import GradientConfig
 from .collectives import CommCounter, all_reduce_8bit, ring_allreduce_bytes
+from .comm import deepspeed_comm
+
+dist = deepspeed_comm(globals())
+"""``deepspeed.comm``, imported on first use (``comm.py``)."""
 
 CHUNK_ELEMENTS = 1 << 24
 """Elements per all-reduce call (64 MiB of fp32 transient per chunk)."""

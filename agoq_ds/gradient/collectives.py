@@ -26,11 +26,14 @@ from dataclasses import dataclass
 from itertools import accumulate
 
 import torch
-from deepspeed import comm as dist
 
 from ..quant import QuantizedTensor, bound, dequantize, quantize
 from ..quant.format import num_groups
 from ..quant.fused import dequantize_add_
+from .comm import deepspeed_comm
+
+dist = deepspeed_comm(globals())
+"""``deepspeed.comm``, imported on first use (``comm.py``)."""
 
 OwnerMap = Sequence[Sequence[tuple[int, int]]]
 """Per destination rank, the ``(offset, numel)`` slices of the flat bucket it owns."""
