@@ -83,7 +83,7 @@ def install() -> None:
     """Register the hook (or patch at once if DeepSpeed is already imported)."""
     if os.environ.get(AUTOLOAD_ENV, "1") == "0":
         return
-    if "deepspeed" in sys.modules:
+    if sys.modules.get("deepspeed") is not None:  # None: an import of deepspeed is blocked, not done
         from agoq_ds.deepspeed.integration import patch_deepspeed
 
         patch_deepspeed(sys.modules["deepspeed"])
