@@ -252,6 +252,27 @@ class AgoqConfig(_Model):
     log_summary: bool = True
     """Print the start-up summary on rank 0."""
 
+    @property
+    def activation_on(self) -> bool:
+        """Whether saved activations are quantized (``enabled`` and ``activation.enabled``)."""
+        return self.enabled and self.activation.enabled
+
+    @property
+    def gradient_on(self) -> bool:
+        """Whether the gradient path is configured (``enabled`` and ``gradient.enabled``); it quantizes
+        something when ``gradient_comm8`` or ``gradient_store8`` also holds."""
+        return self.enabled and self.gradient.enabled
+
+    @property
+    def gradient_comm8(self) -> bool:
+        """Whether gradients are reduced in 8 bits."""
+        return self.gradient_on and self.gradient.communication_bits == 8
+
+    @property
+    def gradient_store8(self) -> bool:
+        """Whether gradients are kept in 8 bits between backward and the step."""
+        return self.gradient_on and self.gradient.storage_bits == 8
+
 
 def _submodel(annotation: Any) -> type[_Model] | None:
     """The config model inside an annotation such as ``X``, ``list[X]`` or ``X | None``."""

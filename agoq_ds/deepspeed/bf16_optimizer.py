@@ -58,9 +58,10 @@ class AgoqBF16Optimizer(OptimizerHost, BF16_Optimizer):
 
     def _agoq_setup(self) -> None:
         g = self.agoq_gradient
-        on = self.agoq_config.enabled and g.enabled and self.using_real_optimizer
-        self._agoq_active = on and (g.communication_bits == 8 or g.storage_bits == 8)
-        self._agoq_store8 = on and g.storage_bits == 8
+        cfg = self.agoq_config
+        real = self.using_real_optimizer
+        self._agoq_active = real and (cfg.gradient_comm8 or cfg.gradient_store8)
+        self._agoq_store8 = real and cfg.gradient_store8
         self.agoq_engine_reduces = self._agoq_active
         self.agoq_description = (
             "8-bit all-reduce (reduce-scatter with fp32 sum + int8 all-gather)"
@@ -96,7 +97,7 @@ class AgoqBF16Optimizer(OptimizerHost, BF16_Optimizer):
         g, store = self.agoq_gradient, self.agoq_store
         paths = {}
         for i, group in enumerate(self.bf16_groups):
-            storage_exact = not isinstance(store.per_step.get(i), Int8Accumulator)
+            storage_exact = not isinstance(store.step_accumulator(i), Int8Accumulator)
             exact_reduction = reduction_exact(g, store.world_size, self.fp32_groups_gradients_flat[i].numel())
             paths.update({id(lp): path(storage_exact, exact_reduction) for lp in group if lp.requires_grad})
         return paths
@@ -126,7 +127,7 @@ class AgoqBF16Optimizer(OptimizerHost, BF16_Optimizer):
         self._agoq_live[i] = False
 
     def _agoq_materialize_group(self, i: int) -> None:
-        acc = self.agoq_store.per_step[i]
+        acc = self.agoq_store.step_accumulator(i)
         flat = torch.empty(acc.numel, dtype=self.grad_acc_dtype, device=acc.device)
         for start, end in chunk_bounds(acc.numel, CHUNK_ELEMENTS, acc.group_size):
             flat[start:end].copy_(acc.dequantize_range(start, end))
@@ -138,7 +139,7 @@ class AgoqBF16Optimizer(OptimizerHost, BF16_Optimizer):
         """Dequantize the accumulated (not yet reduced) gradients into a real buffer, without
         communicating: before the pipeline's tied-weight all-reduce, or a step that was not reduced
         (every group: the buffer is one per group, whichever ``params`` are asked for)."""
-        for i in self.agoq_store.per_step:
+        for i, _ in self.agoq_store.per_step_items():
             if not self._agoq_live[i]:
                 self._agoq_materialize_group(i)
 
@@ -162,7 +163,7 @@ class AgoqBF16Optimizer(OptimizerHost, BF16_Optimizer):
     def _agoq_add(self, i: int, batch: list[tuple[int, torch.nn.Parameter]], starts: list[int]) -> None:
         values = torch.cat([lp.grad.detach().reshape(-1) for _, lp in batch])
         positions = [(starts[j], lp.numel()) for j, lp in batch]
-        self.agoq_store.per_step[i].add_(values, positions, seed=self.agoq_store.seed(1, i))
+        self.agoq_store.step_accumulator(i).add_(values, positions, seed=self.agoq_store.seed(1, i))
 
     def _agoq_mark(self, i: int, j: int, lp: torch.nn.Parameter, clear_lp_grads: bool) -> None:
         lp._hp_grad = self.fp32_groups_gradients[i][j]
@@ -198,7 +199,7 @@ class AgoqBF16Optimizer(OptimizerHost, BF16_Optimizer):
         """Drop the accumulated gradients and release the buffer (DeepSpeed zeroes it)."""
         if not self._agoq_store8:
             return super().clear_hp_grads()
-        for i, acc in self.agoq_store.per_step.items():
+        for i, acc in self.agoq_store.per_step_items():
             acc.reset()
             self._agoq_release(i)
         for i, group in enumerate(self.fp32_groups_gradients):
@@ -213,7 +214,7 @@ class AgoqBF16Optimizer(OptimizerHost, BF16_Optimizer):
         for i, flat in enumerate(self.fp32_groups_gradients_flat):
             numel = flat.numel()
             if self._agoq_store8:
-                acc = self.agoq_store.per_step[i]
+                acc = self.agoq_store.step_accumulator(i)
                 source = flat if self._agoq_live[i] else None
                 target = torch.empty(numel, dtype=self.grad_acc_dtype, device=flat.device)
             else:
@@ -261,7 +262,7 @@ class AgoqBF16Optimizer(OptimizerHost, BF16_Optimizer):
     # --- checkpointing -------------------------------------------------------------------------
 
     def _agoq_layout(self) -> dict[str, Any]:
-        return {"dp_rank": self.agoq_store.rank, "numels": [acc.numel for acc in self.agoq_store.per_step.values()]}
+        return {"dp_rank": self.agoq_store.rank, "numels": [acc.numel for _, acc in self.agoq_store.per_step_items()]}
 
     def state_dict(self) -> dict[str, Any]:
         """DeepSpeed's state dict plus ``STATE_KEY``: the step counter and the error-feedback residual

@@ -61,9 +61,8 @@ class AgoqStage3Optimizer(OptimizerHost, DeepSpeedZeroOptimizer_Stage3):
 
     def _agoq_setup(self) -> None:
         g = self.agoq_gradient
-        on = self.agoq_config.enabled and g.enabled
-        self._agoq_comm8 = on and g.communication_bits == 8
-        self._agoq_store8 = on and g.storage_bits == 8
+        self._agoq_comm8 = self.agoq_config.gradient_comm8
+        self._agoq_store8 = self.agoq_config.gradient_store8
         self._agoq_active = self._agoq_comm8 or self._agoq_store8
         self.agoq_description = (
             f"{g.communication_bits}-bit reduce-scatter (all-to-all exchange, fp32 sum)"

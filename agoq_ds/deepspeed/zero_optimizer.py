@@ -57,9 +57,8 @@ class AgoqZeroOptimizer(OptimizerHost, DeepSpeedZeroOptimizer):
 
     def _agoq_setup(self) -> None:
         g = self.agoq_gradient
-        on = self.agoq_config.enabled and g.enabled
-        self._agoq_comm8 = on and g.communication_bits == 8
-        self._agoq_store8 = on and g.storage_bits == 8
+        self._agoq_comm8 = self.agoq_config.gradient_comm8
+        self._agoq_store8 = self.agoq_config.gradient_store8
         self._agoq_active = self._agoq_comm8 or self._agoq_store8
         self.agoq_description = (
             f"{g.communication_bits}-bit reduce-scatter (all-to-all exchange, fp32 sum)"
@@ -100,12 +99,12 @@ class AgoqZeroOptimizer(OptimizerHost, DeepSpeedZeroOptimizer):
         """Post-accumulate-grad hook: move a non-boundary gradient into its int8 accumulator."""
         if param.grad is None or self.is_gradient_accumulation_boundary():
             return
-        acc = self.agoq_store.carried[self.get_param_id(param)]
+        acc = self.agoq_store.fold_accumulator(self.get_param_id(param))
         acc.add_(param.grad.detach().reshape(-1), seed=self.agoq_store.seed(1))
         param.grad = None
 
     def _agoq_unfold(self, param: torch.nn.Parameter) -> None:
-        acc = self.agoq_store.carried.get(self.get_param_id(param))
+        acc = self.agoq_store.fold_accumulator(self.get_param_id(param))
         if acc is None or not acc.has_value:
             return
         total = acc.take().view(param.shape)  # owned: reset must not zero what param.grad becomes
@@ -115,15 +114,14 @@ class AgoqZeroOptimizer(OptimizerHost, DeepSpeedZeroOptimizer):
 
     def get_gradient_for_reduction(self, param: torch.nn.Parameter) -> torch.Tensor | None:
         """DeepSpeed's gradient for reduction, with a stage-1 int8 accumulator added back first."""
-        if self.agoq_store.carried:
+        if self.agoq_store.folds:
             self._agoq_unfold(param)
         return super().get_gradient_for_reduction(param)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """DeepSpeed's ``zero_grad``; stage-1 accumulated gradients are dropped with ``param.grad``."""
         super().zero_grad(set_to_none=set_to_none)
-        for acc in self.agoq_store.carried.values():
-            acc.reset()
+        self.agoq_store.reset_carried()
 
     # --- reduction -----------------------------------------------------------------------------
 
@@ -193,7 +191,7 @@ class AgoqZeroOptimizer(OptimizerHost, DeepSpeedZeroOptimizer):
                 values = owned
             else:
                 values = torch.cat([owned.narrow(0, starts[k], layout.local[k][2]) for k in indices])
-            self.agoq_store.per_step[group].add_(values, positions, seed=self.agoq_store.seed(3, group))
+            self.agoq_store.step_accumulator(group).add_(values, positions, seed=self.agoq_store.seed(3, group))
 
     def average_tensor(self, tensor: torch.Tensor, communication_data_type: torch.dtype):
         """Reduce a filled IPG bucket: 8-bit reduce-scatter into the partition accumulator."""
@@ -269,7 +267,7 @@ class AgoqZeroOptimizer(OptimizerHost, DeepSpeedZeroOptimizer):
     def _agoq_materialize(self) -> None:
         """Point ``averaged_gradients`` at the dequantized partitions (fp32) for the step."""
         self._agoq_note_buffers()
-        for i, acc in self.agoq_store.per_step.items():
+        for i, acc in self.agoq_store.per_step_items():
             self.averaged_gradients[i] = self._agoq_partition_views(i, acc.dequantize())
 
     def independent_gradient_partition_epilogue(self) -> None:
@@ -316,9 +314,9 @@ class AgoqZeroOptimizer(OptimizerHost, DeepSpeedZeroOptimizer):
         paths = {}
         for i, param in params:
             if self.partition_gradients:
-                held = store.per_step.get(i)
+                held = store.step_accumulator(i)
             else:
-                held = store.carried.get(self.get_param_id(param))
+                held = store.fold_accumulator(self.get_param_id(param))
             largest = largest_bucket(param.numel(), self.reduce_bucket_size, total)
             exact_reduction = not self._agoq_comm8 or reduction_exact(g, store.world_size, largest)
             paths[id(param)] = path(not isinstance(held, Int8Accumulator), exact_reduction)
@@ -333,7 +331,7 @@ class AgoqZeroOptimizer(OptimizerHost, DeepSpeedZeroOptimizer):
         """Record the gradient-buffer bytes now held (the accumulators only grow within a step); a
         stage-1 partition with int8 folds is transient (it exists only during ``step()``)."""
         store = self.agoq_store
-        store.note_buffers(per_step=self.partition_gradients or not store.carried)
+        store.note_buffers(per_step=self.partition_gradients or not store.folds)
 
     # --- checkpointing -------------------------------------------------------------------------
 

@@ -62,13 +62,13 @@ class ParamGradients(GradientHost):
         self._index = {id(p): i for i, p in enumerate(self.params)}
         self._folds: dict[int, int] = {}
         self._handles: list[Any] = []
-        if g.storage_bits == 8:
+        if config.gradient_store8:
             for i, param in enumerate(self.params):
                 self.agoq_store.add_carried(i, param.numel())
                 self._handles.append(param.register_post_accumulate_grad_hook(self._fold))
 
     def _acc(self, param: nn.Parameter) -> Accumulator | None:
-        return self.agoq_store.carried.get(self._index.get(id(param), -1))
+        return self.agoq_store.fold_accumulator(self._index.get(id(param), -1))
 
     def remove(self) -> None:
         """Remove the hooks (the engine is being destroyed)."""

@@ -54,9 +54,9 @@ class GradientStore:
         """Per-step bytes and buffer figures."""
         self.step = 0
         """Optimizer steps finished (seeds stochastic rounding; saved in checkpoints)."""
-        self.per_step: dict[Hashable, Accumulator] = {}
+        self._per_step: dict[Hashable, Accumulator] = {}
         """Accumulators whose value lives within one optimizer step (reset by ``finish_step``)."""
-        self.carried: dict[Hashable, Accumulator] = {}
+        self._carried: dict[Hashable, Accumulator] = {}
         """Accumulators that the host resets itself (per-parameter folds, consumed at the boundary)."""
         self._calls = 0
 
@@ -79,19 +79,41 @@ class GradientStore:
             acc = gradient_accumulator(numel, self.gradient, device=self.device, release_on_reset=release)
         else:
             acc = Fp32Accumulator(numel, device=self.device, release_on_reset=release)
-        self.per_step[key] = acc
+        self._per_step[key] = acc
         return acc
 
     def add_carried(self, key: Hashable, numel: int) -> Accumulator:
         """An int8 accumulator (fp32 below ``min_numel``) the host empties itself."""
         acc = gradient_accumulator(numel, self.gradient, device=self.device)
-        self.carried[key] = acc
+        self._carried[key] = acc
         return acc
+
+    def step_accumulator(self, key: Hashable) -> Accumulator | None:
+        """The per-step accumulator under ``key`` (a partition, a param group), None if there is none."""
+        return self._per_step.get(key)
+
+    def fold_accumulator(self, key: Hashable) -> Accumulator | None:
+        """The carried accumulator under ``key`` (a parameter's folds), None if there is none."""
+        return self._carried.get(key)
+
+    def per_step_items(self) -> Iterator[tuple[Hashable, Accumulator]]:
+        """``(key, accumulator)`` of the per-step accumulators, in the order they were added."""
+        yield from self._per_step.items()
+
+    @property
+    def folds(self) -> bool:
+        """Whether the host keeps carried accumulators (per-parameter folds across micro-batches)."""
+        return bool(self._carried)
+
+    def reset_carried(self) -> None:
+        """Forget the carried accumulators' values (``zero_grad``); residuals carry on."""
+        for acc in self._carried.values():
+            acc.reset()
 
     def accumulators(self) -> Iterator[Accumulator]:
         """Every accumulator, per-step ones first."""
-        yield from self.per_step.values()
-        yield from self.carried.values()
+        yield from self._per_step.values()
+        yield from self._carried.values()
 
     def pending(self) -> bool:
         """Whether some accumulator holds a value."""
@@ -107,7 +129,7 @@ class GradientStore:
     def finish_step(self, *, overflow: bool) -> None:
         """After ``optimizer.step()``: per-step accumulators restart; after a skipped step every value and
         residual is dropped; the statistics of the step are snapshot; the seed stream moves on."""
-        for acc in self.per_step.values():
+        for acc in self._per_step.values():
             acc.reset()
         if overflow:
             for acc in self.accumulators():
@@ -122,12 +144,12 @@ class GradientStore:
     def note_buffers(self, *, per_step: bool = True) -> None:
         """Record the gradient-buffer bytes held now (the step keeps the peak); ``per_step=False``
         leaves out the per-step accumulators (a ZeRO-1 partition that only exists during ``step()``)."""
-        partitions = list(self.per_step.values()) if per_step else []
-        held = [*partitions, *self.carried.values()]
+        partitions = list(self._per_step.values()) if per_step else []
+        held = [*partitions, *self._carried.values()]
         buffer = sum(acc.nbytes for acc in held)
         # What stock DeepSpeed holds in fp32: the whole partition, and the per-parameter gradients that exist.
         fp32 = sum(4 * acc.numel for acc in partitions) + sum(
-            4 * acc.numel for acc in self.carried.values() if acc.nbytes
+            4 * acc.numel for acc in self._carried.values() if acc.nbytes
         )
         ef = sum(acc.residual_nbytes for acc in held)
         self.accounting.note_buffers(buffer, fp32, ef)
@@ -157,8 +179,8 @@ class GradientStore:
         return {
             **self._layout(layout),
             "step": self.step,
-            "per_step_residuals": {k: acc.residual_state() for k, acc in self.per_step.items()},
-            "carried_residuals": {k: acc.residual_state() for k, acc in self.carried.items()},
+            "per_step_residuals": {k: acc.residual_state() for k, acc in self._per_step.items()},
+            "carried_residuals": {k: acc.residual_state() for k, acc in self._carried.items()},
         }
 
     def mismatch(self, state: dict[str, Any] | None, **layout: Any) -> str | None:
@@ -184,7 +206,7 @@ class GradientStore:
                 acc.reset_residual()
             return False
         ok = True
-        for saved, accs in (("per_step_residuals", self.per_step), ("carried_residuals", self.carried)):
+        for saved, accs in (("per_step_residuals", self._per_step), ("carried_residuals", self._carried)):
             residuals = state.get(saved, {})
             for key, acc in accs.items():
                 ok = acc.load_residual_state(residuals.get(key)) and ok

@@ -225,7 +225,7 @@ def checkpoint_checks(rank: int, world: int, directory: str) -> dict[str, Any]:
 
     without_ef = make_stage3_engine(small_mlp(seed=1), stage3_config(ga=ga), agoq)
     without_ef.load_checkpoint(path, tag="t3")
-    without_ef.optimizer.agoq_store.per_step["partition"].reset_residual()
+    without_ef.optimizer.agoq_store.step_accumulator("partition").reset_residual()
     gen.set_state(state)
     resumed_without_ef = _train_steps(without_ef, gen, 3, ga)
 

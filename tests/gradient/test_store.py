@@ -18,8 +18,8 @@ def _store(**gradient) -> GradientStore:
 
 def _fill(store: GradientStore) -> None:
     gen = torch.Generator().manual_seed(0)
-    store.per_step["partition"].add_(torch.randn(300, generator=gen), seed=store.seed(1))
-    store.carried[0].add_(torch.randn(200, generator=gen), seed=store.seed(2))
+    store.step_accumulator("partition").add_(torch.randn(300, generator=gen), seed=store.seed(1))
+    store.fold_accumulator(0).add_(torch.randn(200, generator=gen), seed=store.seed(2))
 
 
 def test_state_round_trip_restores_residuals_and_step() -> None:
@@ -27,16 +27,16 @@ def test_state_round_trip_restores_residuals_and_step() -> None:
     _fill(store)
     store.finish_step(overflow=False)
     state = store.state(stage=3, numel=300)
-    assert store.per_step["partition"].has_value is False  # per-step values end with the step
-    assert store.carried[0].has_value  # the host empties carried accumulators itself
+    assert store.step_accumulator("partition").has_value is False  # per-step values end with the step
+    assert store.fold_accumulator(0).has_value  # the host empties carried accumulators itself
 
     fresh = _store()
     assert fresh.mismatch(state, stage=3, numel=300) is None
     assert fresh.load_state(state, stage=3, numel=300)
     assert fresh.step == 1
     for key in ("partition",):
-        assert torch.equal(fresh.per_step[key].residual(), store.per_step[key].residual())
-    assert torch.count_nonzero(fresh.per_step["partition"].residual()) > 0
+        assert torch.equal(fresh.step_accumulator(key).residual(), store.step_accumulator(key).residual())
+    assert torch.count_nonzero(fresh.step_accumulator("partition").residual()) > 0
 
 
 def test_other_layouts_and_versions_start_from_zero_and_say_why() -> None:
@@ -51,7 +51,7 @@ def test_other_layouts_and_versions_start_from_zero_and_say_why() -> None:
     _fill(fresh)
     assert "numel 300 (here 301)" in fresh.mismatch(state, stage=3, numel=301)
     assert not fresh.load_state(state, stage=3, numel=301)
-    assert torch.count_nonzero(fresh.per_step["partition"].residual()) == 0
+    assert torch.count_nonzero(fresh.step_accumulator("partition").residual()) == 0
 
     old = {**state, "version": STATE_VERSION - 1}
     assert "another agoq-ds version" in fresh.mismatch(old, stage=3, numel=300)
