@@ -273,6 +273,11 @@ class AgoqConfig(_Model):
         """Whether gradients are kept in 8 bits between backward and the step."""
         return self.gradient_on and self.gradient.storage_bits == 8
 
+    @property
+    def gradient_quantized(self) -> bool:
+        """Whether the gradient path quantizes anything (reduction or storage): an 8-bit host is built."""
+        return self.gradient_comm8 or self.gradient_store8
+
 
 def _submodel(annotation: Any) -> type[_Model] | None:
     """The config model inside an annotation such as ``X``, ``list[X]`` or ``X | None``."""

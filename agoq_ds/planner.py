@@ -184,7 +184,7 @@ def head_saved_tensors(d: ModelDims, tokens: int, tp: int = 1) -> list[Saved]:
 def stored_bytes(t: Saved, bits: int, cfg: AgoqConfig) -> int:
     """Bytes agoq stores for ``t`` at ``bits`` (unquantized below ``min_numel`` or at 16 bits)."""
     act = cfg.activation
-    if not (cfg.enabled and act.enabled):
+    if not cfg.activation_on:
         return t.numel * t.elem_bytes
     if t.recomputable and act.recompute:
         return 0
@@ -258,7 +258,7 @@ def _layers_per_stage(layers: int, pp: int) -> list[int]:
 
 def gradients_quantized(cfg: AgoqConfig) -> bool:
     """Whether ``cfg`` keeps gradients in int8 (otherwise they are fp32, as stock's)."""
-    return cfg.enabled and cfg.gradient.enabled and cfg.gradient.storage_bits < 32
+    return cfg.gradient_store8
 
 
 def gradient_bytes(numel: int, cfg: AgoqConfig) -> int:
@@ -274,7 +274,7 @@ def working_set(dims: ModelDims, par: Parallelism, stage: int, layers: int, cfg:
     """What agoq holds unquantized beside its stored activations at the peak: the saved tensors of
     the largest unit in flight (a decoder block, or the loss head on the last stage) at full width
     (``StageMemory.transient``); 0 when activations are not quantized."""
-    if not (cfg.enabled and cfg.activation.enabled):
+    if not cfg.activation_on:
         return 0
     tokens = par.micro_batch * par.seq_len
     units = [layer_saved_tensors(dims, tokens, par.tp)] if layers else []

@@ -60,7 +60,7 @@ class AgoqBF16Optimizer(OptimizerHost, BF16_Optimizer):
         g = self.agoq_gradient
         cfg = self.agoq_config
         real = self.using_real_optimizer
-        self._agoq_active = real and (cfg.gradient_comm8 or cfg.gradient_store8)
+        self._agoq_active = real and cfg.gradient_quantized
         self._agoq_store8 = real and cfg.gradient_store8
         self.agoq_engine_reduces = self._agoq_active
         self.agoq_description = (

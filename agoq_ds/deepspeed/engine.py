@@ -84,7 +84,7 @@ class AgoqEngineMixin:
                     f"agoq.kernel_backend={agoq_config.kernel_backend!r}: {exc}; available here: auto, "
                     + ", ".join(available)
                 ) from None
-        if agoq_config.enabled and agoq_config.gradient.enabled:
+        if agoq_config.gradient_on:
             check_supported(ds_config, agoq_config)
 
     # --- construction hooks -------------------------------------------------------------------
@@ -92,7 +92,7 @@ class AgoqEngineMixin:
     def _configure_zero_optimizer(self, optimizer):
         from .install import agoq_zero_optimizer
 
-        if not (self.agoq_config.enabled and self.agoq_config.gradient.enabled):
+        if not self.agoq_config.gradient_on:
             return super()._configure_zero_optimizer(optimizer)
         with agoq_zero_optimizer(self.agoq_config):
             return super()._configure_zero_optimizer(optimizer)
@@ -100,7 +100,7 @@ class AgoqEngineMixin:
     def _configure_bf16_optimizer(self, optimizer):
         from .install import agoq_bf16_optimizer
 
-        if not (self.agoq_config.enabled and self.agoq_config.gradient.enabled):
+        if not self.agoq_config.gradient_on:
             return super()._configure_bf16_optimizer(optimizer)
         with agoq_bf16_optimizer(self.agoq_config):
             return super()._configure_bf16_optimizer(optimizer)
@@ -108,8 +108,7 @@ class AgoqEngineMixin:
     def _agoq_install_param_gradients(self) -> None:
         """ZeRO stage 0 without ``BF16_Optimizer``: int8 ``param.grad`` accumulation + 8-bit all-reduce."""
         cfg = self.agoq_config
-        g = cfg.gradient
-        if not (cfg.enabled and g.enabled) or (g.communication_bits == 32 and g.storage_bits == 32):
+        if not cfg.gradient_quantized:
             return
         if self.zero_optimization() or self.optimizer is None or isinstance(self.optimizer, BF16_Optimizer):
             return
@@ -136,7 +135,7 @@ class AgoqEngineMixin:
 
     def _agoq_install_activation(self) -> None:
         cfg = self.agoq_config
-        if not (cfg.enabled and cfg.activation.enabled):
+        if not cfg.activation_on:
             return
         from ..activation.quantizer import ActivationQuantizer
         from .internals import PIPELINE

@@ -36,7 +36,7 @@ from deepspeed.utils import logger
 
 from ..config import AgoqConfig
 from ..gradient.accumulator import Int8Accumulator
-from ..gradient.collectives import reduce_scatter_8bit, reduce_scatter_bytes
+from ..gradient.collectives import reduce_scatter_8bit, reduction_args
 from ..gradient.paths import Path, largest_bucket, path, reduction_exact
 from .optimizer_host import OptimizerHost
 
@@ -177,19 +177,11 @@ class AgoqStage3Optimizer(OptimizerHost, DeepSpeedZeroOptimizer_Stage3):
         for own in slices:
             own.sort()
         numel = sum(p.ds_numel for p in params)
-        store, g = self.agoq_store, self.agoq_gradient
-        store.accounting.comm.add_baseline(numel, world, reduce_scatter=True)
-        result = reduce_scatter_8bit(
-            flat,
-            [[(o, n) for _, o, n in own] for own in slices],
-            group=group,
-            group_size=g.group_size,
-            stochastic=g.rounding == "stochastic",
-            seed=store.seed(2),
-            scale=1.0 / divisor,
-            counter=store.accounting.comm,
-            exact_below=g.min_numel,
-        )
+        store = self.agoq_store
+        counter = store.accounting.comm
+        counter.add_baseline(numel, world, reduce_scatter=True)
+        args = reduction_args(self.agoq_gradient, scale=1.0 / divisor, seed=store.seed(2), counter=counter)
+        result = reduce_scatter_8bit(flat, [[(o, n) for _, o, n in own] for own in slices], group=group, **args)
         self._agoq_owned = (result.values, [(where, n) for where, _, n in slices[rank]])
         return []
 
@@ -220,10 +212,7 @@ class AgoqStage3Optimizer(OptimizerHost, DeepSpeedZeroOptimizer_Stage3):
         numel = sum(p.ds_numel for p in params)
         counter = self.agoq_store.accounting.comm
         counter.add_baseline(numel, world, reduce_scatter=True)
-        size = communication_data_type.itemsize
-        sent = reduce_scatter_bytes(numel, world, size) * (1 if reduce_scatter else 2)
-        counter.sent_bytes += int(sent)
-        counter.calls += 1
+        counter.add_stock(numel, world, communication_data_type.itemsize, all_reduce=not reduce_scatter)
 
     def partition_grads(self, params_to_release: list[torch.nn.Parameter], grad_partitions: list[torch.Tensor]):
         """Add this rank's reduced slices to the partition accumulator and free the bucket's gradients."""

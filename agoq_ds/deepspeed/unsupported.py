@@ -146,7 +146,7 @@ def check_supported(ds_config_or_engine: Any, agoq_config: AgoqConfig) -> None:
     without fp32 gradient accumulation. Refused: ZeRO++ qgZ, optimizer/parameter offload, MoE (engine
     only), fp16 on CPU and fp16 at stage 0 (untested), ZenFlow, Muon, DeepCompile.
     """
-    if not (agoq_config.enabled and agoq_config.gradient.enabled):
+    if not agoq_config.gradient_on:
         return
     if isinstance(ds_config_or_engine, dict):
         _refuse(_settings_from_dict(ds_config_or_engine))

@@ -34,7 +34,7 @@ from deepspeed.utils import logger
 
 from ..config import AgoqConfig
 from ..gradient.accumulator import Int8Accumulator
-from ..gradient.collectives import all_reduce_8bit, gather_slices, reduce_scatter_8bit, ring_allreduce_bytes
+from ..gradient.collectives import all_reduce_8bit, gather_slices, reduce_scatter_8bit, reduction_args
 from ..gradient.paths import Path, largest_bucket, path, reduction_exact
 from .layout import BucketLayout, bucket_layout
 from .optimizer_host import OptimizerHost
@@ -157,22 +157,15 @@ class AgoqZeroOptimizer(OptimizerHost, DeepSpeedZeroOptimizer):
             return
         counter = store.accounting.comm
         counter.add_baseline(layout.numel, store.world_size)
-        g = self.agoq_gradient
         if not self._agoq_comm8:
             stock_reduce()
-            counter.sent_bytes += int(ring_allreduce_bytes(layout.numel, store.world_size, flat.element_size()))
-            counter.calls += 1
+            counter.add_stock(layout.numel, store.world_size, flat.element_size())
             owned = gather_slices(flat, layout.owner_map[store.rank]).float()
         else:
-            kwargs = dict(
-                group=self.dp_process_group,
-                group_size=g.group_size,
-                stochastic=g.rounding == "stochastic",
-                seed=store.seed(2),
-                scale=self._agoq_average_factor(),
-                counter=counter,
-                exact_below=g.min_numel,
+            kwargs = reduction_args(
+                self.agoq_gradient, scale=self._agoq_average_factor(), seed=store.seed(2), counter=counter
             )
+            kwargs["group"] = self.dp_process_group
             with get_accelerator().stream(self._agoq_stream(communication_data_type)):
                 if self.reduce_scatter:
                     owned = reduce_scatter_8bit(flat, layout.owner_map, **kwargs).values

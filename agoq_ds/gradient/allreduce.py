@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from ..config import GradientConfig
-from .collectives import CommCounter, all_reduce_8bit, ring_allreduce_bytes
+from .collectives import CommCounter, all_reduce_8bit, reduction_args
 from .comm import deepspeed_comm
 
 dist = deepspeed_comm(globals())
@@ -58,21 +58,12 @@ def all_reduce_chunked(
         values = read(start, end)
         counter.add_baseline(end - start, world)
         if config.communication_bits == 8:
-            reduced = all_reduce_8bit(
-                values,
-                group=group,
-                group_size=config.group_size,
-                stochastic=config.rounding == "stochastic",
-                seed=seed(start),
-                scale=scale,
-                counter=counter,
-                exact_below=config.min_numel,
-            )
+            args = reduction_args(config, scale=scale, seed=seed(start), counter=counter)
+            reduced = all_reduce_8bit(values, group=group, **args)
         else:
             reduced = values.to(comm_dtype, copy=True)
             dist.all_reduce(reduced, group=group)
             if scale != 1.0:
                 reduced.mul_(scale)
-            counter.sent_bytes += int(ring_allreduce_bytes(end - start, world, reduced.element_size()))
-            counter.calls += 1
+            counter.add_stock(end - start, world, reduced.element_size())
         write(start, end, reduced)

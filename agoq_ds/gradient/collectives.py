@@ -24,6 +24,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,6 +32,9 @@ from ..quant import QuantizedTensor, bound, dequantize, quantize
 from ..quant.format import num_groups
 from ..quant.fused import dequantize_add_
 from .comm import deepspeed_comm
+
+if TYPE_CHECKING:
+    from ..config import GradientConfig
 
 dist = deepspeed_comm(globals())
 """``deepspeed.comm``, imported on first use (``comm.py``)."""
@@ -92,10 +96,31 @@ class CommCounter:
         self.baseline_fp32_bytes += bytes_of(numel, world_size, 4)
         self.baseline_bf16_bytes += bytes_of(numel, world_size, 2)
 
+    def add_stock(self, numel: int, world_size: int, element_size: int, *, all_reduce: bool = True) -> None:
+        """Record a reduction DeepSpeed ran itself (``communication_bits: 32``): one launch and what its
+        ring all-reduce (``all_reduce=False``: ring reduce-scatter) of ``numel`` elements sends."""
+        bytes_of = ring_allreduce_bytes if all_reduce else reduce_scatter_bytes
+        self.sent_bytes += int(bytes_of(numel, world_size, element_size))
+        self.calls += 1
+
     def reset(self) -> None:
         """Zero every count."""
         fresh = CommCounter()
         self.__dict__.update(fresh.__dict__)
+
+
+def reduction_args(config: GradientConfig, *, scale: float, seed: int, counter: CommCounter) -> dict[str, Any]:
+    """The keyword arguments every host passes to ``reduce_scatter_8bit`` / ``all_reduce_8bit`` (all
+    but ``group``): the configured group size, rounding and exact-path threshold, the averaging
+    ``scale``, the stochastic-rounding ``seed`` and the host's byte meter."""
+    return {
+        "group_size": config.group_size,
+        "stochastic": config.rounding == "stochastic",
+        "seed": seed,
+        "scale": scale,
+        "counter": counter,
+        "exact_below": config.min_numel,
+    }
 
 
 @dataclass
