@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,16 +26,25 @@ from torch.multiprocessing.reductions import StorageWeakRef
 if TYPE_CHECKING:
     from torch import nn
 
-    from .recipe import Recipe
-
 from .recipe import bind_parameters
-from .storage import DerivedTensor, Ledger, QuantSpec, SavedTensor, SavedView, Usage
+from .span import ALIAS, KEEP, NEW, ForwardPlan, SpanPlan, Step, Usage, span_of
+from .storage import DerivedTensor, Ledger, QuantSpec, SavedTensor, SavedView
+
+__all__ = [
+    "ALIAS",
+    "KEEP",
+    "MAX_PLANS",
+    "NEW",
+    "ForwardPlan",
+    "PlanCache",
+    "Replay",
+    "SpanPlan",
+    "Step",
+    "build_plan",
+    "plan_key",
+]
 
 logger = logging.getLogger("agoq_ds.activation")
-
-KEEP, NEW, ALIAS = 0, 1, 2
-"""Step kinds: the tensor is returned as it is (a parameter, a foreign layout), starts a span, or is
-a view of a span started earlier in the forward."""
 
 MAX_PLANS = 8
 """Plans kept per model (least recently used dropped): a few sequence lengths, train and eval."""
@@ -69,72 +77,6 @@ def _describe(value: Any) -> Any:
     return type(value)
 
 
-@dataclass(frozen=True, slots=True)
-class Step:
-    """The i-th saved tensor of a planned forward."""
-
-    kind: int
-    """``KEEP``, ``NEW`` or ``ALIAS``."""
-    shape: tuple[int, ...]
-    """Shape of the saved tensor (checked on replay)."""
-    stride: tuple[int, ...]
-    """Strides of the saved tensor (checked on replay)."""
-    dtype: torch.dtype
-    """Type of the saved tensor (checked on replay)."""
-    span: int = -1
-    """Index of its span in ``ForwardPlan.spans`` (``NEW``/``ALIAS``)."""
-
-
-@dataclass(slots=True)
-class SpanPlan:
-    """How one span of a planned forward is stored."""
-
-    cls: str
-    """Layer class it is counted under."""
-    module: str
-    """Name of the module it is counted under."""
-    numel: int
-    """Elements."""
-    baseline: int
-    """Bytes unquantized."""
-    stored: int
-    """Bytes held (0 for a recomputed span)."""
-    bits: int = 16
-    """Stored bit-width (16: kept as it is)."""
-    perm: tuple[int, ...] | None = None
-    """Permutation to memory order, ``None`` for an identity or a non-dense tensor."""
-    dense: bool = True
-    """A permutation of a contiguous layout (views of it share the span)."""
-    quantizable: bool = False
-    """Whether the tensor could be quantized at all (kept for ``SavedTensor``'s bookkeeping)."""
-    log_space: bool = False
-    """Log-probabilities stored as probabilities."""
-    aliased: bool = False
-    """A later step is a view of this span: replay remembers its storage to check that."""
-    derived_from: tuple[int, ...] = ()
-    """For a recomputed span (``DerivedTensor``): indices of the spans it is computed from."""
-    source_views: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] = ()
-    """Shape and strides of the view of each source span the recipe reads."""
-    recipe: Recipe | None = None
-    """The recomputation."""
-
-
-@dataclass
-class ForwardPlan:
-    """What every saved tensor of one forward became, and what the forward counts in the ledger."""
-
-    steps: tuple[Step, ...]
-    """One per saved tensor, in save order."""
-    spans: tuple[SpanPlan, ...]
-    """One per span, in creation order (which is also the order of their rounding seeds)."""
-    by_class: dict[str, Usage] = field(default_factory=dict)
-    """Usage per class of one replayed forward."""
-    by_module: dict[tuple[str, str], Usage] = field(default_factory=dict)
-    """Usage per (module, class) of one replayed forward."""
-    total: Usage = field(default_factory=Usage)
-    """Usage of one replayed forward."""
-
-
 def build_plan(records: list[tuple[tuple, tuple, torch.dtype, Any]]) -> ForwardPlan | None:
     """The plan of a recorded forward from ``(shape, stride, dtype, what pack returned or None when it
     returned the tensor itself)`` per saved tensor, all holders final; ``None`` if some outcome cannot
@@ -154,7 +96,7 @@ def build_plan(records: list[tuple[tuple, tuple, torch.dtype, Any]]) -> ForwardP
             spans[i].aliased = True
             steps.append(Step(ALIAS, shape, stride, dtype, i))
             continue
-        span = _span_of(holder, index)
+        span = span_of(holder, index)
         if span is None:
             return None
         index[id(holder)] = len(spans)
@@ -170,40 +112,6 @@ def build_plan(records: list[tuple[tuple, tuple, torch.dtype, Any]]) -> ForwardP
             usage.add(span.numel, span.stored, span.baseline, quantized, derived=derived)
     plan.by_class, plan.by_module = dict(by_class), dict(by_module)
     return plan
-
-
-def _span_of(holder: Any, index: dict[int, int]) -> SpanPlan | None:
-    if not holder.final:
-        return None
-    if isinstance(holder, DerivedTensor):
-        sources = tuple(index.get(id(view.holder), -1) for view in holder.sources)
-        if -1 in sources:
-            return None
-        return SpanPlan(
-            holder.cls,
-            holder.module,
-            holder.numel,
-            holder.baseline,
-            0,
-            derived_from=sources,
-            source_views=tuple((view.shape, view.stride) for view in holder.sources),
-            recipe=holder.recipe,
-        )
-    if not isinstance(holder, SavedTensor) or holder.nonfinite:
-        return None
-    quantized = holder.q is not None
-    return SpanPlan(
-        holder.cls,
-        holder.module,
-        holder.numel,
-        holder.baseline,
-        holder.stored,
-        bits=holder.bits if quantized else 16,
-        perm=None if holder.perm is None or holder.perm == tuple(range(len(holder.perm))) else holder.perm,
-        dense=holder.dense,
-        quantizable=holder.quantizable,
-        log_space=holder.log_space,
-    )
 
 
 class PlanCache:

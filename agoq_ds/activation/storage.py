@@ -20,9 +20,9 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from ..quant import QuantizedTensor, dequantize, quantize
+from .span import SpanPlan, Usage
 
 if TYPE_CHECKING:
-    from .plan import SpanPlan
     from .recipe import Recipe
 
 QUANTIZABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -67,49 +67,6 @@ def dense_permutation(t: torch.Tensor) -> list[int] | None:
     """A permutation ``p`` with ``t.permute(p)`` contiguous (no copy), or ``None`` if there is none."""
     order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), -t.shape[d]))
     return order if t.permute(order).is_contiguous() else None
-
-
-@dataclass
-class Usage:
-    """Counts for one bucket (a class, a module, a forward)."""
-
-    tensors: int = 0
-    """Saved tensors (after deduplication)."""
-    numel: int = 0
-    """Elements."""
-    stored: int = 0
-    """Bytes actually held (codes + scales for quantized tensors)."""
-    baseline: int = 0
-    """Bytes the unquantized tensors would have held."""
-    quantized_numel: int = 0
-    """Elements stored quantized."""
-    derived_numel: int = 0
-    """Elements recomputed in backward from another stored tensor (0 bytes, ``DerivedTensor``)."""
-
-    def add(
-        self, numel: int, stored: int, baseline: int, quantized: bool, tensors: int = 1, derived: bool = False
-    ) -> None:
-        """Add one tensor (or, with negative numbers, take one back)."""
-        self.tensors += tensors
-        self.numel += numel
-        self.stored += stored
-        self.baseline += baseline
-        self.quantized_numel += numel if quantized else 0
-        self.derived_numel += numel if derived else 0
-
-    def merge(self, other: Usage, times: int = 1) -> None:
-        """Add all of ``other``, ``times`` times."""
-        self.tensors += times * other.tensors
-        self.numel += times * other.numel
-        self.stored += times * other.stored
-        self.baseline += times * other.baseline
-        self.quantized_numel += times * other.quantized_numel
-        self.derived_numel += times * other.derived_numel
-
-    @property
-    def avg_bits(self) -> float:
-        """Stored bits per element, scales included."""
-        return 8.0 * self.stored / self.numel if self.numel else 0.0
 
 
 @dataclass
@@ -279,6 +236,9 @@ class SavedTensor:
         "stored",
     )
 
+    derived = False
+    """Stored, not recomputed (``span.span_of``)."""
+
     def __init__(self, t: torch.Tensor, ledger: Ledger, min_numel: int) -> None:
         perm = dense_permutation(t)
         self.dense = perm is not None
@@ -307,7 +267,7 @@ class SavedTensor:
 
     @classmethod
     def planned(cls, t: torch.Tensor, span: SpanPlan, ledger: Ledger, spec: QuantSpec, seed: int) -> SavedTensor:
-        """A final holder of ``t`` stored as ``span`` (``plan.py``) says: what ``__init__`` and
+        """A final holder of ``t`` stored as ``span`` (``span.py``) says: what ``__init__`` and
         ``finalize`` would make of it, without working out layout, class and bits again."""
         self = cls.__new__(cls)
         self.perm, self.dense, self.quantizable, self.log_space = (
@@ -497,6 +457,8 @@ class DerivedTensor:
 
     stored = 0
     """Bytes held of its own."""
+    derived = True
+    """Recomputed in backward (``span.span_of``)."""
 
     def __init__(
         self,
