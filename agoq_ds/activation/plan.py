@@ -218,7 +218,9 @@ class Replay:
             self.storages[n] = (storage.data_ptr(), StorageWeakRef(storage))
         if not span.derived_from:
             seed = self.seed(n) if self.stochastic or span.log_space else 0
-            holder: Any = SavedTensor.planned(t, span, self.ledger, self.spec, seed)
+            holder: Any = SavedTensor(t, self.ledger, span=span)
+            holder.store(span, self.spec, seed)
+            holder.held = True  # counted live by ``finish``, for the whole forward at once (Ledger.hold_many)
         else:
             recipe = span.recipe
             assert recipe is not None

@@ -171,3 +171,33 @@ def span_of(holder: Any, index: dict[int, int]) -> SpanPlan | None:
         quantizable=holder.quantizable,
         log_space=holder.log_space,
     )
+
+
+def decide(
+    cls: str,
+    module: str,
+    numel: int,
+    baseline: int,
+    bits: int,
+    *,
+    perm: tuple[int, ...] | None,
+    dense: bool,
+    quantizable: bool,
+    log_space: bool,
+) -> SpanPlan:
+    """How a recorded span is stored once its class, module and bit-width are known: quantized at
+    ``bits`` if it may be quantized at all (``quantizable``) and ``bits`` is below 16, kept as it is
+    otherwise. ``stored`` is the baseline: the quantized size is known once ``SavedTensor.store``
+    has quantized it."""
+    return SpanPlan(
+        cls,
+        module,
+        numel,
+        baseline,
+        baseline,
+        bits=bits if quantizable and bits < 16 else 16,
+        perm=None if perm is None or perm == tuple(range(len(perm))) else perm,
+        dense=dense,
+        quantizable=quantizable,
+        log_space=log_space,
+    )

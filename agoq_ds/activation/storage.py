@@ -20,7 +20,7 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from ..quant import QuantizedTensor, dequantize, quantize
-from .span import SpanPlan, Usage
+from .span import SpanPlan, Usage, decide
 
 if TYPE_CHECKING:
     from .recipe import Recipe
@@ -239,69 +239,58 @@ class SavedTensor:
     derived = False
     """Stored, not recomputed (``span.span_of``)."""
 
-    def __init__(self, t: torch.Tensor, ledger: Ledger, min_numel: int) -> None:
-        perm = dense_permutation(t)
-        self.dense = perm is not None
-        self.perm: tuple[int, ...] | None = tuple(perm) if perm is not None else None
-        """Permutation of the first saved view to memory order (``None``: not dense)."""
-        self.raw: torch.Tensor | None = t.permute(perm) if perm is not None else t
-        self.quantizable = quantizable(t, min_numel)
+    def __init__(self, t: torch.Tensor, ledger: Ledger, min_numel: int = 0, span: SpanPlan | None = None) -> None:
+        """A holder of ``t``. Recording (``span`` is ``None``): its layout worked out here, its class
+        and bits decided later (``finalize``). Replay: the layout is ``span``'s, which a recorded
+        forward decided, and ``store(span, ...)`` follows at once."""
+        if span is None:
+            perm = dense_permutation(t)
+            self.dense = perm is not None
+            self.perm: tuple[int, ...] | None = tuple(perm) if perm is not None else None
+            """Permutation of the first saved view to memory order (``None``: not dense)."""
+            self.raw: torch.Tensor | None = t.permute(perm) if perm is not None else t
+            self.quantizable = quantizable(t, min_numel)
+            self.numel = t.numel()
+            self.baseline = tensor_bytes(t)
+            self.requests: list[tuple[int, str | None]] | tuple = []
+            self.log_space = False
+            """True for log-probabilities (a log-softmax output): stored as probabilities, see
+            ``_source``."""
+        else:
+            self.perm, self.dense, self.quantizable, self.log_space = (
+                span.perm,
+                span.dense,
+                span.quantizable,
+                span.log_space,
+            )
+            # Unpacking views ``raw`` through ``as_strided``, which reads only its storage and offset:
+            # ``t`` serves as well as its memory-order permutation unless it is quantized.
+            self.raw = t if span.perm is None or span.bits >= 16 else t.permute(span.perm)
+            self.numel, self.baseline = span.numel, span.baseline
+            self.requests = _NO_REQUESTS
         self.q: QuantizedTensor | None = None
-        self.numel = t.numel()
         self._dtype = t.dtype
-        self.baseline = tensor_bytes(t)
         self.stored = self.baseline
         self.bits = 16
         self.cls = ""
         self.module = ""
         self.final = False
-        self.requests: list[tuple[int, str | None]] = []
         self._dequantized: weakref.ref | None = None
         self.ledger = ledger
         self.held = False
-        self.log_space = False
-        """True for log-probabilities (a log-softmax output): stored as probabilities, see
-        ``_store_quantized``."""
         self.nonfinite = False
         """True when a finiteness check found NaN/Inf in the span (it is then kept as it is)."""
 
-    @classmethod
-    def planned(cls, t: torch.Tensor, span: SpanPlan, ledger: Ledger, spec: QuantSpec, seed: int) -> SavedTensor:
-        """A final holder of ``t`` stored as ``span`` (``span.py``) says: what ``__init__`` and
-        ``finalize`` would make of it, without working out layout, class and bits again."""
-        self = cls.__new__(cls)
-        self.perm, self.dense, self.quantizable, self.log_space = (
-            span.perm,
-            span.dense,
-            span.quantizable,
-            span.log_space,
-        )
-        self.q, self._dequantized, self.nonfinite, self.final = None, None, False, True
-        self.numel, self.baseline, self._dtype, self.cls, self.module = (
-            span.numel,
-            span.baseline,
-            t.dtype,
-            span.cls,
-            span.module,
-        )
-        self.requests, self.ledger = _NO_REQUESTS, ledger
+    def store(self, span: SpanPlan, spec: QuantSpec, seed: int, check_finite: bool = False) -> None:
+        """Store the span as ``span`` decides (``span.decide`` while recording, a plan on replay):
+        counted under its class and module, quantized at ``span.bits`` below 16 (the full-precision
+        tensor released), kept as it is otherwise. ``check_finite``: keep it as it is if it holds
+        NaN/Inf (sets ``nonfinite``; reads the device, so only while tracing). Counting the bytes
+        live is the caller's (``hold``, or ``Ledger.hold_many`` for a whole replayed forward)."""
+        self.cls, self.module, self.final = span.cls, span.module, True
+        self.quantizable, self.log_space = span.quantizable, span.log_space
         if span.bits < 16:
-            self.raw = t if span.perm is None else t.permute(span.perm)
-            self.q = quantize(
-                self._source(),
-                span.bits,
-                spec.group_size,
-                stochastic=self._stochastic(spec),
-                seed=seed,
-                scale_dtype=spec.scale_dtype,
-            )
-            self.raw, self.bits, self.stored = None, span.bits, span.stored
-        else:
-            # Unpacking views ``raw`` through ``as_strided``, which reads only its storage and offset:
-            # ``t`` serves as well as its memory-order permutation.
-            self.raw, self.bits, self.stored = t, 16, span.baseline
-        self.held = True  # counted live by the replay, for the whole forward at once (Ledger.hold_many)
-        return self
+            self._store_quantized(span.bits, spec, seed, check_finite)
 
     def hold(self) -> None:
         """Start counting this holder's bytes as live (at the latest when it is finalised; earlier
@@ -325,19 +314,27 @@ class SavedTensor:
         calibrate=None,
         check_finite: bool = False,
     ) -> None:
-        """Fix class, module and bit-width and release the full-precision tensor if quantized.
+        """Decide how the span is stored (``span.decide``: class, module, bit-width) and ``store`` it.
 
         ``calibrate(t, cls, module, quantizable)`` (optional) sees the tensor first. ``check_finite``:
         keep the span as it is if it holds NaN/Inf (sets ``nonfinite``; reads the device, so only
         while tracing).
         """
         assert self.raw is not None and not self.final
-        self.cls, self.module, self.final = cls, module, True
-        self.quantizable = self.quantizable and not force_raw
+        span = decide(
+            cls,
+            module,
+            self.numel,
+            self.baseline,
+            bits,
+            perm=self.perm,
+            dense=self.dense,
+            quantizable=self.quantizable and not force_raw,
+            log_space=self.log_space,
+        )
         if calibrate is not None:
-            calibrate(self._source() if self.quantizable else self.raw, cls, module, self.quantizable)
-        if self.quantizable and bits < 16:
-            self._store_quantized(bits, spec, seed, check_finite)
+            calibrate(self._source() if span.quantizable else self.raw, cls, module, span.quantizable)
+        self.store(span, spec, seed, check_finite)
         self.hold()
         self.ledger.record(cls, module, self.numel, self.stored, self.baseline, self.q is not None)
 
