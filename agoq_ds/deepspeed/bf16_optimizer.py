@@ -210,7 +210,7 @@ class AgoqBF16Optimizer(OptimizerHost, BF16_Optimizer):
     def agoq_reduce(self, *, group, scale: float, comm_dtype: torch.dtype, elements_per_buffer: int = 0) -> None:
         """All-reduce every group's accumulated gradient over ``group`` (scaled by ``scale``) into the
         buffer the step reads; replaces DeepSpeed's all-reduce of ``get_grads_for_reduction()``."""
-        self._agoq_note_buffers()
+        self.agoq_store.note_buffers()
         for i, flat in enumerate(self.fp32_groups_gradients_flat):
             numel = flat.numel()
             if self._agoq_store8:
@@ -245,18 +245,10 @@ class AgoqBF16Optimizer(OptimizerHost, BF16_Optimizer):
 
     # --- step ----------------------------------------------------------------------------------
 
-    def step(self, closure=None) -> None:
-        """DeepSpeed's step on the reduced buffer; then the accumulators restart (error-feedback
-        residuals carry on, except after a skipped step, where they are dropped with the gradients)."""
-        if not self._agoq_active:
-            return super().step(closure)
+    def agoq_before_step(self) -> None:
+        """Materialize what was never reduced (e.g. ``no_sync``: DeepSpeed steps on the local sums)."""
         if self.agoq_store.pending():
-            self.agoq_materialize()  # never reduced (e.g. no_sync): DeepSpeed steps on the local sums
-        self._agoq_note_buffers()
-        super().step(closure)
-        self.agoq_store.finish_step(overflow=bool(self.overflow))
-
-    def _agoq_note_buffers(self) -> None:
+            self.agoq_materialize()
         self.agoq_store.note_buffers()
 
     # --- checkpointing -------------------------------------------------------------------------

@@ -194,9 +194,9 @@ class AgoqEngineMixin:
             self.agoq_param_gradients.reset()
 
     def _take_model_step(self, lr_kwargs):
-        gradients = self.agoq_param_gradients
-        if gradients is not None and gradients.agoq_store.pending():
-            gradients.agoq_materialize()  # a step without reduction (no_sync): DeepSpeed steps on local sums
+        gradients = self.agoq_param_gradients  # stage 0: no optimizer subclass runs the step protocol
+        if gradients is not None:
+            gradients.agoq_before_step()
         check = self._agoq_check
         if check is not None and check.active:
             group, _ = self._agoq_dp_group()
@@ -204,7 +204,7 @@ class AgoqEngineMixin:
         super()._take_model_step(lr_kwargs)
         overflow = bool(getattr(self.optimizer, "overflow", False))  # a host bool DeepSpeed already has
         if gradients is not None:
-            gradients.finish_step(overflow=overflow)
+            gradients.agoq_after_step(overflow)
         if self.agoq_activation is not None:
             if self._agoq_overflows.update(overflow):
                 table = self.agoq_activation.table()

@@ -48,6 +48,14 @@ class OptimizerHost(GradientHost):
             device=get_accelerator().current_device_name(),
         )
 
+    def step(self, closure: Any = None) -> None:
+        """DeepSpeed's step between the host's ``agoq_before_step`` (while active) and
+        ``agoq_after_step``."""
+        if self.agoq_active:
+            self.agoq_before_step()
+        super().step(closure)
+        self.agoq_after_step(overflow=bool(self.overflow))
+
     def _agoq_layout(self) -> dict[str, Any]:
         """The host's own figures that a checkpoint's state must match to be restored."""
         return {}

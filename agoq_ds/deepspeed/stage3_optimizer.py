@@ -266,19 +266,17 @@ class AgoqStage3Optimizer(OptimizerHost, DeepSpeedZeroOptimizer_Stage3):
         if self._agoq_active:
             self._agoq_materialize()
 
-    def step(self, closure=None) -> None:
-        """DeepSpeed's step on the dequantized partition; then the accumulator restarts (error-feedback
-        residuals carry on, except after a skipped step, where they are dropped with the gradients)."""
-        if not self._agoq_active:
-            super().step(closure)
-            self.agoq_store.finish_step(overflow=bool(self.overflow))
-            return
+    def agoq_before_step(self) -> None:
+        """Materialize the partition if no boundary epilogue did (DeepSpeed steps on what it has)."""
         if self._agoq_partition.has_value and not self._agoq_live:
-            self._agoq_materialize()  # stepped without a boundary epilogue: DeepSpeed steps on what it has
+            self._agoq_materialize()
         self.agoq_store.note_buffers()
-        super().step(closure)
-        self.agoq_store.finish_step(overflow=bool(self.overflow))
-        self._agoq_release()
+
+    def agoq_after_step(self, overflow: bool) -> None:
+        """The accumulator restarts; the fp32 partition the step read is let go."""
+        super().agoq_after_step(overflow)
+        if self._agoq_active:
+            self._agoq_release()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """DeepSpeed's ``zero_grad`` (the next micro-batch starts a new sum): the accumulator too."""

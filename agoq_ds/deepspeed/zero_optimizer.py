@@ -287,13 +287,9 @@ class AgoqZeroOptimizer(OptimizerHost, DeepSpeedZeroOptimizer):
         self.set_gradient_accumulation_boundary(True)
         self._agoq_materialize()
 
-    def step(self, closure=None) -> None:
-        """DeepSpeed's step; then the accumulators restart (error-feedback residuals carry on,
-        except after a skipped step, where they are dropped with the gradients)."""
-        if self._agoq_active:
-            self._agoq_note_buffers()
-        super().step(closure)
-        self.agoq_store.finish_step(overflow=bool(self.overflow))
+    def agoq_before_step(self) -> None:
+        """Note the buffer bytes (the boundary epilogue has materialized the partitions)."""
+        self._agoq_note_buffers()
 
     # --- statistics ----------------------------------------------------------------------------
 

@@ -9,6 +9,8 @@ engine talks to each through these names only, one per role:
   call ``agoq_reduce`` at the boundary (stage 0); ZeRO hosts reduce inside DeepSpeed's backward hooks;
 * ``agoq_reduce``, ``agoq_materialize``: reduce the accumulated gradients / put them where DeepSpeed
   reads them without communicating (a tied-weight reduction, a step without reduction);
+* ``agoq_before_step``, ``agoq_after_step``: the step protocol, around DeepSpeed's optimizer step
+  (the optimizer hosts' one ``step`` wrapper, ``OptimizerHost.step``; the engine for stage 0);
 * ``agoq_stats``: the figures of the last step;
 * ``agoq_param_paths``: which trainable parameters' gradients can meet a quantizer (``paths.py``);
 * ``agoq_description``: one line for the start-up summary.
@@ -49,6 +51,17 @@ class GradientHost:
     def agoq_materialize(self, params: Sequence[torch.nn.Parameter] | None = None) -> None:
         """Put accumulated, not yet reduced gradients where DeepSpeed reads them, without communicating
         (``params``: only those, where the host can tell them apart). Nothing to do by default."""
+
+    def agoq_before_step(self) -> None:
+        """Right before DeepSpeed's optimizer step: make sure the step reads the accumulated gradients
+        (a step without a reduction, e.g. ``no_sync``, steps on the local sums) and note the buffer
+        bytes held. Only called while the host is active."""
+        self.agoq_store.note_buffers()
+
+    def agoq_after_step(self, overflow: bool) -> None:
+        """Right after it: the per-step accumulators restart; after a skipped step (``overflow``) the
+        gradients and error-feedback residuals are dropped, as DeepSpeed drops the gradients."""
+        self.agoq_store.finish_step(overflow=overflow)
 
     def agoq_stats(self) -> dict[str, float]:
         """Figures of the last finished optimizer step on this rank (``GradientStore.stats``) and how many

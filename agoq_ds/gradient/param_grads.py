@@ -185,11 +185,15 @@ class ParamGradients(GradientHost):
 
     # --- step ----------------------------------------------------------------------------------
 
-    def finish_step(self, overflow: bool) -> None:
-        """After ``optimizer.step()``: snapshot the statistics; after a skipped step the gradients and
-        error-feedback residuals are dropped, as DeepSpeed drops the gradients."""
+    def agoq_before_step(self) -> None:
+        """A step that was never reduced (``no_sync``): DeepSpeed steps on the local sums."""
+        if self.agoq_store.pending():
+            self.agoq_materialize()
+
+    def agoq_after_step(self, overflow: bool) -> None:
+        """Snapshot the statistics, then the store's step boundary (``GradientHost.agoq_after_step``)."""
         self.agoq_store.note_buffers()
-        self.agoq_store.finish_step(overflow=overflow)
+        super().agoq_after_step(overflow)
 
     # --- checkpointing -------------------------------------------------------------------------
 
