@@ -4,12 +4,13 @@ the planner and the gradient core import (and work) without DeepSpeed, and neith
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from source_imports import imports
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "agoq_ds"
@@ -76,8 +77,8 @@ print(json.dumps({
 """
 
 
-def test_config_planner_and_gradient_core_work_without_deepspeed() -> None:
-    code = f"MODULES = {list(WITHOUT_DEEPSPEED)!r}\n{_BLOCKED}"
+def _python(code: str) -> subprocess.CompletedProcess:
+    """``code`` run by a fresh interpreter from the repository root; it must succeed."""
     out = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
@@ -87,6 +88,12 @@ def test_config_planner_and_gradient_core_work_without_deepspeed() -> None:
         timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def test_config_planner_and_gradient_core_work_without_deepspeed() -> None:
+    code = f"MODULES = {list(WITHOUT_DEEPSPEED)!r}\n{_BLOCKED}"
+    out = _python(code)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["blocked"] and result["deepspeed"] == ["deepspeed"], result["deepspeed"]
     assert result["wing"] == []  # nothing of agoq_ds/deepspeed was imported either
@@ -95,28 +102,6 @@ def test_config_planner_and_gradient_core_work_without_deepspeed() -> None:
     assert "did you mean 'activation'?" in result["error"]
     assert result["sum"] == 4096.0
     assert result["stages"] == 2
-
-
-def _module_name(path: Path) -> str:
-    return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
-
-
-def _imports(path: Path, *, top_level_only: bool = False) -> list[tuple[str, int]]:
-    """Absolute module names ``path`` imports (relative imports resolved; ``from x import y`` gives
-    ``x`` and ``x.y``), with line numbers; anywhere in the file, or only in its top-level statements."""
-    package = _module_name(path).split(".")
-    package = package if path.name == "__init__.py" else package[:-1]
-    tree = ast.parse(path.read_text())
-    nodes = tree.body if top_level_only else ast.walk(tree)
-    found = []
-    for node in nodes:
-        if isinstance(node, ast.Import):
-            found += [(alias.name, node.lineno) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = package[: len(package) - node.level + 1] if node.level else []
-            module = ".".join([*base, *([node.module] if node.module else [])])
-            found += [(module, node.lineno), *((f"{module}.{a.name}", node.lineno) for a in node.names)]
-    return found
 
 
 def _path(module: str) -> Path:
@@ -133,7 +118,7 @@ def test_config_and_activation_import_nothing_from_the_deepspeed_package() -> No
     offenders = [
         f"{path.relative_to(ROOT)}:{line} imports {module}"
         for path in files
-        for module, line in _imports(path)
+        for module, line in imports(path)
         if _is(module, "agoq_ds.deepspeed")
     ]
     assert not offenders, "config.py and activation/ stay below agoq_ds/deepspeed:\n" + "\n".join(offenders)
@@ -143,7 +128,7 @@ def test_ground_floor_imports_nothing_of_agoq_or_deepspeed() -> None:
     offenders = [
         f"{module}:{line} imports {imported}"
         for module in GROUND_FLOOR
-        for imported, line in _imports(_path(module))
+        for imported, line in imports(_path(module))
         if _is(imported, "agoq_ds") or _is(imported, "deepspeed")
     ]
     assert not offenders, "\n".join(offenders)
@@ -154,7 +139,7 @@ def test_gradient_core_imports_deepspeed_only_when_it_runs() -> None:
     offenders = [
         f"{module}:{line} imports {imported}"
         for module in (*GRADIENT_CORE, "agoq_ds.config", "agoq_ds.planner")
-        for imported, line in _imports(_path(module), top_level_only=True)
+        for imported, line in imports(_path(module), top_level_only=True)
         if _is(imported, "deepspeed") or _is(imported, "agoq_ds.deepspeed")
     ]
     assert not offenders, "\n".join(offenders)
@@ -169,13 +154,5 @@ def test_the_lazy_comm_becomes_deepspeed_comm_on_first_use() -> None:
         "import deepspeed.comm\n"
         "print(before, c.dist is deepspeed.comm, a.dist is deepspeed.comm)"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "DS_ACCELERATOR": "cpu"},
-        cwd=ROOT,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = _python(code)
     assert out.stdout.strip().splitlines()[-1] == "('LazyComm', 'LazyComm') True True"
