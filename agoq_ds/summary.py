@@ -34,12 +34,12 @@ def _gradient_line(engine: Any) -> list[str]:
         return ["gradients     stock DeepSpeed (agoq gradient path off)"]
     store = f"int{cfg.storage_bits} storage" if cfg.storage_bits == 8 else "fp32 storage"
     ef = " + error feedback" if cfg.error_feedback else ""
-    paths = list(path.agoq_param_paths().values())
+    counts = path.agoq_path_counts()
     check = f", checked at the first {cfg.check_steps} steps" if cfg.check_steps else ""
     return [
         f"gradients     {path.agoq_description}, {store}{ef}, group {cfg.group_size}, {cfg.rounding} rounding "
         f"[{type(path).__name__}]",
-        f"              parameters: {paths.count('8bit')} on the 8-bit path, {paths.count('exact')} exact "
+        f"              parameters: {counts['params_8bit']:.0f} on the 8-bit path, {counts['params_exact']:.0f} exact "
         f"(below min_numel {cfg.min_numel} or one rank){check}",
     ]
 

@@ -66,7 +66,16 @@ class GradientHost:
     def agoq_stats(self) -> dict[str, float]:
         """Figures of the last finished optimizer step on this rank (``GradientStore.stats``) and how many
         of this rank's trainable parameters are on the exact and on the 8-bit path."""
-        return {**self.agoq_store.stats(), **count_paths(self.agoq_param_paths().values())}
+        return {**self.agoq_store.stats(), **self.agoq_path_counts()}
+
+    def agoq_path_counts(self) -> dict[str, float]:
+        """``count_paths`` of ``agoq_param_paths``, worked out once: the paths follow from sizes fixed at
+        construction, and the statistics are read every ``steps_per_print`` steps."""
+        counts = getattr(self, "_agoq_path_counts", None)
+        if counts is None:
+            counts = count_paths(self.agoq_param_paths().values())
+            self._agoq_path_counts = counts
+        return counts
 
     def agoq_param_paths(self) -> dict[int, Path]:
         """``id(param) -> "exact" | "8bit"`` for every trainable parameter the host holds (``paths.py``)."""
