@@ -21,11 +21,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
 
 if TYPE_CHECKING:
     from torch import nn
 
+from .identity import Storages
 from .recipe import bind_parameters
 from .span import ALIAS, KEEP, NEW, ForwardPlan, SpanPlan, Step, Usage, span_of
 from .storage import DerivedTensor, Ledger, QuantSpec, SavedTensor, SavedView
@@ -156,6 +156,7 @@ class Replay:
         "kept",
         "key",
         "ledger",
+        "numbers",
         "plan",
         "seed",
         "spans",
@@ -172,19 +173,19 @@ class Replay:
         ledger: Ledger,
         spec: QuantSpec,
         seed: Callable[[int], int],
-        kept: frozenset[int],
     ) -> None:
         self.plan, self.key, self.ledger, self.spec, self.seed = plan, key, ledger, spec, seed
-        self.kept = kept
+        self.kept = plan.kept
         """``id`` of every parameter and buffer of the model (never stored by agoq)."""
         self.steps, self.spans, self.stochastic = plan.steps, plan.spans, spec.stochastic
         self.cursor = 0
         """Index of the next step."""
         self.holders: list[Any] = []
         """Spans created so far, in plan order."""
-        self.storages: dict[int, tuple[int, StorageWeakRef]] = {}
-        """Storage address and weak reference of each aliased span (checked by its views: the same
-        live storage, not merely a later one at a freed span's address)."""
+        self.storages = Storages()
+        self.numbers: dict[int, int] = {}
+        """Storage number of each aliased span (checked by its views: the same live storage, not
+        merely a later one at a freed span's address)."""
         self.deviated: int | None = None
         """Index of the first saved tensor that did not match the plan, if one did not."""
 
@@ -210,12 +211,11 @@ class Replay:
         n = step.span
         span = self.spans[n]
         if kind == ALIAS:
-            if n < len(self.holders) and (not span.aliased or self._same_storage(n, t)):
+            if n < len(self.holders) and (not span.aliased or self.storages.alive(self.numbers[n], t)):
                 return SavedView(self.holders[n], step.shape, step.stride)
             return self._deviate(i, t, "not a view of the planned span")
         if span.aliased:
-            storage = t.untyped_storage()
-            self.storages[n] = (storage.data_ptr(), StorageWeakRef(storage))
+            self.numbers[n] = self.storages.number(t)
         if not span.derived_from:
             seed = self.seed(n) if self.stochastic or span.log_space else 0
             holder: Any = SavedTensor(t, self.ledger, span=span)
@@ -237,10 +237,6 @@ class Replay:
         self.holders.append(holder)
         return SavedView(holder, step.shape, step.stride)
 
-    def _same_storage(self, n: int, t: torch.Tensor) -> bool:
-        address, ref = self.storages[n]
-        return address == t.untyped_storage().data_ptr() and not ref.expired()
-
     def _deviate(self, i: int, t: torch.Tensor, why: str) -> torch.Tensor:
         self.deviated = i
         logger.info(
@@ -261,7 +257,8 @@ class Replay:
         try:
             return self._count()
         finally:
-            self.holders, self.storages = [], {}
+            self.holders, self.numbers = [], {}
+            self.storages.clear()
 
     def _count(self) -> bool:
         # Holders are counted live here, all at once (they drop themselves when freed).

@@ -107,8 +107,8 @@ class ActivationQuantizer:
             recompute=config.recompute,
         )
         """The pack/unpack machinery (hooks, trace, ledger)."""
-        self.engine.enabled = bool(config.enabled)
-        self.engine.calibrating = self._budget
+        self.engine.recorder.enabled = bool(config.enabled)
+        self.engine.recorder.calibrating = self._budget
         self.checkpoint_function = QuantizingCheckpoint(self.engine)
         """Quantizing checkpoint function for ``PipelineModule(activation_checkpoint_func=...)``,
         HF's ``_gradient_checkpointing_func`` or in place of ``deepspeed.checkpointing.checkpoint``."""
@@ -132,7 +132,7 @@ class ActivationQuantizer:
     def install(self) -> ActivationQuantizer:
         """Register the hooks (and use the quantizing checkpoint function in a ``PipelineModule``
         that checkpoints with DeepSpeed's own one)."""
-        if not self.engine.enabled:
+        if not self.engine.recorder.enabled:
             return self
         self.engine.install()
         if self.config.checkpointing:
@@ -177,7 +177,7 @@ class ActivationQuantizer:
             ledger.peak_stored,
             ledger.peak_baseline,
             ledger.peak_bf16,
-            calibration=self.engine.calibrating,
+            calibration=self.engine.recorder.calibrating,
         )
         if not self._traced and ledger.forwards:
             self._traced = True
@@ -205,8 +205,8 @@ class ActivationQuantizer:
         recomputed = calib.recomputed
         self.sensitivity = calib.sensitivity()
         self.calibration = None
-        self.engine.on_saved = None
-        self.engine.calibrating = False
+        self.engine.recorder.on_saved = None
+        self.engine.recorder.calibrating = False
         self.engine.invalidate_plans()
         scale_bytes = self.spec.scale_dtype.itemsize
         for u in units:
@@ -422,5 +422,5 @@ class ActivationQuantizer:
         self.engine.invalidate_plans()
         if state["calibrated"]:
             self.calibration = None
-            self.engine.on_saved = None
-            self.engine.calibrating = False
+            self.engine.recorder.on_saved = None
+            self.engine.recorder.calibrating = False

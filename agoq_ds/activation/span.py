@@ -7,7 +7,8 @@ span); a ``ForwardPlan`` is all of a forward's steps and spans plus what they co
 ``span_of`` reads the record back off a final holder (``storage.py``) so a recorded forward can be
 replayed (``plan.py``).
 
-This module is the floor of ``activation/``'s packing: it imports nothing of agoq's, and
+This module is the floor of ``activation/``'s packing: it imports nothing of agoq's but the ground
+floor's layer classes, and
 ``storage.py`` (the holders) and ``plan.py`` (recording and replay) build on it.
 """
 
@@ -17,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from ..layer_classes import LOSS_HEAD_MIN_BITS
 
 if TYPE_CHECKING:
     from .recipe import Recipe
@@ -133,6 +136,8 @@ class ForwardPlan:
     """Usage per (module, class) of one replayed forward."""
     total: Usage = field(default_factory=Usage)
     """Usage of one replayed forward."""
+    kept: frozenset[int] = frozenset()
+    """``id`` of every parameter and buffer of the model when it was recorded (never stored)."""
 
 
 def span_of(holder: Any, index: dict[int, int]) -> SpanPlan | None:
@@ -171,6 +176,17 @@ def span_of(holder: Any, index: dict[int, int]) -> SpanPlan | None:
         quantizable=holder.quantizable,
         log_space=holder.log_space,
     )
+
+
+def decide_bits(requested: list[int], *, log_space: bool) -> int:
+    """The bit-width of a span its savers asked ``requested`` of: the largest (a span saved by several
+    ops, or as several views, is stored once, at the finest width any of them wants), and at least
+    ``LOSS_HEAD_MIN_BITS`` for log-probabilities stored as probabilities (the loss head's softmax
+    backward reads them directly)."""
+    bits = max(requested)
+    if log_space and bits < 16:
+        bits = max(bits, LOSS_HEAD_MIN_BITS)
+    return bits
 
 
 def decide(

@@ -4,8 +4,8 @@
 is needed to give backward a tensor of the original shape, dtype and strides. ``Ledger`` counts,
 exactly, the bytes every live holder keeps (``QuantizedTensor.nbytes`` for quantized ones) next to
 the bytes the unquantized tensor would have kept; a holder gives its bytes back when autograd
-frees it, so the live count returns to zero after backward. ``DedupCache`` makes a tensor saved by
-several ops (the normed input of q/k/v projections) one holder.
+frees it, so the live count returns to zero after backward. ``unpack_saved`` is the unpack hook
+of every agoq pack hook.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import threading
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
 
 from ..quant import QuantizedTensor, dequantize, quantize
+from .identity import dense_permutation
 from .span import SpanPlan, Usage, decide
 
 if TYPE_CHECKING:
@@ -61,12 +61,6 @@ def quantizable(t: torch.Tensor, min_numel: int) -> bool:
 def tensor_bytes(t: torch.Tensor) -> int:
     """Bytes of the elements of ``t`` (not of its whole storage)."""
     return t.numel() * t.element_size()
-
-
-def dense_permutation(t: torch.Tensor) -> list[int] | None:
-    """A permutation ``p`` with ``t.permute(p)`` contiguous (no copy), or ``None`` if there is none."""
-    order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), -t.shape[d]))
-    return order if t.permute(order).is_contiguous() else None
 
 
 @dataclass
@@ -539,47 +533,7 @@ class DerivedTensor:
             self.ledger.drop(0, self.baseline, self.numel)
 
 
-DedupKey = tuple
-"""Identity of a saved memory span (see ``dedup_key``)."""
-
-
-def dedup_key(t: torch.Tensor) -> DedupKey:
-    """Identity of the data ``t`` shows: (storage address, offset, elements, dtype, version) for a
-    dense tensor, so all views of one span match; shape and strides are added otherwise."""
-    key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype, t._version)
-    if not t.is_contiguous() and dense_permutation(t) is None:
-        key += (tuple(t.shape), t.stride())
-    return key
-
-
-class DedupCache:
-    """Maps saved data to its holder for the duration of one forward.
-
-    An address can be reused once its memory is freed, so an entry only matches while the storage
-    that held the data is still alive (a weak reference to the storage, not to one tensor: ZeRO-3
-    hands every module a fresh alias of its input, which dies with the call while the data lives
-    on); the in-place version counter is part of the key, so data modified after saving is not
-    confused with its old self.
-    """
-
-    def __init__(self) -> None:
-        self._entries: dict[DedupKey, tuple[StorageWeakRef, weakref.ref]] = {}
-
-    def get(self, key: DedupKey) -> SavedTensor | None:
-        """The live holder of ``key``, if its data is still the same."""
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        holder = entry[1]()
-        if entry[0].expired() or holder is None:
-            del self._entries[key]
-            return None
-        return holder
-
-    def put(self, key: DedupKey, t: torch.Tensor, holder: SavedTensor) -> None:
-        """Remember ``holder`` for ``t``'s data (weakly: the cache keeps nothing alive)."""
-        self._entries[key] = (StorageWeakRef(t.untyped_storage()), weakref.ref(holder))
-
-    def clear(self) -> None:
-        """Forget everything (end of a forward)."""
-        self._entries.clear()
+def unpack_saved(packed: Any) -> torch.Tensor:
+    """The unpack hook of every agoq ``saved_tensors_hooks``: a holder's view rebuilt, anything else as
+    it was packed (its identity tells agoq's own hooks from another owner's)."""
+    return packed.unpack() if isinstance(packed, SavedView) else packed

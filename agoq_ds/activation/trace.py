@@ -15,16 +15,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
 
-TensorKey = tuple
-"""(storage address, offset, shape, strides, dtype): the identity of the data a tensor shows."""
-
-
-def tensor_key(t: torch.Tensor) -> TensorKey:
-    """The data identity of ``t`` (two live tensors with equal keys show the same elements)."""
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+from .identity import Storages, ViewKey
 
 
 def tensors_in(*objs: Any) -> list[torch.Tensor]:
@@ -61,9 +54,9 @@ class CallRecord:
     parent: int
     """Index of the calling record, -1 for an outermost call."""
     inputs: set[tuple]
-    """(forward number, *key) of the tensors passed in (args and kwargs)."""
+    """View keys (``identity.Storages.view_key``) of the tensors passed in (args and kwargs)."""
     outputs: set[tuple] = field(default_factory=set)
-    """(forward number, *key) of the tensors returned."""
+    """View keys of the tensors returned."""
     ops: set[str] = field(default_factory=set)
     """Op kinds called directly in this module's scope (``ATTENTION``, ``ACTIVATION``)."""
 
@@ -71,33 +64,19 @@ class CallRecord:
 class Trace:
     """Module calls (in call order) and the ops seen in each call's own scope."""
 
-    def __init__(self) -> None:
+    def __init__(self, storages: Storages) -> None:
         self.calls: list[CallRecord] = []
         """Every call seen, in the order calls started."""
         self._open: list[int] = []
-        self._forward = 0
-        self._storages: dict[int, tuple[int, StorageWeakRef]] = {}
-        """Storage address -> (number, weak reference) of each storage keyed in this forward. Keys
-        carry the number, not the address: a freed tensor's address reused by a new tensor of the
-        same shape would otherwise link calls that never exchanged data (and make the classification
-        depend on allocator history). Holding the tensors instead would keep every module's input
-        and output alive through the traced forward (stock frees what it does not save)."""
-        self._numbered = 0
+        self._storages = storages
+        """Identity of the tensors passed (``identity.Storages``, cleared at the end of each forward):
+        a freed tensor's address reused by a new tensor of the same shape must not link calls that
+        never exchanged data (nor make the classification depend on allocator history), and holding
+        the tensors instead would keep every module's input and output alive through the traced
+        forward (stock frees what it does not save)."""
 
-    def _storage_number(self, t: torch.Tensor) -> int:
-        storage = t.untyped_storage()
-        address = storage.data_ptr()
-        entry = self._storages.get(address)
-        if entry is None or entry[1].expired():
-            self._numbered += 1
-            entry = self._storages[address] = (self._numbered, StorageWeakRef(storage))
-        return entry[0]
-
-    def _keys(self, *objs: Any) -> set[TensorKey]:
-        return {
-            (self._forward, self._storage_number(t), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
-            for t in tensors_in(*objs)
-        }
+    def _keys(self, *objs: Any) -> set[ViewKey]:
+        return {self._storages.view_key(t) for t in tensors_in(*objs)}
 
     def enter(self, module: int, args: tuple, kwargs: dict) -> None:
         """A module call starts."""
@@ -116,11 +95,8 @@ class Trace:
             self.calls[self._open[-1]].ops.add(kind)
 
     def reset_open(self) -> None:
-        """A forward ended: forget unfinished calls (a forward that raised) and the storages keyed,
-        and key the next forward's tensors apart from this one's."""
+        """A forward ended: forget unfinished calls (a forward that raised)."""
         self._open.clear()
-        self._storages.clear()
-        self._forward += 1
 
 
 ACTIVATIONS = (
@@ -172,11 +148,11 @@ max/min, inf-norms): a quantized input or output matches nowhere and the gradien
 class AttentionOp:
     """One SDPA call in progress: its q/k/v and the holders packed while it runs."""
 
-    q: TensorKey
+    q: ViewKey
     """Key of the query."""
-    k: TensorKey
+    k: ViewKey
     """Key of the key."""
-    v: TensorKey
+    v: ViewKey
     """Key of the value."""
     statistic_numel: int = 0
     """Saved tensors matching none of q/k/v/output and at most this large are softmax statistics
@@ -194,7 +170,8 @@ class OpWatcher(TorchFunctionMode):
     ``log_softmax(input shape)`` / ``log_softmax(None)`` bracket log-softmax and cross-entropy calls
     (what they save of the input's shape are log-probabilities); ``elementwise(func, args, kwargs,
     output)`` reports each call of a function in ``elementwise_ops``; ``exact(True)`` /
-    ``exact(False)`` bracket the ops of ``_EXACT``, whose saved tensors must stay exact.
+    ``exact(False)`` bracket the ops of ``_EXACT``, whose saved tensors must stay exact; ``key(t)``
+    identifies SDPA's q, k and v (``identity.Storages.view_key``).
     """
 
     def __init__(
@@ -205,6 +182,7 @@ class OpWatcher(TorchFunctionMode):
         log_softmax: Callable[[tuple[int, ...] | None], None],
         elementwise: Callable[[Callable, tuple, dict, Any], None],
         exact: Callable[[bool], None],
+        key: Callable[[torch.Tensor], ViewKey],
         elementwise_ops: frozenset[Callable] = frozenset(),
     ) -> None:
         super().__init__()
@@ -215,13 +193,15 @@ class OpWatcher(TorchFunctionMode):
         self._elementwise = elementwise
         self._elementwise_ops = elementwise_ops
         self._exact = exact
+        self._key = key
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             self._on_op(ATTENTION)
             q, k, v = _sdpa_qkv(args, kwargs)
-            op = AttentionOp(tensor_key(q), tensor_key(k), tensor_key(v), q.numel() // 8)
+            key = self._key
+            op = AttentionOp(key(q), key(k), key(v), q.numel() // 8)
             self._begin_sdpa(op)
             out = None
             try:

@@ -11,7 +11,8 @@ from act_helpers import text_batch
 from torch import nn
 
 from agoq_ds.activation import ActivationQuantizer
-from agoq_ds.activation.storage import DedupCache, Ledger, QuantSpec, SavedTensor, dedup_key
+from agoq_ds.activation.identity import SpanTable, Storages
+from agoq_ds.activation.storage import Ledger, QuantSpec, SavedTensor
 from agoq_ds.config import ActivationConfig
 from agoq_ds.models import build_llama
 
@@ -101,23 +102,29 @@ def test_deduplication_of_views_and_shared_inputs():
     quantizer.remove()
 
 
-def test_dedup_key_views_versions_and_address_reuse():
+def test_span_key_views_versions_and_address_reuse():
+    storages = Storages()
+    key = storages.span_key
     t = torch.randn(32, 16)
-    assert dedup_key(t) == dedup_key(t.t()) == dedup_key(t.view(16, 32))
-    assert dedup_key(t) != dedup_key(t[:4]) != dedup_key(t[:, :4])
-    before = dedup_key(t)
+    assert key(t) == key(t.t()) == key(t.view(16, 32))
+    assert key(t) != key(t[:4]) != key(t[:, :4])
+    before = key(t)
     t.add_(1)
-    assert dedup_key(t) != before  # in-place change: new data, new key
+    assert key(t) != before  # in-place change: new data, new key
 
-    cache, ledger = DedupCache(), Ledger()
+    table, ledger = SpanTable(), Ledger()
     holder = SavedTensor(t, ledger, 0)
-    cache.put(dedup_key(t), t, holder)
-    assert cache.get(dedup_key(t)) is holder
+    table.put(key(t), holder)
+    assert table.get(key(t)) is holder
     holder.finalize("other", "", 4, False, QuantSpec(), 0)  # quantized: the holder lets go of t
-    key = dedup_key(t)
+    old = key(t)
     del t
     gc.collect()
-    assert cache.get(key) is None  # the owner died: an address reused later must not match
+    later = torch.randn(32, 16)  # often at the freed address on CPU allocators; never the same storage
+    assert key(later) != old and table.get(key(later)) is None
+    del holder
+    gc.collect()
+    assert table.get(old) is None  # the table keeps no holder alive
 
 
 def test_parameters_buffers_integers_and_small_tensors_left_alone():
@@ -178,7 +185,7 @@ def test_traced_forward_frees_what_stock_frees():
 
 def test_first_step_peaks_below_stock():
     """Forward and backward peaks of the traced first step and of a replayed step, against stock's
-    (live storages counted by ``tests/live_bytes.py``; parameters and their gradients aside)."""
+    (live storages counted by ``agoq_ds/testing/live_bytes.py``; parameters and their gradients aside)."""
     from live_bytes import measure_step
 
     ids = text_batch(batch=2, seq=128)

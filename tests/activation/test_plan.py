@@ -15,10 +15,9 @@ import pytest
 import torch
 from act_helpers import lm_step, text_batch
 from torch import nn
-from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from agoq_ds.activation import ActivationQuantizer, storage
+from agoq_ds.activation import ActivationQuantizer, hooks, storage
 from agoq_ds.activation.plan import Replay
 from agoq_ds.activation.recipe import Recipe
 from agoq_ds.activation.storage import DerivedTensor, SavedView
@@ -61,7 +60,7 @@ def test_replay_matches_hooks_bit_for_bit(name: str) -> None:
     grads, stats, quantizer = _run(config, True, batches, checkpointing)
     assert ref.engine.replayed == 0 and len(ref.engine.plans) == 0
     assert quantizer.engine.replayed == STEPS - 2, "steps 3 and 4 should follow the plan recorded in step 2"
-    assert not quantizer.engine._module_handles, "a replayed forward runs without per-module hooks"
+    assert not quantizer.engine.recorder.hooks_installed, "a replayed forward runs without per-module hooks"
     for step in range(STEPS):
         assert stats[step] == ref_stats[step], f"byte accounting differs at step {step + 1}"
         for n, g in ref_grads[step].items():
@@ -114,9 +113,9 @@ def test_forward_departing_from_its_plan_is_kept_exact_then_recorded_again(caplo
         quantizer.on_step_end()
     assert quantizer.engine.replayed == 1
     model.extra = True
-    quantizer.engine.enabled = False
+    quantizer.engine.recorder.enabled = False
     exact = _grads(model, x)
-    quantizer.engine.enabled = True
+    quantizer.engine.recorder.enabled = True
     with caplog.at_level(logging.INFO, logger="agoq_ds.activation"):
         departed = _grads(model, x)
     assert "departs from the recorded plan" in caplog.text
@@ -152,7 +151,7 @@ def test_eval_and_no_grad_forwards_leave_plans_alone() -> None:
     model, quantizer, ids = _replaying()
     with torch.no_grad():
         model(input_ids=ids)
-    assert not quantizer.engine._module_handles  # nothing installed for a forward that saves nothing
+    assert not quantizer.engine.recorder.hooks_installed  # nothing installed for a forward that saves nothing
     model.eval()
     lm_step(model, ids)  # a grad forward in eval mode: its own plan
     model.train()
@@ -235,7 +234,7 @@ def test_replayed_pack_and_unpack_launch_one_kernel_each(monkeypatch) -> None:
 
     monkeypatch.setattr(storage, "quantize", counted(storage.quantize, 0))
     monkeypatch.setattr(storage, "dequantize", counted(storage.dequantize, 1))
-    real_pack, real_unpack = Replay.pack, engine._unpack_fn
+    real_pack, real_unpack = Replay.pack, hooks.unpack_saved
 
     def pack(self, t):
         probe = {"kernels": [0, 0], "ops": [[], []]}
@@ -264,7 +263,7 @@ def test_replayed_pack_and_unpack_launch_one_kernel_each(monkeypatch) -> None:
         return out
 
     monkeypatch.setattr(Replay, "pack", pack)
-    engine._unpack_fn = unpack
+    monkeypatch.setattr(hooks, "unpack_saved", unpack)
     lm_step(model, ids)
     assert engine.replayed == 1
     quantized = 0
@@ -336,11 +335,10 @@ def test_alias_check_needs_the_same_live_storage() -> None:
     later tensor that the allocator placed at the freed address."""
     _, quantizer, _ = _replaying()
     (plan,) = quantizer.engine.plans._plans.values()
-    replay = Replay(plan, (), quantizer.engine.ledger, quantizer.engine.spec, lambda n: 0, frozenset())
+    replay = Replay(plan, (), quantizer.engine.ledger, quantizer.engine.spec, lambda n: 0)
     t = torch.randn(4096)
-    storage = t.untyped_storage()
-    replay.storages[0] = (storage.data_ptr(), StorageWeakRef(storage))
-    assert replay._same_storage(0, t[10:20])
-    del t, storage
+    number = replay.storages.number(t)
+    assert replay.storages.alive(number, t[10:20])
+    del t
     later = torch.randn(4096)  # often at the same address on CPU allocators; never the same storage
-    assert not replay._same_storage(0, later)
+    assert not replay.storages.alive(number, later)
