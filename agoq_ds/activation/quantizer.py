@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from ..pipeline_support import PipelineSupport
-from .allocate import StagePlan, allocate_budget, balance_stages, pipeline_holds, spread
-from .calibration import Calibration
+from .allocate import pipeline_holds
+from .bit_allocator import BitAllocator
 from .checkpoint import (
     QuantizingCheckpoint,
     is_pipeline_module,
@@ -30,11 +30,10 @@ from .checkpoint import (
     set_hf_checkpoint_function,
     swap_pipeline_checkpoint_function,
 )
-from .classes import LayerClass
 from .hooks import PackEngine
 from .policy import BitPolicy
-from .report import Snapshot, render, total
-from .storage import QuantSpec, Usage
+from .report import Snapshot, render, stats_of
+from .storage import QuantSpec
 
 if TYPE_CHECKING:
     from ..config import ActivationConfig
@@ -84,42 +83,37 @@ class ActivationQuantizer:
         self.micro_batches = micro_batches
         self.holds = pipeline_holds(stage_id, num_stages, micro_batches)
         """Micro-batches this stage holds at its peak under 1F1B."""
-        self.process_group = process_group
         scale_dtype = torch.bfloat16 if config.scale_dtype == "bf16" else torch.float32
         self.spec = QuantSpec(config.group_size, scale_dtype, config.rounding == "stochastic")
         self.policy = BitPolicy(config, stage_id)
         """Bits per (module, class)."""
-        budget = config.budget
-        self._budget = budget.target_avg_bits is not None or budget.stage_budget_bytes is not None
-        self._stage_aware = config.pipeline.mode == "stage_aware"
-        steps = budget.calibration_steps if self._budget else 1 if self._stage_aware else 0
-        self.calibration: Calibration | None = Calibration(self.spec, [2, 4, 8]) if steps else None
-        """Measurements in progress (``None`` once the bits are fixed or when nothing is calibrated)."""
-        self._calibration_steps = steps
-        self._calibration_forwards = 0
+        self.allocator = BitAllocator(
+            config,
+            self.policy,
+            self.spec,
+            stage_id=stage_id,
+            num_stages=num_stages,
+            holds=self.holds,
+            process_group=process_group,
+        )
+        """Calibration and budget handling (which steps measure, the bits fixed after them)."""
         self.engine = PackEngine(
             model,
             self.policy.bits,
             self.spec,
             config.min_numel,
             seed,
-            on_saved=self._observe if steps else None,
+            on_saved=self.allocator.observe if self.allocator.steps else None,
             recompute=config.recompute,
         )
         """The pack/unpack machinery (hooks, trace, ledger)."""
         self.engine.recorder.enabled = bool(config.enabled)
-        self.engine.recorder.calibrating = self._budget
+        self.engine.recorder.calibrating = self.allocator.budget
         self.checkpoint_function = QuantizingCheckpoint(self.engine)
         """Quantizing checkpoint function for ``PipelineModule(activation_checkpoint_func=...)``,
         HF's ``_gradient_checkpointing_func`` or in place of ``deepspeed.checkpointing.checkpoint``."""
         self.step = 0
         """Optimizer steps seen (``on_step_end`` calls)."""
-        self.sensitivity: dict[str, dict[int, float]] = {}
-        """Measured relative quantization error per class and bits (after calibration)."""
-        self.stage_peaks: dict[str, dict[int, int]] = {}
-        """Stage-aware mode: modelled per-stage peak stored bytes ``before``/``after`` balancing."""
-        self.decisions: list[str] = []
-        """What the allocators decided, as logged."""
         self._snapshot: Snapshot | None = None
         self._log_report = log_report
         self._traced = False
@@ -182,116 +176,34 @@ class ActivationQuantizer:
         if not self._traced and ledger.forwards:
             self._traced = True
             self.engine.stop_tracing()
-        if self.calibration is not None:
-            self._calibration_forwards += len(ledger.forwards)
-            if self.step >= self._calibration_steps and self._calibration_forwards:
-                self._allocate()
+        if self.allocator.end_step(self.step, len(ledger.forwards)):
+            self._bits_fixed()
         ledger.reset_usage()
         ledger.reset_peaks()
         if self._log_report and self._snapshot.forwards:
             self._log_report = False
             _log("agoq activation storage measured in the first step:\n" + self.report())
 
-    # --- calibration -------------------------------------------------------------------------------
-
-    def _observe(self, t: torch.Tensor | None, cls: str, module: str, quantizable: bool, numel: int = 0) -> None:
-        if self.calibration is not None:
-            self.calibration.observe(t, cls, module, quantizable, numel)
-
-    def _allocate(self) -> None:
-        calib = self.calibration
-        assert calib is not None
-        units, fixed_numel, fixed_bytes = calib.per_micro_batch(self._calibration_forwards)
-        recomputed = calib.recomputed
-        self.sensitivity = calib.sensitivity()
-        self.calibration = None
-        self.engine.recorder.on_saved = None
-        self.engine.recorder.calibrating = False
+    def _bits_fixed(self) -> None:
+        """Calibration ended: store at the fixed bits from now on (plans recorded before are stale)."""
+        recorder = self.engine.recorder
+        recorder.on_saved, recorder.calibrating = None, False
         self.engine.invalidate_plans()
-        scale_bytes = self.spec.scale_dtype.itemsize
-        for u in units:
-            pinned = self.policy.pinned_bits(u.module, u.cls)
-            u.pinned = pinned is not None or (self._budget and self.policy.class_pinned(u.cls))
-            u.bits = pinned if pinned is not None else self.policy.bits(u.module, u.cls)
-        if self._budget:
-            b = self.config.budget
-            table = allocate_budget(
-                units,
-                fixed_numel,
-                fixed_bytes,
-                self.sensitivity,
-                list(b.candidate_bits),
-                scale_bytes,
-                target_avg_bits=b.target_avg_bits,
-                budget_bytes=b.stage_budget_bytes,
-                holds=self.holds,
-                floors=self._sensitive_floors(),
-            )
-            # Classes whose tensors are all recomputed from other classes' follow their sources: at the
-            # smallest width they never raise a source above what the budget gave it.
-            stored = {u.cls for u in units}
-            lowest = min(b.candidate_bits)
-            table |= {c: lowest for c in recomputed - stored if not self.policy.class_pinned(c)}
-            self.policy.set_class_bits(table)
-            for u in units:
-                if not u.pinned:
-                    u.bits = table[u.cls]
-            nbytes = fixed_bytes + sum(u.nbytes(u.bits, scale_bytes) for u in units)
-            numel = fixed_numel + sum(u.numel for u in units)
-            self._decide(
-                f"budget mode (stage {self.stage_id}): class bits {dict(sorted(table.items()))}; predicted "
-                f"{8 * nbytes / max(numel, 1):.3f} bits/element, {self.holds * nbytes} bytes peak "
-                f"(target avg {b.target_avg_bits}, stage budget {b.stage_budget_bytes}); "
-                f"measured error {self._fmt_sensitivity(table)}"
-            )
-        if self._stage_aware:
-            plans = self._gather(StagePlan(units, fixed_bytes, self.holds, self.sensitivity))
-            changed, before, after = balance_stages(
-                plans,
-                tolerance=self.config.pipeline.tolerance,
-                min_bits=self.config.pipeline.min_bits,
-                scale_bytes=scale_bytes,
-            )
-            self.policy.set_overrides(changed.get(self.stage_id, {}))
-            self.stage_peaks = {"before": before, "after": after}
-            mine = changed.get(self.stage_id, {})
-            self._decide(
-                f"stage-aware (stage {self.stage_id}/{self.num_stages}, holds {self.holds} micro-batches): peak bytes "
-                f"per stage {before} -> {after} (spread {spread(before):.1%} -> {spread(after):.1%}, tolerance "
-                f"{self.config.pipeline.tolerance:.0%}); {len(mine)} unit(s) lowered on this stage"
-                + (": " + ", ".join(f"{m}:{c}={b}" for (m, c), b in sorted(mine.items())) if mine else "")
-            )
 
-    def _sensitive_floors(self) -> dict[str, int]:
-        """Classes the policy table singles out above ``default_bits`` (attention, head/loss): budget
-        mode keeps them at least there while the budget allows, since quantization error alone
-        understates how backward amplifies theirs (softmax)."""
-        default = self.config.default_bits
-        return {c: b for c, b in self.policy.base_table.items() if b > default}
+    @property
+    def sensitivity(self) -> dict[str, dict[int, float]]:
+        """Measured relative quantization error per class and bits (after calibration)."""
+        return self.allocator.sensitivity
 
-    def _gather(self, plan: StagePlan) -> dict[int, StagePlan]:
-        import torch.distributed as dist
+    @property
+    def stage_peaks(self) -> dict[str, dict[int, int]]:
+        """Stage-aware mode: modelled per-stage peak stored bytes ``before``/``after`` balancing."""
+        return self.allocator.stage_peaks
 
-        if self.num_stages <= 1 or not (dist.is_available() and dist.is_initialized()):
-            return {self.stage_id: plan}
-        gathered: list[Any] = [None] * dist.get_world_size(self.process_group)
-        dist.all_gather_object(gathered, (self.stage_id, plan), group=self.process_group)
-        plans: dict[int, StagePlan] = {}
-        for stage, p in gathered:
-            plans.setdefault(stage, p)
-        return plans
-
-    def _decide(self, message: str) -> None:
-        self.decisions.append(message)
-        _log("agoq activation " + message)
-
-    def _fmt_sensitivity(self, table: dict[str, int]) -> str:
-        parts = []
-        for cls, bits in sorted(table.items()):
-            err = self.sensitivity.get(cls, {}).get(bits)
-            if err is not None:
-                parts.append(f"{cls}@{bits}={err:.2e}")
-        return ", ".join(parts)
+    @property
+    def decisions(self) -> list[str]:
+        """What the allocators decided, as logged."""
+        return self.allocator.decisions
 
     # --- reporting ---------------------------------------------------------------------------------
 
@@ -324,46 +236,15 @@ class ActivationQuantizer:
         ``per_module``, ``module/<module>/<class>/{elements,stored_bytes,baseline_bytes}`` (all per
         micro-batch).
         """
-        snap = self._current()
-        per = max(snap.forwards, 1)
-        all_: Usage = total(list(snap.by_class.values()))
-        out: dict[str, float] = {
-            "step": float(self.step),
-            "stored_bytes_peak": float(snap.peak_stored),
-            "baseline_bytes_peak": float(snap.peak_baseline),
-            "bf16_bytes_peak": float(snap.peak_bf16),
-            "live_bytes": float(self.engine.ledger.live_stored),
-            "stored_bytes_per_forward": all_.stored / per,
-            "baseline_bytes_per_forward": all_.baseline / per,
-            "bf16_bytes_per_forward": 2 * all_.numel / per,
-            "elements_per_forward": all_.numel / per,
-            "avg_bits": all_.avg_bits,
-            "compression": all_.baseline / all_.stored if all_.stored else 1.0,
-            "ratio_vs_bf16": all_.stored / (2 * all_.numel) if all_.numel else 1.0,
-        }
-        table = self.table()
-        for cls in LayerClass:
-            u = snap.by_class.get(cls.value)
-            if u is None or not u.numel:
-                continue
-            out[f"class/{cls.value}/bits"] = float(table[cls.value])
-            out[f"class/{cls.value}/elements"] = u.numel / per
-            out[f"class/{cls.value}/stored_bytes"] = u.stored / per
-            out[f"class/{cls.value}/baseline_bytes"] = u.baseline / per
-            out[f"class/{cls.value}/avg_bits"] = u.avg_bits
-        if per_module:
-            for (module, cls_name), u in sorted(snap.by_module.items()):
-                prefix = f"module/{module or '<root>'}/{cls_name}"
-                out[f"{prefix}/elements"] = u.numel / per
-                out[f"{prefix}/stored_bytes"] = u.stored / per
-                out[f"{prefix}/baseline_bytes"] = u.baseline / per
-        return out
+        return stats_of(self._current(), self.table(), self.engine.ledger.live_stored, per_module)
 
     def report(self, per_layer: bool = False) -> str:
         """Human-readable table: per class (and per layer with ``per_layer``) bits, stored bytes,
         bf16-equivalent and unquantized bytes, average bits and compression."""
         mode = (
-            self.config.policy + (", budget" if self._budget else "") + (", stage-aware" if self._stage_aware else "")
+            self.config.policy
+            + (", budget" if self.allocator.budget else "")
+            + (", stage-aware" if self.allocator.stage_aware else "")
         )
         title = f"agoq activations [{mode}] stage {self.stage_id}/{self.num_stages}"
         text = render(
@@ -399,12 +280,9 @@ class ActivationQuantizer:
             "version": STATE_VERSION,
             "step": self.step,
             "forwards": self.engine.forwards,
-            "calibrated": self.calibration is None and self._calibration_steps > 0,
             "class_bits": dict(self.policy.class_bits),
             "overrides": {f"{m}|{c}": b for (m, c), b in self.policy.overrides.items()},
-            "sensitivity": {c: {str(b): float(e) for b, e in v.items()} for c, v in self.sensitivity.items()},
-            "stage_peaks": {k: {str(s): int(p) for s, p in v.items()} for k, v in self.stage_peaks.items()},
-            "decisions": list(self.decisions),
+            **self.allocator.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -416,11 +294,7 @@ class ActivationQuantizer:
         self.engine.forwards = int(state.get("forwards", self.engine.forwards))
         self.policy.set_class_bits({str(k): int(v) for k, v in state["class_bits"].items()})
         self.policy.set_overrides({tuple(k.split("|", 1)): int(v) for k, v in state["overrides"].items()})
-        self.sensitivity = {c: {int(b): float(e) for b, e in v.items()} for c, v in state["sensitivity"].items()}
-        self.stage_peaks = {k: {int(s): int(p) for s, p in v.items()} for k, v in state.get("stage_peaks", {}).items()}
-        self.decisions = list(state.get("decisions", []))
+        self.allocator.load_state_dict(state)
         self.engine.invalidate_plans()
-        if state["calibrated"]:
-            self.calibration = None
-            self.engine.recorder.on_saved = None
-            self.engine.recorder.calibrating = False
+        if self.allocator.calibrated:
+            self._bits_fixed()

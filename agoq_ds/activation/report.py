@@ -106,3 +106,40 @@ def render(
 
 def _natural(name: str) -> tuple:
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.replace("<", "~").split("."))
+
+
+def stats_of(snap: Snapshot, table: dict[str, int], live_bytes: int, per_module: bool = False) -> dict[str, float]:
+    """``ActivationQuantizer.stats``: the snapshot's figures per micro-batch (``table``: class -> bits,
+    ``live_bytes``: held right now)."""
+    per = max(snap.forwards, 1)
+    all_: Usage = total(list(snap.by_class.values()))
+    out: dict[str, float] = {
+        "step": float(snap.step),
+        "stored_bytes_peak": float(snap.peak_stored),
+        "baseline_bytes_peak": float(snap.peak_baseline),
+        "bf16_bytes_peak": float(snap.peak_bf16),
+        "live_bytes": float(live_bytes),
+        "stored_bytes_per_forward": all_.stored / per,
+        "baseline_bytes_per_forward": all_.baseline / per,
+        "bf16_bytes_per_forward": 2 * all_.numel / per,
+        "elements_per_forward": all_.numel / per,
+        "avg_bits": all_.avg_bits,
+        "compression": all_.baseline / all_.stored if all_.stored else 1.0,
+        "ratio_vs_bf16": all_.stored / (2 * all_.numel) if all_.numel else 1.0,
+    }
+    for cls in LayerClass:
+        u = snap.by_class.get(cls.value)
+        if u is None or not u.numel:
+            continue
+        out[f"class/{cls.value}/bits"] = float(table[cls.value])
+        out[f"class/{cls.value}/elements"] = u.numel / per
+        out[f"class/{cls.value}/stored_bytes"] = u.stored / per
+        out[f"class/{cls.value}/baseline_bytes"] = u.baseline / per
+        out[f"class/{cls.value}/avg_bits"] = u.avg_bits
+    if per_module:
+        for (module, cls_name), u in sorted(snap.by_module.items()):
+            prefix = f"module/{module or '<root>'}/{cls_name}"
+            out[f"{prefix}/elements"] = u.numel / per
+            out[f"{prefix}/stored_bytes"] = u.stored / per
+            out[f"{prefix}/baseline_bytes"] = u.baseline / per
+    return out
