@@ -43,7 +43,7 @@ from .classify import Classifier, Structure
 from .derive import Derivations
 from .identity import SpanTable, Storages
 from .plan import build_plan
-from .span import ForwardPlan, decide_bits
+from .span import ForwardPlan
 from .storage import DerivedTensor, Ledger, QuantSpec, SavedTensor, unpack_saved
 from .trace import AttentionOp, OpWatcher, Trace
 
@@ -377,14 +377,10 @@ class Recorder:
     def _finalize(self, holder: Any, statistic: bool = False) -> None:
         module, cls = holder.requests[0]
         source = (module, self._class(module, cls), holder.numel)
-        bits = decide_bits(
-            [self._bits_for(m, c) for m, c in holder.requests],
-            log_space=getattr(holder, "log_space", False),
-        )
         holder.finalize(
             source[1],
             self.classifier.names[module],
-            bits,
+            [self._bits_for(m, c) for m, c in holder.requests],
             statistic or source in self.nonfinite_sources,
             self.spec,
             self._seed_for(holder),

@@ -178,33 +178,28 @@ def span_of(holder: Any, index: dict[int, int]) -> SpanPlan | None:
     )
 
 
-def decide_bits(requested: list[int], *, log_space: bool) -> int:
-    """The bit-width of a span its savers asked ``requested`` of: the largest (a span saved by several
-    ops, or as several views, is stored once, at the finest width any of them wants), and at least
-    ``LOSS_HEAD_MIN_BITS`` for log-probabilities stored as probabilities (the loss head's softmax
-    backward reads them directly)."""
-    bits = max(requested)
-    if log_space and bits < 16:
-        bits = max(bits, LOSS_HEAD_MIN_BITS)
-    return bits
-
-
 def decide(
     cls: str,
     module: str,
     numel: int,
     baseline: int,
-    bits: int,
+    requested: list[int],
     *,
     perm: tuple[int, ...] | None,
     dense: bool,
     quantizable: bool,
     log_space: bool,
 ) -> SpanPlan:
-    """How a recorded span is stored once its class, module and bit-width are known: quantized at
-    ``bits`` if it may be quantized at all (``quantizable``) and ``bits`` is below 16, kept as it is
-    otherwise. ``stored`` is the baseline: the quantized size is known once ``SavedTensor.store``
-    has quantized it."""
+    """How a recorded span is stored once its class and module are known and its savers asked for
+    ``requested`` bit-widths. The bit-width is the largest asked for (a span saved by several ops, or
+    as several views, is stored once, at the finest width any of them wants), at least
+    ``LOSS_HEAD_MIN_BITS`` for log-probabilities stored as probabilities (the loss head's softmax
+    backward reads them directly). The span is quantized at that width if it may be quantized at all
+    (``quantizable``) and the width is below 16, kept as it is otherwise. ``stored`` is the baseline:
+    the quantized size is known once ``SavedTensor.store`` has quantized it."""
+    bits = max(requested)
+    if log_space and bits < 16:
+        bits = max(bits, LOSS_HEAD_MIN_BITS)
     return SpanPlan(
         cls,
         module,

@@ -301,14 +301,15 @@ class SavedTensor:
         self,
         cls: str,
         module: str,
-        bits: int,
+        requested: list[int],
         force_raw: bool,
         spec: QuantSpec,
         seed: int,
         calibrate=None,
         check_finite: bool = False,
     ) -> None:
-        """Decide how the span is stored (``span.decide``: class, module, bit-width) and ``store`` it.
+        """Decide how the span is stored (``span.decide``: class, module, the bit-widths its savers
+        ``requested``) and ``store`` it.
 
         ``calibrate(t, cls, module, quantizable)`` (optional) sees the tensor first. ``check_finite``:
         keep the span as it is if it holds NaN/Inf (sets ``nonfinite``; reads the device, so only
@@ -320,7 +321,7 @@ class SavedTensor:
             module,
             self.numel,
             self.baseline,
-            bits,
+            requested,
             perm=self.perm,
             dense=self.dense,
             quantizable=self.quantizable and not force_raw,
@@ -496,7 +497,7 @@ class DerivedTensor:
         self,
         cls: str,
         module: str,
-        bits: int,
+        requested: list[int],
         force_raw: bool,
         spec: QuantSpec,
         seed: int,
