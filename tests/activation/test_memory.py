@@ -116,7 +116,7 @@ def test_span_key_views_versions_and_address_reuse():
     holder = SavedTensor(t, ledger, 0)
     table.put(key(t), holder)
     assert table.get(key(t)) is holder
-    holder.finalize("other", "", 4, False, QuantSpec(), 0)  # quantized: the holder lets go of t
+    holder.finalize("other", "", [4], False, QuantSpec(), 0)  # quantized: the holder lets go of t
     old = key(t)
     del t
     gc.collect()
