@@ -212,7 +212,7 @@ class Replay:
         span = self.spans[n]
         if kind == ALIAS:
             if n < len(self.holders) and (not span.aliased or self.storages.alive(self.numbers[n], t)):
-                return SavedView(self.holders[n], step.shape, step.stride)
+                return self.holders[n].read_view(step.shape, step.stride)
             return self._deviate(i, t, "not a view of the planned span")
         if span.aliased:
             self.numbers[n] = self.storages.number(t)
@@ -233,9 +233,10 @@ class Replay:
                 for j, (shape, stride) in zip(span.derived_from, span.source_views, strict=True)
             )
             holder = DerivedTensor(sources, recipe, t, self.ledger, bound)
+            holder.count_source_reads()
             holder.cls, holder.module, holder.final, holder.held = span.cls, span.module, True, True
         self.holders.append(holder)
-        return SavedView(holder, step.shape, step.stride)
+        return holder.read_view(step.shape, step.stride)
 
     def _deviate(self, i: int, t: torch.Tensor, why: str) -> torch.Tensor:
         self.deviated = i

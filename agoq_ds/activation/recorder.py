@@ -343,6 +343,7 @@ class Recorder:
         if self.trace is None and final_bits and min(final_bits) < self._bits_for(module, cls):
             return False
         self._number(derived)
+        derived.count_source_reads()
         derived.requests.append((module, cls))
         for leaf in leaves:
             if not leaf.final:

@@ -11,7 +11,6 @@ of every agoq pack hook.
 from __future__ import annotations
 
 import threading
-import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -226,6 +225,7 @@ class SavedTensor:
         "q",
         "quantizable",
         "raw",
+        "reads",
         "requests",
         "stored",
     )
@@ -269,7 +269,10 @@ class SavedTensor:
         self.cls = ""
         self.module = ""
         self.final = False
-        self._dequantized: weakref.ref | None = None
+        self._dequantized: torch.Tensor | None = None
+        self.reads = 0
+        """Reads backward will make of the span: views handed to autograd plus recipes over it. The
+        rebuilt tensor is kept from the first to the last, so each span is dequantized once."""
         self.ledger = ledger
         self.held = False
         self.nonfinite = False
@@ -294,8 +297,13 @@ class SavedTensor:
             self.ledger.hold(self.stored, self.baseline, self.numel)
 
     def view(self, t: torch.Tensor) -> SavedView:
-        """What a pack hook returns for ``t`` (a view of this span)."""
-        return SavedView(self, tuple(t.shape), t.stride())
+        """What a pack hook returns for ``t`` (a view of this span, read once by backward)."""
+        return self.read_view(tuple(t.shape), t.stride())
+
+    def read_view(self, shape: tuple[int, ...], stride: tuple[int, ...]) -> SavedView:
+        """A view of this span that backward reads once (counted in ``reads``)."""
+        self.reads += 1
+        return SavedView(self, shape, stride)
 
     def finalize(
         self,
@@ -389,17 +397,20 @@ class SavedTensor:
     def unpack(self, shape: tuple[int, ...], stride: tuple[int, ...]) -> torch.Tensor:
         """The tensor for backward, in the requesting view's shape (and, when possible, strides).
 
-        Several backward nodes may unpack one holder; while the last dequantized result is alive
-        it is handed out again instead of dequantizing twice.
+        A quantized span is dequantized at its first read and the result kept until its last
+        (``reads``), as stock keeps the tensor itself: the q/k/v projections, a norm's backward and
+        the recipes over its input read one span several times in a row. A read beyond the count
+        (a retained graph run again) dequantizes afresh.
         """
         flat = self.raw
         if flat is None:
-            flat = self._dequantized() if self._dequantized is not None else None
+            flat = self._dequantized
             if flat is None:
                 flat = dequantize(self.q, flat=True)
                 if self.log_space:
                     flat = flat.log().to(self._dtype)
-                self._dequantized = weakref.ref(flat)
+            self.reads -= 1
+            self._dequantized = flat if self.reads > 0 else None
             if not self.dense:
                 return flat.view(shape)
         return flat.as_strided(shape, stride)  # a dense span in memory order: any view's strides apply
@@ -442,6 +453,7 @@ class DerivedTensor:
         "ledger",
         "module",
         "numel",
+        "reads",
         "recipe",
         "requests",
         "sources",
@@ -473,6 +485,8 @@ class DerivedTensor:
         self.held = False
         self.requests: list[tuple[int, str | None]] = []
         self._result: torch.Tensor | None = None
+        self.reads = 0
+        """Views handed out (the result is kept until this holder is freed)."""
         self.ledger = ledger
 
     def hold(self) -> None:
@@ -483,7 +497,17 @@ class DerivedTensor:
 
     def view(self, t: torch.Tensor) -> SavedView:
         """What a pack hook returns for ``t``."""
-        return SavedView(self, tuple(t.shape), t.stride())
+        return self.read_view(tuple(t.shape), t.stride())
+
+    def read_view(self, shape: tuple[int, ...], stride: tuple[int, ...]) -> SavedView:
+        """A view of the recomputed tensor."""
+        self.reads += 1
+        return SavedView(self, shape, stride)
+
+    def count_source_reads(self) -> None:
+        """The recipe is kept: each source span gets one more read (its evaluation in backward)."""
+        for view in self.sources:
+            view.holder.reads += 1
 
     def stored_leaves(self) -> list[SavedTensor]:
         """The stored holders this recipe reads, through any recomputed sources."""
