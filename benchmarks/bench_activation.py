@@ -29,19 +29,16 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import torch
 
 from agoq_ds.activation import ActivationQuantizer
 from agoq_ds.config import ActivationConfig
-from agoq_ds.data import batches, heldout_batches, load_bytes, split
-from agoq_ds.models import build_llama
+from agoq_ds.testing.data import batches, heldout_batches, load_bytes, split
+from agoq_ds.testing.models import build_llama
 
 MEMORY_CONFIGS: dict[str, ActivationConfig | None] = {
     "none": None,

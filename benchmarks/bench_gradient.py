@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -37,8 +36,6 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # tests/distributed.py: run a function on N gloo processes
 
 G = 128
 
@@ -54,8 +51,8 @@ def _quiet() -> None:
 
 def _real_gradient(model_name: str, rank: int, world: int) -> torch.Tensor:
     """The flat fp32 gradient of one LLaMA backward on this rank's own text."""
-    from agoq_ds.data import batches, load_bytes, split
-    from agoq_ds.models import build_llama
+    from agoq_ds.testing.data import batches, load_bytes, split
+    from agoq_ds.testing.models import build_llama
 
     model = build_llama(model_name, seed=0)
     train, _ = split(load_bytes(max_bytes=2_000_000))
@@ -162,9 +159,9 @@ def engine_worker(rank: int, world: int, model_name: str, steps: int) -> dict[st
     from deepspeed import comm as dist
 
     from agoq_ds.config import parse_agoq_config
-    from agoq_ds.data import batches, load_bytes, split
     from agoq_ds.deepspeed.install import agoq_zero_optimizer
-    from agoq_ds.models import build_llama
+    from agoq_ds.testing.data import batches, load_bytes, split
+    from agoq_ds.testing.models import build_llama
 
     _quiet()
     _warm_up()
@@ -240,9 +237,9 @@ def parity_worker(rank: int, world: int, model_name: str, steps: int) -> dict[st
     from deepspeed import comm as dist
 
     from agoq_ds.config import parse_agoq_config
-    from agoq_ds.data import batches, heldout_batches, load_bytes, split
     from agoq_ds.deepspeed.install import agoq_zero_optimizer
-    from agoq_ds.models import build_llama
+    from agoq_ds.testing.data import batches, heldout_batches, load_bytes, split
+    from agoq_ds.testing.models import build_llama
 
     _quiet()
     train, heldout = split(load_bytes())
@@ -368,7 +365,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default=str(ROOT / "results"))
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from distributed import run_ranks
+    from agoq_ds.testing.distributed import run_ranks
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -25,17 +25,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+if not __package__:  # run as a script (python benchmarks/x.py): the repository root holds the benchmarks package
+    sys.path.append(str(ROOT))
 
 import torch  # noqa: E402
-from _machine import machine_info, write_results  # noqa: E402
 
 from agoq_ds.activation import ActivationQuantizer  # noqa: E402
 from agoq_ds.activation import recipe as recipe_module  # noqa: E402
 from agoq_ds.activation import storage as storage_module  # noqa: E402
 from agoq_ds.config import ActivationConfig  # noqa: E402
-from agoq_ds.models import build_llama  # noqa: E402
 from agoq_ds.quant import QuantizedTensor  # noqa: E402
+from agoq_ds.testing.models import build_llama  # noqa: E402
+from benchmarks._machine import machine_info, write_results  # noqa: E402
 
 
 def _quantize_stand_in(x, bits, group_size, **_):

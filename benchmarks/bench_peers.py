@@ -49,15 +49,16 @@ from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if not __package__:  # run as a script (python benchmarks/x.py): the repository root holds the benchmarks package
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
 # The peers (requirements/bench.txt), installed by scripts/bootstrap.sh outside the product's venv:
 # transformers imports torchao whenever it is importable, so every training run would load it too.
 sys.path.append(str(Path(__file__).resolve().parent.parent / ".peers"))
 
 import torch
-from _machine import machine_info, write_results
 from tqdm import tqdm
+
+from benchmarks._machine import machine_info, write_results
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 INPUTS = ("normal", "outliers")

@@ -28,15 +28,15 @@ from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if not __package__:  # run as a script (python benchmarks/x.py): the repository root holds the benchmarks package
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 import torch
-from _machine import write_results
 from tqdm import tqdm
 
 from agoq_ds.quant import backends, reference
 from agoq_ds.quant.format import num_groups, packed_bytes
+from benchmarks._machine import write_results
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 EAGER = "torch (eager reference)"

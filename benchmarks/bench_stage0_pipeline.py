@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -36,8 +35,6 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # tests/distributed.py: run a function on N gloo processes
 
 DP_ROUTES = {
     "zero0_fp32": {"stage": 0, "bf16": False},
@@ -172,8 +169,8 @@ def dp_worker(rank: int, world: int, model_name: str, steps: int, ga: int) -> di
     import deepspeed
     from deepspeed.utils import logger
 
-    from agoq_ds.data import batches, load_bytes, split
-    from agoq_ds.models import build_llama
+    from agoq_ds.testing.data import batches, load_bytes, split
+    from agoq_ds.testing.models import build_llama
 
     logger.setLevel(logging.WARNING)
     train, _ = split(load_bytes(max_bytes=2_000_000))
@@ -209,8 +206,8 @@ def pipe_worker(rank: int, world: int, model_name: str, steps: int, ga: int) -> 
     from deepspeed.pipe import PipelineModule
     from deepspeed.utils import logger
 
-    from agoq_ds.data import batches, load_bytes, split
-    from agoq_ds.models import build_llama, causal_lm_loss, llama_pipeline_layers
+    from agoq_ds.testing.data import batches, load_bytes, split
+    from agoq_ds.testing.models import build_llama, causal_lm_loss, llama_pipeline_layers
 
     logger.setLevel(logging.WARNING)
     train, _ = split(load_bytes(max_bytes=2_000_000))
@@ -260,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default=str(ROOT / "results" / "bench_stage0_pipeline.json"))
     args = parser.parse_args(argv)
 
-    from distributed import run_ranks
+    from agoq_ds.testing.distributed import run_ranks
 
     started = time.time()
     dp = run_ranks(dp_worker, 2, (args.model, args.steps, args.ga))

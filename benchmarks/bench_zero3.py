@@ -4,7 +4,7 @@ agoq's 8-bit reduce-scatter, on the same model, ranks, seed and batches.
 Per variant (2 gloo ranks by default, ``build_llama`` on the embedded corpus, fp32 compute so that
 the only difference between runs is the gradient reduction):
 
-* **bytes on the wire per optimizer step**, counted by ``agoq_ds.stats.CollectiveMeter`` around every
+* **bytes on the wire per optimizer step**, counted by ``agoq_ds.testing.stats.CollectiveMeter`` around every
   ``deepspeed.comm`` call of the steps after the first (parameter all-gathers included, split by op);
 * **gradient error against fp64**: this rank's flat gradient partition at the first accumulation
   boundary, before ``step()``, versus a float64 reduce-scatter of every rank's local gradients,
@@ -35,9 +35,8 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # tests/distributed.py: run a function on N gloo processes
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if not __package__:  # run as a script (python benchmarks/x.py): the repository root holds the benchmarks package
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "stock_fp32": {},
@@ -88,7 +87,7 @@ def worker(rank: int, world: int, model_name: str, steps: int, micro: int, ga: i
     from deepspeed.utils import logger
 
     import agoq_ds  # noqa: F401  (the "agoq" block takes effect through the patched initialize)
-    from agoq_ds.data import heldout_batches, load_bytes, split
+    from agoq_ds.testing.data import heldout_batches, load_bytes, split
 
     logger.setLevel(logging.ERROR)
     train, heldout = split(load_bytes(max_bytes=2_000_000))
@@ -109,9 +108,9 @@ def _run_variant(
     import deepspeed
     from deepspeed import comm as dist
 
-    from agoq_ds.data import batches
-    from agoq_ds.models import build_llama
-    from agoq_ds.stats import CollectiveMeter
+    from agoq_ds.testing.data import batches
+    from agoq_ds.testing.models import build_llama
+    from agoq_ds.testing.stats import CollectiveMeter
 
     model = build_llama(model_name, seed=0)
     reference = copy.deepcopy(model).double()
@@ -230,8 +229,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run every variant, print the table, write JSON + PNG; returns the result dict."""
-    from _machine import machine_info, write_results
-    from distributed import run_ranks
+    from agoq_ds.testing.distributed import run_ranks
+    from benchmarks._machine import machine_info, write_results
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny")

@@ -45,10 +45,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if not __package__:  # run as a script (python benchmarks/x.py): the repository root holds the benchmarks package
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
 
-from _machine import ROOT, describe, load_average, machine_info, snapshot
 from tqdm import tqdm
+
+from benchmarks._machine import ROOT, describe, load_average, machine_info, snapshot
 
 EXAMPLE = ROOT / "examples" / "pretrain_llama.py"
 BASE_CONFIG = ROOT / "ds_configs" / "zero2_baseline.json"
@@ -218,7 +220,12 @@ def run_variant(variant: Variant, args: argparse.Namespace) -> dict:
     return record
 
 
-STOCK_CODE = ("examples/pretrain_llama.py", "agoq_ds/data.py", "agoq_ds/models.py", "agoq_ds/stats.py")
+STOCK_CODE = (
+    "examples/pretrain_llama.py",
+    "agoq_ds/testing/data.py",
+    "agoq_ds/testing/models.py",
+    "agoq_ds/testing/stats.py",
+)
 """What a stock run executes of this repository (model, data, loop, meters): a stock run is reused
 across code versions that agree on these files."""
 
@@ -394,7 +401,7 @@ def print_table(summary: dict[str, dict], tail: int) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options (defaults: the documented full run)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="10m", help="agoq_ds.models shape (default: 10m, ~9.6M parameters)")
+    p.add_argument("--model", default="10m", help="agoq_ds.testing.models shape (default: 10m, ~9.6M parameters)")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps per variant")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--micro-batch", type=int, default=2, help="sequences per micro-batch per rank")

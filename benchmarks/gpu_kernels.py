@@ -21,13 +21,14 @@ from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+if not __package__:  # run as a script (python benchmarks/x.py): the repository root holds the benchmarks package
+    sys.path.append(str(ROOT))
 
 import torch  # noqa: E402
-from _machine import machine_info, write_results  # noqa: E402
 
 from agoq_ds.quant import backends, dequantize, quantize  # noqa: E402
 from agoq_ds.quant.autotune import time_per_call  # noqa: E402
+from benchmarks._machine import machine_info, write_results  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -5,7 +5,7 @@ HF ``LlamaForCausalLM`` on the embedded corpus with the same seed and batches, t
 step time (after ``--warmup`` steps), tokens/s, bytes the allocator holds after one forward beyond
 what it held before (the saved activations), memory at rest after a step, peak memory of a step
 after the warm-up and of the first step (agoq traces the model there),
-host synchronisations of one steady-state step (``tests/host_sync.py``), and the loss of every step;
+host synchronisations of one steady-state step (``agoq_ds/testing/host_sync.py``), and the loss of every step;
 next to each peak, the planner's prediction (``agoq_ds.planner``).
 
 Variants: ``stock``; ``agoq`` (``"agoq": {}``); ``agoq-act`` (activations only, gradients at 32
@@ -34,7 +34,8 @@ from contextlib import nullcontext
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks"), str(ROOT / "tests")]
+if not __package__:  # run as a script (python benchmarks/x.py): the repository root holds the benchmarks package
+    sys.path.append(str(ROOT))
 
 SHAPES = {
     # hidden, layers, heads, kv_heads, intermediate, seq_len, micro_batch, grad_accum
@@ -76,8 +77,8 @@ def ds_config(shape: str, agoq: dict | None, zero_stage: int = 2) -> dict:
 def planner_peak(shape: str, agoq: dict | None) -> float:
     """The planner's per-GPU prediction (GiB) for one GPU, ZeRO-2, this shape and variant."""
     from agoq_ds.config import AgoqConfig
-    from agoq_ds.data import VOCAB_SIZE
     from agoq_ds.planner import GIB, ModelDims, Parallelism, plan
+    from agoq_ds.testing.data import VOCAB_SIZE
 
     hidden, layers, heads, kv, inter, seq, micro, gas = SHAPES[shape]
     dims = ModelDims(shape, VOCAB_SIZE, hidden, layers, heads, kv, inter)
@@ -90,10 +91,10 @@ def worker(args: argparse.Namespace) -> dict:
     """One variant in this process: train, measure, return the record."""
     import deepspeed
     import torch
-    from host_sync import HostSyncCounter
 
-    from agoq_ds.data import batches, load_bytes, split
-    from agoq_ds.models import LlamaShape, build_llama
+    from agoq_ds.testing.data import batches, load_bytes, split
+    from agoq_ds.testing.host_sync import HostSyncCounter
+    from agoq_ds.testing.models import LlamaShape, build_llama
 
     cuda = args.device == "cuda"
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
@@ -250,8 +251,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.worker:
         record = worker(args)
         args.out.write_text(json.dumps(record))
-        os._exit(0)  # skip gloo/NCCL teardown at interpreter exit (see agoq_ds.shutdown)
-    from _machine import machine_info, write_results
+        os._exit(0)  # skip gloo/NCCL teardown at interpreter exit (see agoq_ds.testing.shutdown)
+    from benchmarks._machine import machine_info, write_results
 
     records = []
     for shape in args.shapes:

@@ -34,10 +34,10 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # run_ranks (gloo processes)
+if not __package__:  # run as a script (python benchmarks/x.py): the repository root holds the benchmarks package
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
 
-from _machine import ROOT, SNAPSHOT_ENV, describe, machine_info, reexec_in_snapshot
+from benchmarks._machine import ROOT, SNAPSHOT_ENV, describe, machine_info, reexec_in_snapshot
 
 GRADIENT_OPS = ("all_reduce", "reduce", "reduce_scatter_tensor", "all_to_all_single", "batch_isend_irecv")
 """``deepspeed.comm`` ops that carry gradients in ZeRO-2 (stock and agoq; agoq's exchange is a batch of
@@ -51,7 +51,7 @@ class Setup:
     name: str
     """Display name."""
     shape: str | dict
-    """``agoq_ds.models.SHAPES`` key, or ``LlamaShape`` fields."""
+    """``agoq_ds.testing.models.SHAPES`` key, or ``LlamaShape`` fields."""
     seq_len: int
     """Tokens per sequence."""
     micro_batch: int
@@ -78,7 +78,7 @@ VARIANTS: dict[str, dict | None] = {"stock": None, "agoq": {}}
 
 def llama_shape(setup: Setup):
     """The ``LlamaShape`` of ``setup``."""
-    from agoq_ds.models import SHAPES, LlamaShape
+    from agoq_ds.testing.models import SHAPES, LlamaShape
 
     return SHAPES[setup.shape] if isinstance(setup.shape, str) else LlamaShape(**setup.shape)
 
@@ -128,9 +128,9 @@ def measure(rank: int, world: int, setup: Setup, agoq: dict | None, steps: int, 
 
     import deepspeed
 
-    from agoq_ds.data import batches, load_bytes, split
-    from agoq_ds.models import build_llama
-    from agoq_ds.stats import CollectiveMeter, SavedActivationMeter, gradient_buffer_bytes
+    from agoq_ds.testing.data import batches, load_bytes, split
+    from agoq_ds.testing.models import build_llama
+    from agoq_ds.testing.stats import CollectiveMeter, SavedActivationMeter, gradient_buffer_bytes
 
     model = build_llama(llama_shape(setup), seed=seed)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config(setup, agoq))
@@ -225,7 +225,7 @@ ROWS = (
 
 def run_setup(setup: Setup, world: int, steps: int, seed: int) -> dict:
     """Both variants of one setup (each in fresh processes), with the planner's predictions."""
-    from distributed import run_ranks
+    from agoq_ds.testing.distributed import run_ranks
 
     measured = {}
     for variant, block in VARIANTS.items():

@@ -40,11 +40,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if not __package__:  # run as a script (python benchmarks/x.py): the repository root holds the benchmarks package
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
 
-from _machine import machine_info, write_results
-from _netns import Link, NetnsError, VethPair, cleanup_stale, loadavg, netns_available
 from tqdm import tqdm
+
+from benchmarks._machine import machine_info, write_results
+from benchmarks._netns import Link, NetnsError, VethPair, cleanup_stale, loadavg, netns_available
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "examples" / "pretrain_llama.py"
@@ -493,7 +495,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--zero-stage", type=int, choices=[2, 3], default=2, help="ZeRO stage: ds_configs/zero<stage>_*.json"
     )
-    p.add_argument("--model", default=None, help="agoq_ds.models shape (default 10m)")
+    p.add_argument("--model", default=None, help="agoq_ds.testing.models shape (default 10m)")
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--micro-batch", type=int, default=None)
     p.add_argument("--grad-accum", type=int, default=None)

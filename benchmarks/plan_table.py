@@ -26,12 +26,12 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _machine import ROOT
+if not __package__:  # run as a script (python benchmarks/x.py): the repository root holds the benchmarks package
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 from agoq_ds.config import parse_agoq_config
 from agoq_ds.planner import GIB, NAMED_MODELS, Parallelism, StageMemory, plan
+from benchmarks._machine import ROOT
 
 PAPER_REDUCTION = 0.52
 """The paper's headline: "up to 52%" less memory (versus Megatron-LM/DeepSpeed baselines)."""

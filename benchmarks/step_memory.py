@@ -2,7 +2,7 @@
 
 An HF LLaMA in bf16 runs forward and backward on real text, once without agoq and once with the
 default activation policy (``ActivationQuantizer``, the step measured being a replayed one, as in
-steady-state training). ``tests/live_bytes.py`` counts the bytes of every storage the step's operators
+steady-state training). ``agoq_ds/testing/live_bytes.py`` counts the bytes of every storage the step's operators
 create and frees (no allocator statistics on CPUs): the bytes alive after forward (what is stored), the
 forward peak and the backward peak, with and without the bf16 parameter gradients accumulated so far
 (a training framework keeps those in its gradient buffers, which the planner counts apart), for the
@@ -25,17 +25,18 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]  # agoq_ds itself: the install, or --snapshot's
+if not __package__:  # run as a script: the repository root holds the benchmarks package (appended, so
+    sys.path.append(str(HERE.parent))  # agoq_ds is the install's, or --snapshot's on PYTHONPATH)
 
 import torch  # noqa: E402
-from _machine import ROOT, SNAPSHOT_ENV, machine_info, reexec_in_snapshot, write_results  # noqa: E402
-from live_bytes import measure_step  # noqa: E402
 
 from agoq_ds import planner  # noqa: E402
 from agoq_ds.activation import ActivationQuantizer  # noqa: E402
 from agoq_ds.config import parse_agoq_config  # noqa: E402
-from agoq_ds.data import load_bytes  # noqa: E402
-from agoq_ds.models import SHAPES, build_llama  # noqa: E402
+from agoq_ds.testing.data import load_bytes  # noqa: E402
+from agoq_ds.testing.live_bytes import measure_step  # noqa: E402
+from agoq_ds.testing.models import SHAPES, build_llama  # noqa: E402
+from benchmarks._machine import ROOT, SNAPSHOT_ENV, machine_info, reexec_in_snapshot, write_results  # noqa: E402
 
 MB = 1e6
 

@@ -21,9 +21,9 @@ import torch
 from torch.utils.data import Dataset
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-from agoq_ds.data import load_bytes, split
-from agoq_ds.models import SHAPES, build_llama
-from agoq_ds.shutdown import end_distributed_run
+from agoq_ds.testing.data import load_bytes, split
+from agoq_ds.testing.models import SHAPES, build_llama
+from agoq_ds.testing.shutdown import end_distributed_run
 
 
 class ByteWindows(Dataset):

@@ -18,9 +18,9 @@ import deepspeed
 from deepspeed.pipe import PipelineModule
 from tqdm import tqdm
 
-from agoq_ds.data import batches, load_bytes, split
-from agoq_ds.models import SHAPES, build_llama, causal_lm_loss, llama_pipeline_layers
-from agoq_ds.shutdown import end_distributed_run
+from agoq_ds.testing.data import batches, load_bytes, split
+from agoq_ds.testing.models import SHAPES, build_llama, causal_lm_loss, llama_pipeline_layers
+from agoq_ds.testing.shutdown import end_distributed_run
 
 
 def main() -> None:

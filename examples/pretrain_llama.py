@@ -25,15 +25,15 @@ import torch
 import torch.distributed as torch_dist
 from tqdm import tqdm
 
-from agoq_ds.data import batches, heldout_batches, load_bytes, split
-from agoq_ds.models import SHAPES, build_llama
-from agoq_ds.shutdown import end_distributed_run
-from agoq_ds.stats import CollectiveMeter, SavedActivationMeter, gradient_buffer_bytes
+from agoq_ds.testing.data import batches, heldout_batches, load_bytes, split
+from agoq_ds.testing.models import SHAPES, build_llama
+from agoq_ds.testing.shutdown import end_distributed_run
+from agoq_ds.testing.stats import CollectiveMeter, SavedActivationMeter, gradient_buffer_bytes
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=sorted(SHAPES), default="small", help="model shape (agoq_ds.models)")
+    parser.add_argument("--model", choices=sorted(SHAPES), default="small", help="model shape (agoq_ds.testing.models)")
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--data", nargs="*", help="text files to train on (default: embedded stdlib corpus)")

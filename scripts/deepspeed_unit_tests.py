@@ -23,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from agoq_ds.shutdown import remove_cpu_allreduce_buffers, session_start
+from agoq_ds.testing.shutdown import remove_cpu_allreduce_buffers, session_start
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = ROOT / "tests" / "deepspeed_unit"

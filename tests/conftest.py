@@ -1,14 +1,16 @@
-"""Shared pytest setup: CPU DeepSpeed, quiet logs, the helper module importable; at the end, the
-shared-memory workspaces DeepSpeed's CPU all-reduce left behind during the session are removed."""
+"""Shared pytest setup: CPU DeepSpeed; at the end, the shared-memory workspaces DeepSpeed's CPU
+all-reduce left behind during the session are removed.
+
+``tests`` and its folders are packages: pytest imports each test module by its dotted name from the
+repository root (``tests.gradient.test_stage3``), so helpers are imported the same way
+(``from tests.gradient.grad_workers import world2``) and shared code comes from ``agoq_ds.testing``.
+"""
 
 import os
-import sys
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-sys.path.insert(0, os.path.dirname(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "integration"))
 
-from agoq_ds.shutdown import remove_cpu_allreduce_buffers, session_start
+from agoq_ds.testing.shutdown import remove_cpu_allreduce_buffers, session_start
 
 _SESSION_START = session_start()
 

@@ -19,7 +19,7 @@ warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.*")
 
 def text_batch(batch: int = 2, seq: int = 64, offset: int = 0) -> torch.Tensor:
     """``[batch, seq]`` byte tokens of real text (the embedded stdlib corpus)."""
-    from agoq_ds.data import load_bytes
+    from agoq_ds.testing.data import load_bytes
 
     tokens = load_bytes(max_bytes=offset + batch * seq * 4).long()
     return torch.stack([tokens[offset + i * seq * 3 : offset + i * seq * 3 + seq] for i in range(batch)])

@@ -15,7 +15,7 @@ VOCAB, HIDDEN, SEQ, MICRO, GAS = 256, 128, 64, 2, 4
 
 
 def _llama_config():
-    from agoq_ds.models import llama_config
+    from agoq_ds.testing.models import llama_config
 
     return llama_config("tiny", hidden_size=HIDDEN, num_hidden_layers=3)
 
@@ -67,7 +67,7 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def _batches(steps: int):
-    from agoq_ds.data import load_bytes
+    from agoq_ds.testing.data import load_bytes
 
     tokens = load_bytes(max_bytes=400_000).long()
     g = torch.Generator().manual_seed(0)

@@ -7,11 +7,11 @@ import io
 
 import pytest
 import torch
-from act_helpers import text_batch
 
 from agoq_ds.activation import ActivationQuantizer, LayerClass
 from agoq_ds.config import ActivationConfig
-from agoq_ds.models import build_llama
+from agoq_ds.testing.models import build_llama
+from tests.activation.act_helpers import text_batch
 
 
 def _train(model, quantizer, ids, steps):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmark_scripts import load_benchmark
+from tests.benchmark_scripts import load_benchmark
 
 
 def test_bench_activation_smoke(tmp_path: Path) -> None:

@@ -7,12 +7,12 @@ import functools
 
 import deepspeed
 import torch
-from act_helpers import cosines, lm_step, text_batch
 from torch import nn
 
 from agoq_ds.activation import ActivationQuantizer, checkpoint_function
 from agoq_ds.config import ActivationConfig
-from agoq_ds.models import build_llama
+from agoq_ds.testing.models import build_llama
+from tests.activation.act_helpers import cosines, lm_step, text_batch
 
 
 def test_hf_gradient_checkpointing_stores_quantized_layer_inputs():

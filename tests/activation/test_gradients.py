@@ -15,10 +15,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from act_helpers import cosines, lm_step, quantized_grads, rel_errors, saved_activation_error, text_batch
 
 from agoq_ds.config import ActivationConfig
-from agoq_ds.models import build_llama
+from agoq_ds.testing.models import build_llama
+from tests.activation.act_helpers import (
+    cosines,
+    lm_step,
+    quantized_grads,
+    rel_errors,
+    saved_activation_error,
+    text_batch,
+)
 
 MEAN_K = 3.0
 """Allowed amplification of the saved-activation error into the mean relative gradient error."""

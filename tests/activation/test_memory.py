@@ -7,14 +7,14 @@ import gc
 import weakref
 
 import torch
-from act_helpers import text_batch
 from torch import nn
 
 from agoq_ds.activation import ActivationQuantizer
 from agoq_ds.activation.identity import SpanTable, Storages
 from agoq_ds.activation.storage import Ledger, QuantSpec, SavedTensor
 from agoq_ds.config import ActivationConfig
-from agoq_ds.models import build_llama
+from agoq_ds.testing.models import build_llama
+from tests.activation.act_helpers import text_batch
 
 
 def _mlp() -> nn.Module:
@@ -186,7 +186,7 @@ def test_traced_forward_frees_what_stock_frees():
 def test_first_step_peaks_below_stock():
     """Forward and backward peaks of the traced first step and of a replayed step, against stock's
     (live storages counted by ``agoq_ds/testing/live_bytes.py``; parameters and their gradients aside)."""
-    from live_bytes import measure_step
+    from agoq_ds.testing.live_bytes import measure_step
 
     ids = text_batch(batch=2, seq=128)
     peaks = {}

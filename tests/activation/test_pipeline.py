@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from distributed import run_ranks
-from pipe_workers import pipeline_runs
+
+from agoq_ds.testing.distributed import run_ranks
+from tests.activation.pipe_workers import pipeline_runs
 
 STEPS = 3
 

@@ -13,7 +13,6 @@ import logging
 
 import pytest
 import torch
-from act_helpers import lm_step, text_batch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -22,7 +21,8 @@ from agoq_ds.activation.plan import Replay
 from agoq_ds.activation.recipe import Recipe
 from agoq_ds.activation.storage import DerivedTensor, SavedView
 from agoq_ds.config import ActivationConfig
-from agoq_ds.models import build_llama
+from agoq_ds.testing.models import build_llama
+from tests.activation.act_helpers import lm_step, text_batch
 
 STEPS = 4
 """Traced, recorded, then two replayed steps."""

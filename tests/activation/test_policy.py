@@ -159,12 +159,11 @@ def test_loss_head_log_probabilities_never_below_the_floor(policy: str) -> None:
     """Under ``policy: uniform`` at 2 bits, and a rule asking 2 bits of the head's class, the
     log-probabilities the loss saves (the largest tensor of the tiny LLaMA's head: vocab 256 > hidden
     128) are still stored at ``LOSS_HEAD_MIN_BITS``; everything else of the class follows the policy."""
-    from act_helpers import lm_step, text_batch
-
     from agoq_ds.activation import ActivationQuantizer
     from agoq_ds.activation.classes import LOSS_HEAD_MIN_BITS
     from agoq_ds.config import ActivationConfig
-    from agoq_ds.models import build_llama
+    from agoq_ds.testing.models import build_llama
+    from tests.activation.act_helpers import lm_step, text_batch
 
     model = build_llama("tiny", seed=0)
     config = ActivationConfig(

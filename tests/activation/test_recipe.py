@@ -12,13 +12,13 @@ import gc
 
 import pytest
 import torch
-from act_helpers import lm_step, quantized_grads, text_batch
 from torch import nn
 
 from agoq_ds.activation import ActivationQuantizer
 from agoq_ds.activation.recipe import Recipe, Source, bind_parameters, compose
 from agoq_ds.config import ActivationConfig
-from agoq_ds.models import build_llama
+from agoq_ds.testing.models import build_llama
+from tests.activation.act_helpers import lm_step, quantized_grads, text_batch
 
 REBUILT = ("qkv_input", "mlp_up_input", "down_proj_input")
 """Classes of a LLaMA block whose tensors are all recomputed: a norm's output, the gating product."""

@@ -7,11 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
-from benchmark_scripts import load_benchmark
+
+from tests.benchmark_scripts import load_benchmark
 
 
 def test_variant_configs() -> None:
-    bench = load_benchmark("convergence", "convergence_bench")
+    bench = load_benchmark("convergence")
     args = bench.parse_args(["--steps", "40"])
     configs = {v.slug: bench.ds_config(v, args) for v in bench.VARIANTS}
     assert "agoq" not in configs["stock"]
@@ -28,7 +29,7 @@ def test_variant_configs() -> None:
 
 
 def test_convergence_smoke(tmp_path: Path) -> None:
-    bench = load_benchmark("convergence", "convergence_bench")
+    bench = load_benchmark("convergence")
     argv = ["--model", "tiny", "--steps", "2", "--seq-len", "32", "--eval-every", "1", "--eval-batches", "1"]
     argv += ["--variants", "agoq", "--out", str(tmp_path)]
     assert bench.main(argv) == 0
@@ -45,7 +46,7 @@ def test_convergence_smoke(tmp_path: Path) -> None:
 
 
 def test_paired_gaps_and_interval() -> None:
-    bench = load_benchmark("convergence", "convergence_bench")
+    bench = load_benchmark("convergence")
 
     def run(name: str, final: float) -> dict:
         return {"name": name, "heldout": [(10, 9.0), (20, final)]}
@@ -64,7 +65,7 @@ def test_paired_gaps_and_interval() -> None:
 
 
 def test_custom_variants_and_stock_reuse_key(tmp_path: Path) -> None:
-    bench = load_benchmark("convergence", "convergence_bench")
+    bench = load_benchmark("convergence")
     args = bench.parse_args(["--agoq", 'mlp4={"activation": {"class_bits": {"mlp_act": 4}}}'])
     (variant,) = args.agoq
     assert variant.slug == "mlp4"

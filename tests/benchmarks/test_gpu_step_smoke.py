@@ -7,7 +7,8 @@ import math
 from pathlib import Path
 
 import pytest
-from benchmark_scripts import load_benchmark
+
+from tests.benchmark_scripts import load_benchmark
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from benchmark_scripts import load_benchmark
+
+from tests.benchmark_scripts import load_benchmark
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -40,7 +41,7 @@ def test_memory_smoke(tmp_path: Path) -> None:
 
 
 def test_plan_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    bench = load_benchmark("plan_table", "plan_table_bench")
+    bench = load_benchmark("plan_table")
     out = tmp_path / "plan.json"
     assert bench.main(["--out", str(out)]) == 0
     data = json.loads(out.read_text())
@@ -55,7 +56,7 @@ def test_plan_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
 def test_step_memory_smoke(tmp_path: Path) -> None:
     """benchmarks/step_memory.py: stock's stored bytes are the planner's, agoq's peak (gradients aside)
     is inside stored + working set and well below stock's."""
-    bench = load_benchmark("step_memory", "step_memory_bench")
+    bench = load_benchmark("step_memory")
     out = tmp_path / "step.json"
     res = bench.main(["--model", "small", "--seq-len", "64", "--out", str(out)])
     planned = res["planner"]

@@ -10,7 +10,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from benchmark_scripts import load_benchmark
+
+from tests.benchmark_scripts import load_benchmark
 
 netns = load_benchmark("_netns")
 AVAILABLE, WHY = netns.netns_available()

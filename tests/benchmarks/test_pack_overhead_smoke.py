@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from benchmark_scripts import load_benchmark
+from tests.benchmark_scripts import load_benchmark
 
 
 def test_pack_overhead_smoke(tmp_path: Path) -> None:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from benchmark_scripts import load_benchmark
+
+from tests.benchmark_scripts import load_benchmark
 
 NUMEL = 8192
 

@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # tests/: the run_ranks helper
 
 REFERENCE = HERE / "reference_losses.json"
 STEPS = 20
@@ -157,8 +156,8 @@ def train_losses(
 
     torch.set_num_threads(threads)
 
-    from agoq_ds.data import batches, load_bytes, split
-    from agoq_ds.models import build_llama
+    from agoq_ds.testing.data import batches, load_bytes, split
+    from agoq_ds.testing.models import build_llama
 
     train, _ = split(load_bytes(max_bytes=400_000))
     out: dict[str, list[float]] = {}
@@ -194,7 +193,7 @@ def collect(
 ) -> dict[str, list[list[float]]]:
     """Run ``runs`` in one pair of gloo processes (with torch's ``KERNEL_PATHS[kernels]`` if given);
     per run key, the losses of each rank."""
-    from distributed import run_ranks
+    from agoq_ds.testing.distributed import run_ranks
 
     saved = dict(os.environ)
     os.environ.update(KERNEL_PATHS[kernels] if kernels is not None else {})

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 
-import golden_loss as g
 import pytest
+
+from tests.golden import golden_loss as g
 
 pytestmark = pytest.mark.slow
 

@@ -606,8 +606,8 @@ def train_llama(
     """Train ``build_llama("tiny")`` on the embedded corpus; global mean loss per step."""
     from deepspeed import comm as dist
 
-    from agoq_ds.data import batches, load_bytes, split
-    from agoq_ds.models import build_llama
+    from agoq_ds.testing.data import batches, load_bytes, split
+    from agoq_ds.testing.models import build_llama
 
     model = build_llama("tiny", seed=0)
     initial = [p.detach().clone() for p in model.parameters()]

@@ -273,8 +273,8 @@ def train_llama(rank: int, world: int, route: dict, agoq: dict | None, steps: in
     """``build_llama("tiny")`` on the embedded corpus; the global mean loss of every step."""
     from deepspeed import comm as dist
 
-    from agoq_ds.data import batches, load_bytes, split
-    from agoq_ds.models import build_llama
+    from agoq_ds.testing.data import batches, load_bytes, split
+    from agoq_ds.testing.models import build_llama
 
     config = ds_config(route, ga=ga, agoq=agoq, micro=2, lr=2e-3, clip=1.0)
     engine = make_engine(build_llama("tiny", seed=0), config)
@@ -428,7 +428,7 @@ def world2(rank: int, world: int, directory: str, parity_steps: int) -> dict[str
 def _pipeline_engine(route: dict, agoq: dict | None, ga: int):
     from deepspeed.pipe import PipelineModule
 
-    from agoq_ds.models import build_llama, causal_lm_loss, llama_pipeline_layers
+    from agoq_ds.testing.models import build_llama, causal_lm_loss, llama_pipeline_layers
 
     model = build_llama("tiny", seed=0)
     pipe = PipelineModule(
@@ -438,7 +438,7 @@ def _pipeline_engine(route: dict, agoq: dict | None, ga: int):
 
 
 def _pipeline_data(engine, skip: int = 0):
-    from agoq_ds.data import batches, load_bytes, split
+    from agoq_ds.testing.data import batches, load_bytes, split
 
     train, _ = split(load_bytes(max_bytes=200_000))
     dp_rank = engine.grid.get_data_parallel_rank()

@@ -9,7 +9,9 @@ import os
 from typing import Any
 
 import torch
-from grad_workers import (
+from torch import nn
+
+from tests.gradient.grad_workers import (
     PINNED_GRADIENT,
     SHIPPED_GRADIENT,
     _mlp_batch,
@@ -21,7 +23,6 @@ from grad_workers import (
     small_mlp,
     train_llama,
 )
-from torch import nn
 
 G = 128
 HALF_STEP = 1.0 / 254 * (1 + 2.0**-18)

@@ -19,8 +19,9 @@ micro-batches, N ranks, ``h = 1/254`` (half a quantization step relative to the 
 from __future__ import annotations
 
 import pytest
-from distributed import run_ranks
-from grad_workers import world2, world3, world4
+
+from agoq_ds.testing.distributed import run_ranks
+from tests.gradient.grad_workers import world2, world3, world4
 
 pytestmark = pytest.mark.slow
 
@@ -228,9 +229,8 @@ def test_training_parity_with_stock_deepspeed(ws2: list[dict], case: str) -> Non
 
 
 def test_shipped_case_uses_the_shipped_defaults() -> None:
-    from grad_workers import SHIPPED_GRADIENT
-
     from agoq_ds.config import GradientConfig
+    from tests.gradient.grad_workers import SHIPPED_GRADIENT
 
     defaults = GradientConfig()
     assert {k: getattr(defaults, k) for k in SHIPPED_GRADIENT} == SHIPPED_GRADIENT

@@ -5,11 +5,11 @@ zero where the exact one is not. (Its silence on correct gradients is checked by
 
 from __future__ import annotations
 
-import parity_workers as pw
 import pytest
-from distributed import run_ranks
 
 from agoq_ds.config import AgoqConfigError, parse_agoq_config
+from agoq_ds.testing.distributed import run_ranks
+from tests.gradient import parity_workers as pw
 
 
 @pytest.fixture(scope="module")

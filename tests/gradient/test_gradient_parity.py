@@ -23,9 +23,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import parity_workers as pw
 import pytest
-from distributed import run_ranks
+
+from agoq_ds.testing.distributed import run_ranks
+from tests.gradient import parity_workers as pw
 
 pytestmark = pytest.mark.slow
 

@@ -12,8 +12,9 @@ same way, must exceed it (the test can fail).
 from __future__ import annotations
 
 import pytest
-from distributed import run_ranks
-from grad_workers import rounding_bias
+
+from agoq_ds.testing.distributed import run_ranks
+from tests.gradient.grad_workers import rounding_bias
 
 pytestmark = pytest.mark.slow
 

@@ -3,12 +3,12 @@ nothing, and DeepSpeed's own tests of 2-4 element gradients expect them unrounde
 
 from __future__ import annotations
 
-import grad_workers as w
 import pytest
-from distributed import run_ranks
 
 from agoq_ds.config import GradientConfig
 from agoq_ds.gradient.accumulator import Fp32Accumulator, Int8Accumulator, gradient_accumulator
+from agoq_ds.testing.distributed import run_ranks
+from tests.gradient import grad_workers as w
 
 
 def test_accumulator_below_min_numel_is_fp32() -> None:

@@ -15,8 +15,9 @@ on the actual gradients; the test asserts the measured error never exceeds it.
 from __future__ import annotations
 
 import pytest
-from distributed import run_ranks
-from stage0_workers import world2, world4_pipeline
+
+from agoq_ds.testing.distributed import run_ranks
+from tests.gradient.stage0_workers import world2, world4_pipeline
 
 pytestmark = pytest.mark.slow
 

@@ -19,8 +19,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from distributed import run_ranks
-from stage3_workers import reshard_checks, world2, world_n
+
+from agoq_ds.testing.distributed import run_ranks
+from tests.gradient.stage3_workers import reshard_checks, world2, world_n
 
 pytestmark = pytest.mark.slow
 

@@ -9,8 +9,8 @@ from typing import Any
 import deepspeed
 import torch
 
-from agoq_ds.data import batches, load_bytes, split
-from agoq_ds.models import build_llama
+from agoq_ds.testing.data import batches, load_bytes, split
+from agoq_ds.testing.models import build_llama
 
 SEQ = 32
 MICRO = 2
@@ -146,7 +146,7 @@ def host_syncs_per_step(rank: int, world: int, configs: dict[str, dict], warmup_
     """Per named config: host synchronisations of one steady-state optimizer step (forward, backward
     and step of every micro-batch) after ``warmup_steps`` (the first traces the model), and where
     each was asked for."""
-    from host_sync import HostSyncCounter
+    from agoq_ds.testing.host_sync import HostSyncCounter
 
     out = {}
     for name, config in configs.items():

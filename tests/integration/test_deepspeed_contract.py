@@ -9,9 +9,8 @@ import inspect
 import textwrap
 from pathlib import Path
 
-from source_imports import imports
-
 from agoq_ds.deepspeed import contract
+from tests.integration.source_imports import imports
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import engine_workers as w
 import pytest
-from distributed import run_ranks
+
+from agoq_ds.testing.distributed import run_ranks
+from tests.integration import engine_workers as w
 
 AGOQ = {"activation": {"min_numel": 1024}, "gradient": {}}
 

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from source_imports import imports
+from tests.integration.source_imports import imports
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "agoq_ds"

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from distributed import run_ranks
-from engine_workers import ds_config, host_syncs_per_step
-from host_sync import HostSyncCounter
+
+from agoq_ds.testing.distributed import run_ranks
+from agoq_ds.testing.host_sync import HostSyncCounter
+from tests.integration.engine_workers import ds_config, host_syncs_per_step
 
 pytestmark = pytest.mark.slow
 

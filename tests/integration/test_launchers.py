@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from distributed import free_port
 
-from agoq_ds.shutdown import CPU_ALLREDUCE_PREFIX, SHM_DIR
+from agoq_ds.testing.distributed import free_port
+from agoq_ds.testing.shutdown import CPU_ALLREDUCE_PREFIX, SHM_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

@@ -23,8 +23,8 @@ def test_message_names_the_bits_and_the_remedy() -> None:
 
 @pytest.mark.slow
 def test_engine_logs_an_overflow_streak_once() -> None:
-    from distributed import run_ranks
-    from engine_workers import overflow_streak_warnings
+    from agoq_ds.testing.distributed import run_ranks
+    from tests.integration.engine_workers import overflow_streak_warnings
 
     warned = run_ranks(overflow_streak_warnings, 2, (range(1, 5), 6))
     assert warned == [1, 1]  # four overflowing steps in a row: reported at the third, once

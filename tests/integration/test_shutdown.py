@@ -1,4 +1,4 @@
-"""The /dev/shm clean-up around DeepSpeed's CPU all-reduce workspaces (``agoq_ds/shutdown.py``): the
+"""The /dev/shm clean-up around DeepSpeed's CPU all-reduce workspaces (``agoq_ds/testing/shutdown.py``): the
 helpers name and remove exactly the files they should. That a launched example leaves none behind
 is checked in ``test_launchers.py``."""
 
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from agoq_ds.shutdown import CPU_ALLREDUCE_PREFIX, SHM_DIR, cpu_allreduce_buffer, remove_cpu_allreduce_buffers
+from agoq_ds.testing.shutdown import CPU_ALLREDUCE_PREFIX, SHM_DIR, cpu_allreduce_buffer, remove_cpu_allreduce_buffers
 
 pytestmark = pytest.mark.skipif(not SHM_DIR.is_dir(), reason="no /dev/shm")
 

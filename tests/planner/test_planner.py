@@ -9,16 +9,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import engine_workers as w
 import pytest
 import torch
-from distributed import run_ranks
-from live_bytes import measure_step
 
 from agoq_ds.activation import ActivationQuantizer
 from agoq_ds.config import parse_agoq_config
-from agoq_ds.models import SHAPES, build_llama
 from agoq_ds.planner import NAMED_MODELS, ModelDims, Parallelism, plan, working_set
+from agoq_ds.testing.distributed import run_ranks
+from agoq_ds.testing.live_bytes import measure_step
+from agoq_ds.testing.models import SHAPES, build_llama
+from tests.integration import engine_workers as w
 
 TOL = 0.05
 

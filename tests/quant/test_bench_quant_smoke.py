@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from benchmark_scripts import load_benchmark
+
+from tests.benchmark_scripts import load_benchmark
 
 
 def test_bench_quant_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -5,9 +5,10 @@ Plus the CUDA backend and op builder behave sensibly on a machine that cannot ru
 
 from __future__ import annotations
 
-import importlib.util
 import re
+import runpy
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -133,10 +134,7 @@ def test_cuda_backend_says_why() -> None:
 def _load_builder_by_path():
     """As agoq_ds/quant/builder.py does at install time: no package import."""
     path = Path(gpu_compile.__file__).with_name("cuda_builder.py")
-    spec = importlib.util.spec_from_file_location("_agoq_cuda_builder_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return SimpleNamespace(**runpy.run_path(str(path), run_name="_agoq_cuda_builder_test"))
 
 
 def test_cuda_builder_sources_and_names() -> None:

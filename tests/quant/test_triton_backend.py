@@ -8,7 +8,6 @@ exception, see ``ZERO_SIGN``); stochastic rounding must be unbiased within 5 sig
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,21 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-HELPER = HERE / "triton_interpret_cases.py"
+from tests.quant.triton_interpret_cases import CASES
+
+ROOT = Path(__file__).resolve().parents[2]
+HELPER = "tests.quant.triton_interpret_cases"
 
 pytest.importorskip("triton")
-
-
-def _load_helper():
-    spec = importlib.util.spec_from_file_location("triton_interpret_cases", HELPER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-CASES = _load_helper().CASES
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +33,7 @@ def interpret_results() -> dict[str, dict]:
     env.setdefault("DS_ACCELERATOR", "cpu")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     proc = subprocess.run(
-        [sys.executable, str(HELPER)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False
+        [sys.executable, "-m", HELPER], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False
     )
     if proc.returncode != 0 or not proc.stdout.strip():
         pytest.fail(f"interpreter subprocess failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")

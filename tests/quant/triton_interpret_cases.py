@@ -1,6 +1,7 @@
 """Checks of the Triton kernels against ``reference.py`` in Triton's CPU interpreter.
 
-Run as a script with ``TRITON_INTERPRET=1`` set before Triton is imported (test_triton_backend.py
+Run as a module (``python -m tests.quant.triton_interpret_cases`` from the repository root) with
+``TRITON_INTERPRET=1`` set before Triton is imported (test_triton_backend.py
 does this in a subprocess, because other tests import Triton normally and Triton decides at
 ``@triton.jit`` time whether a kernel is interpreted). Prints one JSON list of
 ``{"case", "ok", "detail", "seconds"}``. Importing this module does not import Triton: ``CASES``
@@ -19,9 +20,7 @@ import os
 import sys
 import time
 import traceback
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
 _tb = None  # agoq_ds.quant.triton_backend, bound by _helper_kernels (kernel globals resolve here)
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -424,7 +423,6 @@ def main(argv: list[str]) -> int:
 
     warnings.filterwarnings("ignore", category=RuntimeWarning)  # NaN * 0 in non-finite groups
     np.seterr(all="ignore")
-    sys.path.insert(0, str(ROOT))
     results = []
     for name in argv or CASES:
         start = time.perf_counter()

@@ -3,9 +3,9 @@ worker dies: once one rank exits abnormally, the others get a grace period and a
 
     codes = launch(2, {"fn": "train_run", "kwargs": {...}, "result": "/tmp/x/result_{rank}.json"})
 
-Each rank runs ``python rel_workers.py '<json spec>'`` with RANK, WORLD_SIZE, LOCAL_RANK,
-MASTER_ADDR and MASTER_PORT set, so a test can SIGKILL a rank for real (``run_ranks`` processes
-report exceptions, they are not killed).
+Each rank runs ``python -m tests.reliability.rel_workers '<json spec>'`` from the repository root,
+with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT set, so a test can SIGKILL a rank for
+real (``run_ranks`` processes report exceptions, they are not killed).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-from distributed import free_port
+from agoq_ds.testing.distributed import free_port
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
+ROOT = Path(__file__).resolve().parents[2]
+"""The repository root: the ranks' working directory, where ``tests`` is importable."""
 
 
 def launch(world: int, spec: dict, timeout: float = 600.0, grace: float = 15.0) -> list[int]:
@@ -31,8 +31,6 @@ def launch(world: int, spec: dict, timeout: float = 600.0, grace: float = 15.0) 
     env = dict(os.environ)
     env.setdefault("DS_ACCELERATOR", "cpu")
     env["OMP_NUM_THREADS"] = "1"
-    paths = [str(HERE), str(HERE.parent), str(HERE.parent / "integration"), str(ROOT)]
-    env["PYTHONPATH"] = os.pathsep.join([*paths, *filter(None, [env.get("PYTHONPATH")])])
     procs = []
     for rank in range(world):
         rank_env = dict(env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
@@ -40,7 +38,7 @@ def launch(world: int, spec: dict, timeout: float = 600.0, grace: float = 15.0) 
         log = open(Path(spec["result"].format(rank=rank)).with_suffix(".log"), "w")
         procs.append(
             subprocess.Popen(
-                [sys.executable, str(HERE / "rel_workers.py"), json.dumps(spec)],
+                [sys.executable, "-m", "tests.reliability.rel_workers", json.dumps(spec)],
                 cwd=ROOT,
                 env=rank_env,
                 stdout=log,

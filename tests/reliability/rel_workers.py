@@ -1,9 +1,9 @@
 """Rank functions of the reliability tests.
 
-They run on real gloo ranks through ``distributed.run_ranks`` (top level, so spawn can pickle
-them) or, for the run that is killed, as a script started by ``rel_launch.launch``
-(``python rel_workers.py '<json>'``). Each returns plain numbers and flags; the assertions live in
-the test modules.
+They run on real gloo ranks through ``agoq_ds.testing.distributed.run_ranks`` (top level, so spawn
+can pickle them) or, for the run that is killed, as a module started by ``rel_launch.launch``
+(``python -m tests.reliability.rel_workers '<json>'`` from the repository root). Each returns plain
+numbers and flags; the assertions live in the test modules.
 """
 
 from __future__ import annotations
@@ -21,13 +21,8 @@ from typing import Any
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-for _p in (HERE, HERE.parent, HERE.parent / "integration", HERE.parent / "gradient"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
-
-import engine_workers as w  # noqa: E402
-from rel_grad_workers import pack, unpack  # noqa: E402, F401
+from tests.integration import engine_workers as w
+from tests.reliability.rel_grad_workers import pack, unpack  # noqa: F401
 
 AGOQ = {
     "activation": {"min_numel": 1024, "rounding": "stochastic"},
@@ -73,13 +68,13 @@ def _cheap(block: Any) -> Any:
 def initialize_properties(rank: int, world: int, n_valid: int, n_invalid: int) -> dict[str, Any]:
     """Hypothesis samples of valid blocks (engine built, two optimizer steps), invalid blocks and
     unsupported DeepSpeed settings (clean rejection) through ``deepspeed.initialize``."""
-    import rel_config_schema as cs
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
     from agoq_ds import quant
     from agoq_ds.config import AgoqConfigError, parse_agoq_config
     from agoq_ds.deepspeed.unsupported import UnsupportedConfigError
+    from tests.reliability import rel_config_schema as cs
 
     _quiet()
     out: dict[str, Any] = {"valid_trained": 0, "valid_stock": 0, "backend_unavailable": 0, "invalid": 0}
@@ -510,7 +505,7 @@ def soak_and_determinism(rank: int, world: int, steps: int, ga: int, sample_ever
 
 
 def main() -> None:
-    """``python rel_workers.py '{"fn": "train_run", "kwargs": {...}}'`` on one rank (the launcher sets
+    """``python -m tests.reliability.rel_workers '{"fn": "train_run", "kwargs": {...}}'`` on one rank (the launcher sets
     RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)."""
     spec = json.loads(sys.argv[1])
     os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -16,13 +16,13 @@ import os
 import re
 
 import pytest
-import rel_config_schema as cs
-from distributed import run_ranks
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from agoq_ds import config as config_module
 from agoq_ds.config import AgoqConfig, AgoqConfigError, parse_agoq_config
+from agoq_ds.testing.distributed import run_ranks
+from tests.reliability import rel_config_schema as cs
 
 EXAMPLES = int(os.environ.get("AGOQ_REL_CONFIG_EXAMPLES", "300"))
 """Hypothesis examples of the in-process properties."""
@@ -176,7 +176,7 @@ def test_auto_is_the_default_everywhere() -> None:
 
 @pytest.fixture(scope="module")
 def initialize_outcomes() -> dict:
-    import rel_workers
+    from tests.reliability import rel_workers
 
     (result,) = run_ranks(rel_workers.initialize_properties, 1, (INIT_VALID, INIT_INVALID))
     return result

@@ -29,11 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import rel_workers as rw
 import torch
-from distributed import run_ranks
-from rel_launch import launch
 from torch import nn
+
+from agoq_ds.testing.distributed import run_ranks
+from tests.reliability import rel_workers as rw
+from tests.reliability.rel_launch import launch
 
 STEPS = 6
 """Optimizer steps of the reference run (2 micro-batches each)."""

@@ -16,9 +16,10 @@ the reference is; frozen parameters never move; never-used ones evolve bit-ident
 from __future__ import annotations
 
 import pytest
-import rel_grad_workers as gw
 import torch
-from distributed import run_ranks
+
+from agoq_ds.testing.distributed import run_ranks
+from tests.reliability import rel_grad_workers as gw
 
 pytestmark = pytest.mark.slow
 

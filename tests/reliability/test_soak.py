@@ -21,8 +21,9 @@ from __future__ import annotations
 import os
 
 import pytest
-import rel_workers as rw
-from distributed import run_ranks
+
+from agoq_ds.testing.distributed import run_ranks
+from tests.reliability import rel_workers as rw
 
 SOAK_STEPS = 60
 """Optimizer steps of the CI soak (GA micro-batches each)."""

@@ -29,7 +29,7 @@ SYNC_OPS = {
 }
 """Operators whose result size or value the host must read from the device."""
 
-_ROOT = str(Path(__file__).resolve().parents[1])
+_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 class HostSyncCounter(TorchDispatchMode):

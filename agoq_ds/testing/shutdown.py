@@ -1,4 +1,5 @@
-"""Ending a launched training process cleanly (used by the examples)."""
+"""Ending a launched training process cleanly (the examples), and removing the shared-memory
+workspaces DeepSpeed's CPU all-reduce leaves behind (test and benchmark drivers)."""
 
 from __future__ import annotations
 
