@@ -21,6 +21,11 @@ seed, but a different random stream than the reference's ``torch.rand``.
 
 Runs on CUDA tensors normally; with ``TRITON_INTERPRET=1`` set before Triton is imported the same
 ``quantize``/``dequantize`` run on CPU tensors (used by the tests).
+
+Importing this module defines the ops ``agoq::quantize_triton`` / ``agoq::dequantize_triton`` with
+``torch.library.triton_op`` (same schemas and contract as ``agoq::quantize``/``agoq::dequantize``, see
+``ops.py``); every launch goes through ``torch.library.wrap_triton``, so ``torch.compile`` sees the
+Triton kernels themselves. It is imported only when the Triton backend is first asked for.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op, wrap_triton
 
 from .format import TINY, num_groups, packed_bytes
 
@@ -223,6 +229,13 @@ def _launch_options() -> dict:
     return {} if interpret_mode() else dict(COMPILE_OPTIONS)
 
 
+def _no_zeros(scales: torch.Tensor) -> torch.Tensor:
+    """The ``zeros_ptr`` of symmetric codes (never read or written): an empty tensor of the scales'
+    dtype, not ``scales`` itself, so that no two pointer arguments alias (``torch.compile`` clones
+    the arguments a launch may write, and an alias would lose the writes through the other one)."""
+    return scales.new_empty(0)
+
+
 def quantize(
     x: torch.Tensor,
     bits: int,
@@ -250,11 +263,11 @@ def quantize(
         return codes, scales, zeros
     rows = rows_per_program(group_size, block_elements)
     grid = (triton.cdiv(ngroups, rows),)
-    _quantize_kernel[grid](
+    wrap_triton(_quantize_kernel)[grid](
         flat,
         codes,
         scales,
-        scales if zeros is None else zeros,
+        _no_zeros(scales) if zeros is None else zeros,
         numel,
         ngroups,
         seed & 0x7FFF_FFFF_FFFF_FFFF,
@@ -290,10 +303,10 @@ def dequantize(
     ngroups = num_groups(numel, group_size)
     rows = rows_per_program(group_size, block_elements)
     grid = (triton.cdiv(ngroups, rows),)
-    _dequantize_kernel[grid](
+    wrap_triton(_dequantize_kernel)[grid](
         codes.contiguous(),
         scales.contiguous(),
-        scales if zeros is None else zeros.contiguous(),
+        _no_zeros(scales) if zeros is None else zeros.contiguous(),
         out,
         numel,
         ngroups,
@@ -307,9 +320,69 @@ def dequantize(
     return out
 
 
+def _define_op(name: str, fake):
+    """``triton_op(name)``: ``torch.compile`` traces into the function and sees the Triton kernels.
+
+    The interpreter's kernels (``TRITON_INTERPRET=1``) are plain Python that cannot be traced
+    (``wrap_triton`` hands them back unwrapped): there the same function becomes an opaque
+    ``custom_op`` with the ops' fake kernel, so the interpreted op works under ``torch.compile`` too.
+    """
+
+    def define(fn):
+        if not interpret_mode():
+            return triton_op(name, fn, mutates_args=())
+        op = torch.library.custom_op(name, fn, mutates_args=())
+        op.register_fake(fake)
+        return op
+
+    return define
+
+
+def _quantize_fake(*args):
+    from .ops import quantize_fake
+
+    return quantize_fake(*args)
+
+
+def _dequantize_fake(*args):
+    from .ops import dequantize_fake
+
+    return dequantize_fake(*args)
+
+
+@_define_op("agoq::quantize_triton", _quantize_fake)
+def quantize_op(
+    x: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    stochastic: bool,
+    seed: int,
+    scale_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``agoq::quantize_triton``: ``quantize`` as an op (symmetric: an empty ``zeros`` stands in)."""
+    codes, scales, zeros = quantize(x, bits, group_size, symmetric, stochastic, seed, scale_dtype)
+    return codes, scales, zeros if zeros is not None else scales.new_empty(0, dtype=torch.float32)
+
+
+@_define_op("agoq::dequantize_triton", _dequantize_fake)
+def dequantize_op(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    group_size: int,
+    numel: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``agoq::dequantize_triton``: ``dequantize`` as an op (an empty ``zeros``: symmetric codes)."""
+    return dequantize(codes, scales, zeros if zeros.numel() else None, bits, group_size, numel, out_dtype)
+
+
 def unavailable_reason() -> str | None:
-    """``None`` when Triton kernels can run here (a CUDA device is present), else why not."""
-    if not torch.cuda.is_available():
+    """``None`` when Triton kernels can run here (a CUDA device is present, or the interpreter runs
+    them on CPU tensors: ``TRITON_INTERPRET=1``), else why not."""
+    if not torch.cuda.is_available() and not interpret_mode():
         if torch.version.cuda is None:
             return f"no GPU: torch {torch.__version__} is a CPU-only build (Triton kernels need a CUDA device)"
         return "no GPU: torch.cuda.is_available() is False (Triton kernels need a CUDA device)"
@@ -327,9 +400,11 @@ __all__ = [
     "COMPILE_OPTIONS",
     "INTERPRET_BLOCK_ELEMENTS",
     "dequantize",
+    "dequantize_op",
     "describe",
     "interpret_mode",
     "quantize",
+    "quantize_op",
     "rows_per_program",
     "unavailable_reason",
 ]

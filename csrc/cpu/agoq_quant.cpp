@@ -321,11 +321,24 @@ Tensor dequantize_op(const Tensor& codes, const Tensor& scales, const Tensor& ze
     return dequantize(codes, scales, zeros, bits, group_size, numel, out_dtype);
 }
 
+// The fused gradient ops agoq::dequantize_add_ / agoq::requantize_add_ (in place; schemas in ops.py).
+void dequantize_add_op(Tensor& out, const Tensor& codes, const Tensor& scales, int64_t group_size) {
+    dequantize_add_(codes, scales, group_size, out);
+}
+
+void requantize_add_op(Tensor& codes, Tensor& scales, const Tensor& addend, bool has_value, int64_t group_size,
+                       bool stochastic, int64_t seed) {
+    requantize_add_(codes, scales, addend, has_value, group_size, stochastic, static_cast<uint64_t>(seed));
+}
+
 }  // namespace
 
+// Every op here is listed in NATIVE_KERNELS["cpu"] (agoq_ds/quant/ops.py); tests/quant/test_registry.py checks.
 TORCH_LIBRARY_IMPL(agoq, CPU, m) {
     m.impl("quantize", &quantize_op);
     m.impl("dequantize", &dequantize_op);
+    m.impl("dequantize_add_", &dequantize_add_op);
+    m.impl("requantize_add_", &requantize_add_op);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

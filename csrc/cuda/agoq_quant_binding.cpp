@@ -34,6 +34,7 @@ at::Tensor dequantize_op(const at::Tensor& codes, const at::Tensor& scales, cons
 
 }  // namespace
 
+// Every op here is listed in NATIVE_KERNELS["cuda"] (agoq_ds/quant/ops.py); tests/quant/test_registry.py checks.
 TORCH_LIBRARY_IMPL(agoq, CUDA, m) {
   m.impl("quantize", &quantize_op);
   m.impl("dequantize", &dequantize_op);
