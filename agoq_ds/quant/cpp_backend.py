@@ -5,10 +5,10 @@ Stochastic rounding draws its noise from a counter-based hash of ``(seed, group,
 torch's generator), so it is deterministic for a seed and independent of the thread count, but
 differs from the reference's draws.
 
-The compiled module is obtained once per process (thread-safe) by ``CPUQuantBuilder.load()``: the
-install-time build if present, else a JIT build (tens of seconds the first time, cached in
-``TORCH_EXTENSIONS_DIR``). If both fail the backend reports itself unavailable and the registry
-uses the pure-torch reference. Environment variables (read at first use):
+The compiled module is obtained once per process (thread-safe) by ``native.NativeLoader`` with
+``builder.CPUQuantBuilder``: the install-time build if present, else a JIT build (tens of seconds
+the first time, cached in ``TORCH_EXTENSIONS_DIR``). If both fail the backend reports itself
+unavailable and the registry uses the pure-torch reference. Environment variables (read at first use):
 
 * ``AGOQ_DISABLE_CPP=1``: never load the C++ kernels (pure-torch fallback).
 * ``AGOQ_CPP_PREBUILT=0``: ignore the install-time build, JIT-build instead.
@@ -17,52 +17,22 @@ uses the pure-torch reference. Environment variables (read at first use):
 
 from __future__ import annotations
 
-import threading
-from types import ModuleType
-
 import torch
 
+from .native import NativeLoader
+
+
+def _builder():
+    from .builder import CPUQuantBuilder
+
+    return CPUQuantBuilder()
+
+
 _SEED_MASK = (1 << 64) - 1
-_lock = threading.Lock()
-_module: ModuleType | None = None
-_reason: str | None = None
-_how = ""
-_tried = False
-
-
-def _load() -> None:
-    global _module, _reason, _how, _tried
-    with _lock:
-        if _tried:
-            return
-        try:
-            from .builder import CPUQuantBuilder
-
-            builder = CPUQuantBuilder()
-            _module = builder.load()
-            _how = builder.how or ""
-        except Exception as exc:
-            _reason = str(exc) if isinstance(exc, RuntimeError) else f"{type(exc).__name__}: {exc}"
-        _tried = True
-
-
-def _kernels() -> ModuleType:
-    _load()
-    if _module is None:
-        raise RuntimeError(f"C++ quantization kernels unavailable: {_reason}")
-    return _module
-
-
-def unavailable_reason() -> str | None:
-    """Why the C++ kernels cannot be used here (``None`` when they can); loads them on first call."""
-    _load()
-    return None if _module is not None else _reason
-
-
-def describe() -> str:
-    """How the kernels were obtained, e.g. ``"prebuilt (AVX-512, OpenMP)"`` or ``"JIT-built in 41.0 s (...)"``."""
-    _load()
-    return _how if _module is not None else f"unavailable: {_reason}"
+_loader = NativeLoader("C++", _builder)
+_kernels = _loader.kernels
+unavailable_reason = _loader.unavailable_reason
+describe = _loader.describe
 
 
 def quantize(

@@ -4,61 +4,31 @@ Same ``quantize``/``dequantize`` as ``reference.py``, bit-exact with it for roun
 Stochastic rounding draws its noise from a SplitMix64 hash of ``(seed, element index)``:
 deterministic for a seed, unbiased, but not the reference's ``torch.rand`` stream.
 
-The compiled module is obtained once per process (thread-safe) by ``CUDAQuantBuilder.load()``:
-the install-time build if present, else a JIT build. On a CPU-only torch or without a GPU the
-backend reports itself unavailable (and never tries to compile). Environment variables (read at
-first use): ``AGOQ_DISABLE_CUDA=1``, ``AGOQ_CUDA_PREBUILT=0``, ``AGOQ_CUDA_JIT=0`` (see
-``cuda_builder.py``).
+The compiled module is obtained once per process (thread-safe) by ``native.NativeLoader`` with
+``builder.CUDAQuantBuilder``: the install-time build if present, else a JIT build. On a CPU-only
+torch or without a GPU the backend reports itself unavailable (and never tries to compile).
+Environment variables (read at first use): ``AGOQ_DISABLE_CUDA=1``, ``AGOQ_CUDA_PREBUILT=0``, ``AGOQ_CUDA_JIT=0`` (see
+``builder.py``).
 """
 
 from __future__ import annotations
 
-import threading
-from types import ModuleType
-
 import torch
 
+from .native import NativeLoader
+
+
+def _builder():
+    from .builder import CUDAQuantBuilder
+
+    return CUDAQuantBuilder()
+
+
 _SEED_MASK = (1 << 63) - 1
-_lock = threading.Lock()
-_module: ModuleType | None = None
-_reason: str | None = None
-_how = ""
-_tried = False
-
-
-def _load() -> None:
-    global _module, _reason, _how, _tried
-    with _lock:
-        if _tried:
-            return
-        try:
-            from .cuda_builder import CUDAQuantBuilder
-
-            builder = CUDAQuantBuilder()
-            _module = builder.load()
-            _how = builder.how or ""
-        except Exception as exc:
-            _reason = str(exc) if isinstance(exc, RuntimeError) else f"{type(exc).__name__}: {exc}"
-        _tried = True
-
-
-def _kernels() -> ModuleType:
-    _load()
-    if _module is None:
-        raise RuntimeError(f"CUDA quantization kernels unavailable: {_reason}")
-    return _module
-
-
-def unavailable_reason() -> str | None:
-    """Why the CUDA kernels cannot be used here (``None`` when they can); loads them on first call."""
-    _load()
-    return None if _module is not None else _reason
-
-
-def describe() -> str:
-    """How the kernels were obtained, e.g. ``"prebuilt (CUDA 12.8)"`` or ``"JIT-built in 70.2 s (...)"``."""
-    _load()
-    return _how if _module is not None else f"unavailable: {_reason}"
+_loader = NativeLoader("CUDA", _builder)
+_kernels = _loader.kernels
+unavailable_reason = _loader.unavailable_reason
+describe = _loader.describe
 
 
 def quantize(

@@ -132,8 +132,8 @@ def test_cuda_backend_says_why() -> None:
 
 
 def _load_builder_by_path():
-    """As agoq_ds/quant/builder.py does at install time: no package import."""
-    path = Path(gpu_compile.__file__).with_name("cuda_builder.py")
+    """As setup.py loads agoq_ds/quant/builder.py at install time: no package import."""
+    path = Path(gpu_compile.__file__).with_name("builder.py")
     return SimpleNamespace(**runpy.run_path(str(path), run_name="_agoq_cuda_builder_test"))
 
 
