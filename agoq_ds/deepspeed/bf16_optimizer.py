@@ -237,6 +237,7 @@ class AgoqBF16Optimizer(OptimizerHost, BF16_Optimizer):
                 seed=lambda start, tag=tag: _mix(tag, start),
                 comm_dtype=comm_dtype,
                 counter=self.agoq_store.accounting.comm,
+                kernels=self.agoq_store.kernels,
             )
             if acc is not None:
                 acc.reset()

@@ -75,17 +75,25 @@ class AgoqEngineMixin:
     def _agoq_check_before_build(ds_config: dict[str, Any], agoq_config: AgoqConfig) -> None:
         from .unsupported import check_supported
 
-        if agoq_config.kernel_backend != "auto":
-            try:
-                quant.set_preferred(agoq_config.kernel_backend)
-            except quant.BackendUnavailable as exc:
-                available = [s.name for s in quant.all_status() if s.available]
-                raise AgoqConfigError(
-                    f"agoq.kernel_backend={agoq_config.kernel_backend!r}: {exc}; available here: auto, "
-                    + ", ".join(available)
-                ) from None
+        try:
+            # The engine's own kernel choice (``agoq_kernels``, which the gradient store and the
+            # activation path use); the process default is left alone, so engines with different
+            # ``kernel_backend`` in one process do not affect each other.
+            quant.kernels_for(agoq_config.kernel_backend)
+        except quant.BackendUnavailable as exc:
+            available = [s.name for s in quant.all_status() if s.available]
+            raise AgoqConfigError(
+                f"agoq.kernel_backend={agoq_config.kernel_backend!r}: {exc}; available here: auto, "
+                + ", ".join(available)
+            ) from None
         if agoq_config.gradient_on:
             check_supported(ds_config, agoq_config)
+
+    @property
+    def agoq_kernels(self) -> quant.Kernels:
+        """Which quantization kernels this engine runs (``agoq.kernel_backend``): pass it down as
+        ``kernels=`` (``quant.quantize``/``dequantize``, the fused ops, ``GradientStore``)."""
+        return quant.kernels_for(self.agoq_config.kernel_backend)
 
     # --- construction hooks -------------------------------------------------------------------
 

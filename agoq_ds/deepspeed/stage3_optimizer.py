@@ -180,7 +180,9 @@ class AgoqStage3Optimizer(OptimizerHost, DeepSpeedZeroOptimizer_Stage3):
         store = self.agoq_store
         counter = store.accounting.comm
         counter.add_baseline(numel, world, reduce_scatter=True)
-        args = reduction_args(self.agoq_gradient, scale=1.0 / divisor, seed=store.seed(2), counter=counter)
+        args = reduction_args(
+            self.agoq_gradient, scale=1.0 / divisor, seed=store.seed(2), counter=counter, kernels=store.kernels
+        )
         result = reduce_scatter_8bit(flat, [[(o, n) for _, o, n in own] for own in slices], group=group, **args)
         self._agoq_owned = (result.values, [(where, n) for where, _, n in slices[rank]])
         return []

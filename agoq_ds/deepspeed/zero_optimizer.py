@@ -163,7 +163,11 @@ class AgoqZeroOptimizer(OptimizerHost, DeepSpeedZeroOptimizer):
             owned = gather_slices(flat, layout.owner_map[store.rank]).float()
         else:
             kwargs = reduction_args(
-                self.agoq_gradient, scale=self._agoq_average_factor(), seed=store.seed(2), counter=counter
+                self.agoq_gradient,
+                scale=self._agoq_average_factor(),
+                seed=store.seed(2),
+                counter=counter,
+                kernels=store.kernels,
             )
             kwargs["group"] = self.dp_process_group
             with get_accelerator().stream(self._agoq_stream(communication_data_type)):

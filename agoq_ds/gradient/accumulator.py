@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from ..quant import QuantizedTensor, dequantize, quantize
+from ..quant import Kernels, QuantizedTensor, dequantize, quantize
 from ..quant.format import num_groups
 from ..quant.fused import requantize_add_
 
@@ -97,6 +97,7 @@ class Int8Accumulator:
         error_feedback: bool = True,
         device: torch.device | str | None = None,
         release_on_reset: bool = False,
+        kernels: Kernels | None = None,
     ) -> None:
         self.numel = int(numel)
         """Elements held."""
@@ -110,6 +111,8 @@ class Int8Accumulator:
         self.error_feedback = error_feedback
         """Carry the requantization residual into the next accumulation."""
         self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.kernels = kernels
+        """The engine's kernel choice (``None``: the process default)."""
         self.codes: torch.Tensor | None = None
         self.scales: torch.Tensor | None = None
         self.res_codes: torch.Tensor | None = None
@@ -154,7 +157,7 @@ class Int8Accumulator:
         )
 
     def _store(self, codes: torch.Tensor, scales: torch.Tensor, lo: int, x: torch.Tensor, seed: int) -> QuantizedTensor:
-        q = quantize(x, 8, self.group_size, stochastic=self.stochastic, seed=seed)
+        q = quantize(x, 8, self.group_size, stochastic=self.stochastic, seed=seed, kernels=self.kernels)
         codes[lo : lo + x.numel()] = q.codes
         g0 = lo // self.group_size
         scales[g0 : g0 + q.scales.numel()] = q.scales
@@ -187,12 +190,13 @@ class Int8Accumulator:
                     group_size=self.group_size,
                     stochastic=self.stochastic,
                     seed=span_seed,
+                    kernels=self.kernels,
                 )
                 continue
             x = self._span_value(values, positions, starts, lo, hi, members)
-            x += dequantize(self._view(self.res_codes, self.res_scales, lo, hi))
+            x += dequantize(self._view(self.res_codes, self.res_scales, lo, hi), kernels=self.kernels)
             stored = self._store(self.codes, self.scales, lo, x, span_seed)
-            residual = torch.nan_to_num(x - dequantize(stored), nan=0.0, posinf=0.0, neginf=0.0)
+            residual = torch.nan_to_num(x - dequantize(stored, kernels=self.kernels), nan=0.0, posinf=0.0, neginf=0.0)
             self._store(self.res_codes, self.res_scales, lo, residual, (span_seed + 7919) % (2**31))
         self.has_value = True
 
@@ -222,14 +226,14 @@ class Int8Accumulator:
         """Accumulated value of ``[lo, hi)`` plus the pieces that fall in it, as a new fp32 tensor."""
         addend = self._span_addend(values, positions, starts, lo, hi, members)
         if self.has_value:
-            return dequantize(self._view(self.codes, self.scales, lo, hi)).add_(addend)
+            return dequantize(self._view(self.codes, self.scales, lo, hi), kernels=self.kernels).add_(addend)
         return addend.float() if addend.dtype != torch.float32 else addend.clone()
 
     def dequantize(self) -> torch.Tensor:
         """The accumulated value as a new fp32 tensor (zeros when nothing was added)."""
         if self.codes is None or not self.has_value:
             return torch.zeros(self.numel, dtype=torch.float32, device=self.device)
-        return dequantize(self._view(self.codes, self.scales, 0, self.numel))
+        return dequantize(self._view(self.codes, self.scales, 0, self.numel), kernels=self.kernels)
 
     def take(self) -> torch.Tensor:
         """The accumulated value as a new fp32 tensor; the accumulator is emptied (``reset``)."""
@@ -244,13 +248,13 @@ class Int8Accumulator:
             raise ValueError(f"dequantize_range({start}, {end}): start must be group-aligned and inside {self.numel}")
         if self.codes is None or not self.has_value:
             return torch.zeros(end - start, dtype=torch.float32, device=self.device)
-        return dequantize(self._view(self.codes, self.scales, start, end))
+        return dequantize(self._view(self.codes, self.scales, start, end), kernels=self.kernels)
 
     def residual(self) -> torch.Tensor:
         """The carried error-feedback residual as fp32 (zeros when there is none)."""
         if self.res_codes is None:
             return torch.zeros(self.numel, dtype=torch.float32, device=self.device)
-        return dequantize(self._view(self.res_codes, self.res_scales, 0, self.numel))
+        return dequantize(self._view(self.res_codes, self.res_scales, 0, self.numel), kernels=self.kernels)
 
     def reset(self) -> None:
         """Forget the accumulated value (storage kept, or freed with ``release_on_reset``); the
@@ -379,10 +383,16 @@ class Fp32Accumulator:
 
 
 def gradient_accumulator(
-    numel: int, config: GradientConfig, *, device: torch.device | str | None = None, release_on_reset: bool = False
+    numel: int,
+    config: GradientConfig,
+    *,
+    device: torch.device | str | None = None,
+    release_on_reset: bool = False,
+    kernels: Kernels | None = None,
 ) -> Int8Accumulator | Fp32Accumulator:
     """The accumulator for ``numel`` gradient elements: int8 codes, or fp32 below ``config.min_numel``
-    elements (quantizing a few elements saves nothing and costs their precision)."""
+    elements (quantizing a few elements saves nothing and costs their precision); ``kernels``: the
+    engine's kernel choice (``None``: the process default)."""
     if numel < config.min_numel:
         return Fp32Accumulator(numel, device=device, release_on_reset=release_on_reset)
     return Int8Accumulator(
@@ -392,4 +402,5 @@ def gradient_accumulator(
         error_feedback=config.error_feedback,
         device=device,
         release_on_reset=release_on_reset,
+        kernels=kernels,
     )

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from ..config import GradientConfig
+from ..quant import Kernels
 from .collectives import CommCounter, all_reduce_8bit, reduction_args
 from .comm import deepspeed_comm
 
@@ -45,20 +46,22 @@ def all_reduce_chunked(
     comm_dtype: torch.dtype,
     counter: CommCounter,
     chunk: int = CHUNK_ELEMENTS,
+    kernels: Kernels | None = None,
 ) -> None:
     """All-reduce a flat gradient of ``numel`` elements over ``group``, chunk by chunk.
 
     ``read(a, b)`` returns the local values of ``[a, b)`` (1-D, any float dtype); ``write(a, b, t)``
     receives ``scale * sum over ranks`` (fp32 for 8-bit communication, ``comm_dtype`` otherwise).
-    ``seed(a)`` gives the stochastic-rounding seed of the chunk starting at ``a``. Every rank must
-    call this with the same ``numel`` and ``chunk``.
+    ``seed(a)`` gives the stochastic-rounding seed of the chunk starting at ``a``; ``kernels`` is the
+    engine's kernel choice (``store.kernels``). Every rank must call this with the same ``numel`` and
+    ``chunk``.
     """
     world = dist.get_world_size(group=group)
     for start, end in chunk_bounds(numel, chunk, config.group_size):
         values = read(start, end)
         counter.add_baseline(end - start, world)
         if config.communication_bits == 8:
-            args = reduction_args(config, scale=scale, seed=seed(start), counter=counter)
+            args = reduction_args(config, scale=scale, seed=seed(start), counter=counter, kernels=kernels)
             reduced = all_reduce_8bit(values, group=group, **args)
         else:
             reduced = values.to(comm_dtype, copy=True)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..quant import QuantizedTensor, bound, dequantize, quantize
+from ..quant import Kernels, QuantizedTensor, bound, dequantize, quantize
 from ..quant.format import num_groups
 from ..quant.fused import dequantize_add_
 from .comm import deepspeed_comm
@@ -109,11 +109,15 @@ class CommCounter:
         self.__dict__.update(fresh.__dict__)
 
 
-def reduction_args(config: GradientConfig, *, scale: float, seed: int, counter: CommCounter) -> dict[str, Any]:
+def reduction_args(
+    config: GradientConfig, *, scale: float, seed: int, counter: CommCounter, kernels: Kernels | None = None
+) -> dict[str, Any]:
     """The keyword arguments every host passes to ``reduce_scatter_8bit`` / ``all_reduce_8bit`` (all
     but ``group``): the configured group size, rounding and exact-path threshold, the averaging
-    ``scale``, the stochastic-rounding ``seed`` and the host's byte meter."""
+    ``scale``, the stochastic-rounding ``seed``, the host's byte meter and its engine's kernel choice
+    (``store.kernels``; ``None``: the process default)."""
     return {
+        "kernels": kernels,
         "group_size": config.group_size,
         "stochastic": config.rounding == "stochastic",
         "seed": seed,
@@ -243,6 +247,7 @@ def reduce_scatter_8bit(
     scale: float = 1.0,
     counter: CommCounter | None = None,
     exact_below: int = 0,
+    kernels: Kernels | None = None,
 ) -> ReduceScatterResult:
     """Sum ``flat`` over the ranks of ``group``, each rank receiving only the slices it owns.
 
@@ -280,7 +285,9 @@ def reduce_scatter_8bit(
             send_splits.append(0)
             continue
         segment = gather_slices(flat, owner_map[dest])
-        q = quantize(segment, 8, group_size, stochastic=stochastic, seed=(seed * 65599 + dest) % (2**31))
+        q = quantize(
+            segment, 8, group_size, stochastic=stochastic, seed=(seed * 65599 + dest) % (2**31), kernels=kernels
+        )
         packed = _pack(q)
         send_parts.append(packed)
         send_splits.append(packed.numel())
@@ -301,7 +308,7 @@ def reduce_scatter_8bit(
         if recv_splits[src] == 0:
             continue
         q = _unpack(recv.narrow(0, offset, recv_splits[src]), mine, group_size, torch.float32)
-        dequantize_add_(total, q)
+        dequantize_add_(total, q, kernels=kernels)
         group_bound += bound(q)
         offset += recv_splits[src]
     if scale != 1.0:
@@ -351,6 +358,7 @@ def all_reduce_8bit(
     scale: float = 1.0,
     counter: CommCounter | None = None,
     exact_below: int = 0,
+    kernels: Kernels | None = None,
 ) -> torch.Tensor:
     """``scale * sum_r flat_r`` on every rank, in fp32, identical on all ranks (exactly, by one fp32
     all-reduce, for fewer than ``exact_below`` elements).
@@ -375,12 +383,15 @@ def all_reduce_8bit(
         seed=seed,
         scale=scale,
         counter=counter,
+        kernels=kernels,
     ).values
     chunk_lengths = [sum(n for _, n in s) for s in owner_map]
     slot = max(packed_segment_bytes(n, group_size) for n in chunk_lengths)
     mine = torch.zeros(slot, dtype=torch.uint8, device=flat.device)
     if reduced.numel():
-        q = quantize(reduced, 8, group_size, stochastic=stochastic, seed=(seed * 65599 + world + rank) % (2**31))
+        q = quantize(
+            reduced, 8, group_size, stochastic=stochastic, seed=(seed * 65599 + world + rank) % (2**31), kernels=kernels
+        )
         packed = _pack(q)
         mine[: packed.numel()] = packed
     gathered = torch.empty(slot * world, dtype=torch.uint8, device=flat.device)
@@ -388,7 +399,8 @@ def all_reduce_8bit(
     parts = []
     for src, n in enumerate(chunk_lengths):
         if n:
-            parts.append(dequantize(_unpack(gathered.narrow(0, src * slot, slot), n, group_size, torch.float32)))
+            q = _unpack(gathered.narrow(0, src * slot, slot), n, group_size, torch.float32)
+            parts.append(dequantize(q, kernels=kernels))
     if counter is not None:
         counter.sent_bytes += slot * (world - 1)
         counter.received_bytes += slot * (world - 1)

@@ -170,6 +170,7 @@ class ParamGradients(GradientHost):
             seed=lambda start: _mix(tag, start),
             comm_dtype=comm_dtype,
             counter=self.agoq_store.accounting.comm,
+            kernels=self.agoq_store.kernels,
         )
         offset = 0
         for param in bucket:

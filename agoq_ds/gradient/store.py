@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ..config import AgoqConfig, GradientConfig
+from ..quant import Kernels, kernels_for
 from ..seeding import mix_seed
 from .accounting import GradientAccounting
 from .accumulator import Accumulator, Fp32Accumulator, gradient_accumulator
@@ -38,10 +39,20 @@ class GradientStore:
     """Accumulators, seeds, statistics and checkpoint state of one 8-bit gradient host."""
 
     def __init__(
-        self, config: AgoqConfig, *, host: str, rank: int, world_size: int, device: torch.device | str
+        self,
+        config: AgoqConfig,
+        *,
+        host: str,
+        rank: int,
+        world_size: int,
+        device: torch.device | str,
+        kernels: Kernels | None = None,
     ) -> None:
         self.config = config
         """The agoq settings."""
+        self.kernels = kernels if kernels is not None else kernels_for(config.kernel_backend)
+        """The engine's kernel choice (``agoq.kernel_backend``), passed to the accumulators and the
+        reductions (``reduction_args(..., kernels=store.kernels)``)."""
         self.host = host
         """Which host owns the store (saved with the state; another host's state is not restored)."""
         self.rank = rank
@@ -76,7 +87,9 @@ class GradientStore:
         """An accumulator of ``numel`` elements that ``finish_step`` empties (freed when ``release``):
         int8 when ``quantized`` (fp32 below ``min_numel``), else fp32."""
         if quantized:
-            acc = gradient_accumulator(numel, self.gradient, device=self.device, release_on_reset=release)
+            acc = gradient_accumulator(
+                numel, self.gradient, device=self.device, release_on_reset=release, kernels=self.kernels
+            )
         else:
             acc = Fp32Accumulator(numel, device=self.device, release_on_reset=release)
         self._per_step[key] = acc
@@ -84,7 +97,7 @@ class GradientStore:
 
     def add_carried(self, key: Hashable, numel: int) -> Accumulator:
         """An int8 accumulator (fp32 below ``min_numel``) the host empties itself."""
-        acc = gradient_accumulator(numel, self.gradient, device=self.device)
+        acc = gradient_accumulator(numel, self.gradient, device=self.device, kernels=self.kernels)
         self._carried[key] = acc
         return acc
 
