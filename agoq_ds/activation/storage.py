@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..quant import QuantizedTensor, dequantize, quantize
+from .fused_recipes import rebuild
 from .identity import dense_permutation
 from .span import SpanPlan, Usage, decide
 
@@ -546,7 +547,10 @@ class DerivedTensor:
         itself all along."""
         y = self._result
         if y is None:
-            y = self._result = self.bound([view.unpack() for view in self.sources])
+            y = rebuild(self)  # one fused kernel (dequantize + recipe) where one applies
+            if y is None:
+                y = self.bound([view.unpack() for view in self.sources])
+            self._result = y
         if y.is_contiguous():  # the usual case, without working out a permutation (a few us per unpack)
             return y.as_strided(shape, stride)
         perm = dense_permutation(y)
