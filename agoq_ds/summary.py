@@ -49,7 +49,8 @@ def startup_summary(engine: Any) -> str:
     import torch
 
     device = torch.device(engine.device) if hasattr(engine, "device") else torch.device("cpu")
-    backend = quant.select(device)
+    kernels = getattr(engine, "agoq_kernels", None)
+    backend = kernels.select(device) if kernels is not None else quant.select(device)
     detail = next((s.detail for s in quant.all_status() if s.name == backend), "")
     zero = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
     dtype = "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"

@@ -96,8 +96,8 @@ class Calibration:
         x = rows.contiguous()
         ref = float(x.float().square().sum())
         for bits in self.candidates:
-            q = quantize(x, bits, g, scale_dtype=self.spec.scale_dtype)
-            err = float((dequantize(q).float() - x.float()).square().sum())
+            q = quantize(x, bits, g, scale_dtype=self.spec.scale_dtype, kernels=self.spec.kernels)
+            err = float((dequantize(q, kernels=self.spec.kernels).float() - x.float()).square().sum())
             acc = self.errors[cls][bits]
             acc[0] += err
             acc[1] += ref

@@ -85,10 +85,13 @@ def _contiguous(view: Any) -> bool:
 
 def _codes_of(view: Any, numel: int) -> Any:
     """The stored holder behind ``view`` if its codes can be read directly: quantized symmetric, in
-    its own contiguous order, not yet dequantized, and ``numel`` elements read contiguously."""
+    its own contiguous order, not yet dequantized, ``numel`` elements read contiguously, and its
+    engine's kernel choice allows Triton (``auto`` or ``triton``)."""
     holder = view.holder
     q = getattr(holder, "q", None)
     if q is None or holder.raw is not None or holder._dequantized is not None or q.zeros is not None:
+        return None
+    if holder.kernels is not None and holder.kernels.choice not in ("auto", "triton"):
         return None
     if holder.log_space or holder.perm is not None or not holder.dense or q.numel != numel:
         return None

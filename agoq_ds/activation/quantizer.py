@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..pipeline_support import PipelineSupport
+from ..quant import Kernels
 from .allocate import pipeline_holds
 from .bit_allocator import BitAllocator
 from .checkpoint import (
@@ -57,7 +58,8 @@ class ActivationQuantizer:
     the whole world, when ``torch.distributed`` is initialised); ``log_report`` logs ``report()``
     once, after the first step (the AGoQ engine does that itself); ``pipeline`` recognises a
     ``PipelineModule`` and DeepSpeed's checkpoint function (default: the one installed in
-    ``agoq_ds.pipeline_support``, which ``agoq_ds.deepspeed`` fills in).
+    ``agoq_ds.pipeline_support``, which ``agoq_ds.deepspeed`` fills in); ``kernels`` runs the quantize and
+    dequantize ops (the engine's ``agoq_kernels``; default: the process default).
     """
 
     def __init__(
@@ -72,6 +74,7 @@ class ActivationQuantizer:
         process_group: Any = None,
         log_report: bool = False,
         pipeline: PipelineSupport | None = None,
+        kernels: Kernels | None = None,
     ) -> None:
         self.model = model
         self.pipeline = pipeline
@@ -84,7 +87,7 @@ class ActivationQuantizer:
         self.holds = pipeline_holds(stage_id, num_stages, micro_batches)
         """Micro-batches this stage holds at its peak under 1F1B."""
         scale_dtype = torch.bfloat16 if config.scale_dtype == "bf16" else torch.float32
-        self.spec = QuantSpec(config.group_size, scale_dtype, config.rounding == "stochastic")
+        self.spec = QuantSpec(config.group_size, scale_dtype, config.rounding == "stochastic", kernels)
         self.policy = BitPolicy(config, stage_id)
         """Bits per (module, class)."""
         self.allocator = BitAllocator(

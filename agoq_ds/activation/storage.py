@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..quant import QuantizedTensor, dequantize, quantize
+from ..quant import Kernels, QuantizedTensor, dequantize, quantize
 from .fused_recipes import rebuild
 from .identity import dense_permutation
 from .span import SpanPlan, Usage, decide
@@ -39,6 +39,9 @@ class QuantSpec:
     """Storage type of the scales."""
     stochastic: bool = False
     """Stochastic instead of round-to-nearest rounding."""
+    kernels: Kernels | None = None
+    """Which backend runs the quantize/dequantize ops (the engine's ``agoq_kernels``; ``None``: the
+    process default)."""
 
 
 def is_row_statistic(t: torch.Tensor) -> bool:
@@ -217,6 +220,7 @@ class SavedTensor:
         "dense",
         "final",
         "held",
+        "kernels",
         "ledger",
         "log_space",
         "module",
@@ -271,6 +275,8 @@ class SavedTensor:
         self.module = ""
         self.final = False
         self._dequantized: torch.Tensor | None = None
+        self.kernels: Kernels | None = None
+        """The backend of this span's dequantize (its quantize's, set by ``store``)."""
         self.reads = 0
         """Reads backward will make of the span: views handed to autograd plus recipes over it. The
         rebuilt tensor is kept from the first to the last, so each span is dequantized once."""
@@ -286,7 +292,7 @@ class SavedTensor:
         NaN/Inf (sets ``nonfinite``; reads the device, so only while tracing). Counting the bytes
         live is the caller's (``hold``, or ``Ledger.hold_many`` for a whole replayed forward)."""
         self.cls, self.module, self.final = span.cls, span.module, True
-        self.quantizable, self.log_space = span.quantizable, span.log_space
+        self.quantizable, self.log_space, self.kernels = span.quantizable, span.log_space, spec.kernels
         if span.bits < 16:
             self._store_quantized(span.bits, spec, seed, check_finite)
 
@@ -379,7 +385,15 @@ class SavedTensor:
     def _store_quantized(self, bits: int, spec: QuantSpec, seed: int, check_finite: bool = False) -> None:
         src = self._source()
         stochastic = self._stochastic(spec)
-        q = quantize(src, bits, spec.group_size, stochastic=stochastic, seed=seed, scale_dtype=spec.scale_dtype)
+        q = quantize(
+            src,
+            bits,
+            spec.group_size,
+            stochastic=stochastic,
+            seed=seed,
+            scale_dtype=spec.scale_dtype,
+            kernels=spec.kernels,
+        )
         if check_finite and bool(q.scales.isnan().any()):
             # A group holding NaN/Inf reads back all-NaN (format.py). Stock backward may never read
             # the non-finite entries (-inf at masked positions under amax/logsumexp/clamp), so the
@@ -407,7 +421,7 @@ class SavedTensor:
         if flat is None:
             flat = self._dequantized
             if flat is None:
-                flat = dequantize(self.q, flat=True)
+                flat = dequantize(self.q, flat=True, kernels=self.kernels)
                 if self.log_space:
                     flat = flat.log().to(self._dtype)
             self.reads -= 1

@@ -156,6 +156,7 @@ class AgoqEngineMixin:
             micro_batches=self.gradient_accumulation_steps(),
             seed=cfg.seed,
             pipeline=PIPELINE,
+            kernels=self.agoq_kernels,
         )
         quantizer.install()
         if _hf_checkpointing_on(self.module) and cfg.activation.checkpointing:

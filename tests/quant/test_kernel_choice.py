@@ -57,3 +57,36 @@ def test_an_engine_config_check_leaves_the_process_default_alone() -> None:
         {}, parse_agoq_config({"kernel_backend": "torch", "gradient": {"enabled": False}})
     )
     assert quant.backends.preferred() == before
+
+
+def test_activations_are_stored_with_their_quantizers_kernels() -> None:
+    """Two activation quantizers in one process, ``torch`` and ``cpp``: each forward and backward runs
+    its own quantizer's ops (``agoq::quantize_reference`` / ``agoq::quantize``), whatever the other."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from agoq_ds.activation import ActivationQuantizer
+    from agoq_ds.config import ActivationConfig
+    from agoq_ds.testing.models import build_llama
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "agoq":
+                self.names.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    ids = torch.randint(0, 200, (1, 16))
+    seen = {}
+    for choice in ("torch", "cpp"):
+        model = build_llama("tiny", seed=0)
+        ActivationQuantizer(model, ActivationConfig(min_numel=0), kernels=quant.kernels_for(choice)).install()
+        model(input_ids=ids, labels=ids).loss.backward()  # traced: quantized when the forward returns
+        with Ops() as ops:
+            model(input_ids=ids, labels=ids).loss.backward()
+        seen[choice] = ops.names
+    assert {"quantize_reference", "dequantize_reference"} <= seen["torch"], seen
+    assert not {"quantize", "dequantize"} & seen["torch"], seen
+    assert {"quantize", "dequantize"} <= seen["cpp"] and not {"quantize_reference"} & seen["cpp"], seen
