@@ -189,31 +189,34 @@ class AgoqEngineMixin:
         )
 
     def destroy(self):
-        """Remove the stage-0 gradient hooks, then DeepSpeed's ``destroy``."""
-        if self.agoq_param_gradients is not None:
-            self.agoq_param_gradients.remove()
+        """The gradient host's ``agoq_close`` (hooks), then DeepSpeed's ``destroy``."""
+        host = self.agoq_gradient_path()
+        if host is not None:
+            host.agoq_close()
         if self._agoq_check is not None:
             self._agoq_check.remove()
         super().destroy()
 
     def zero_grad(self):
-        """DeepSpeed's ``zero_grad``; gradients folded into the stage-0 int8 accumulators go too."""
+        """DeepSpeed's ``zero_grad``, then the gradient host's (e.g. stage 0's int8 accumulators)."""
         super().zero_grad()
-        if self.agoq_param_gradients is not None:
-            self.agoq_param_gradients.reset()
+        host = self.agoq_gradient_path()
+        if host is not None:
+            host.agoq_zero_grad()
 
     def _take_model_step(self, lr_kwargs):
-        gradients = self.agoq_param_gradients  # stage 0: no optimizer subclass runs the step protocol
-        if gradients is not None:
-            gradients.agoq_before_step()
+        host = self.agoq_gradient_path()
+        steps = host if host is not None and host.agoq_engine_steps else None  # no optimizer subclass runs it
+        if steps is not None:
+            steps.agoq_before_step()
         check = self._agoq_check
         if check is not None and check.active:
             group, _ = self._agoq_dp_group()
             check.check(self.global_steps + 1, group=group, world_size=dist.get_world_size(group=group))
         super()._take_model_step(lr_kwargs)
         overflow = bool(getattr(self.optimizer, "overflow", False))  # a host bool DeepSpeed already has
-        if gradients is not None:
-            gradients.agoq_after_step(overflow)
+        if steps is not None:
+            steps.agoq_after_step(overflow)
         if self.agoq_activation is not None:
             if self._agoq_overflows.update(overflow):
                 table = self.agoq_activation.table()
@@ -306,8 +309,9 @@ class AgoqEngineMixin:
         result = super().save_checkpoint(
             save_dir, tag=tag, client_state=client_state, save_latest=save_latest, **kwargs
         )
-        if self.agoq_param_gradients is not None:
-            torch.save(self.agoq_param_gradients.state_dict(), self._agoq_gradient_file(save_dir, tag))
+        host = self.agoq_gradient_path()
+        if host is not None and host.agoq_rank_file:
+            torch.save(host.agoq_rank_state(), self._agoq_gradient_file(save_dir, tag))
         return result
 
     def load_checkpoint(self, load_dir, *args, **kwargs):
@@ -327,8 +331,9 @@ class AgoqEngineMixin:
             tag = os.path.basename(os.path.dirname(load_path))
             if per_rank_bf16 and optimizer_states:
                 self._load_zero_checkpoint(load_dir, tag, load_optimizer_states=True)
-            if self.agoq_param_gradients is not None and optimizer_states:
-                self._agoq_load_gradient_file(load_dir, tag)
+            host = self.agoq_gradient_path()
+            if host is not None and optimizer_states and host.agoq_rank_file:
+                self._agoq_load_gradient_file(host, load_dir, tag)
         if isinstance(client_state, dict) and CHECKPOINT_KEY in client_state:
             self.agoq_load_state_dict(client_state.pop(CHECKPOINT_KEY))
         return load_path, client_state
@@ -336,14 +341,12 @@ class AgoqEngineMixin:
     def _agoq_gradient_file(self, directory: str, tag: str) -> str:
         return os.path.join(directory, str(tag), f"agoq_gradients_rank_{self.global_rank:05d}.pt")
 
-    def _agoq_load_gradient_file(self, load_dir: str, tag: str) -> None:
+    def _agoq_load_gradient_file(self, host: GradientHost, load_dir: str, tag: str) -> None:
         path = self._agoq_gradient_file(load_dir, tag)
         state = torch.load(path, map_location="cpu", weights_only=True) if os.path.exists(path) else None
-        gradients = self.agoq_param_gradients
-        why = gradients.agoq_store.mismatch(state, **gradients.layout())
-        if not gradients.load_state_dict(state) and state is not None:
-            reason = why or "a residual does not fit"
-            logger.warning(f"agoq: {path} is not restored: {reason}; error feedback starts from zero")
+        why = host.agoq_load_rank_state(state)
+        if why is not None and state is not None:
+            logger.warning(f"agoq: {path} is not restored: {why}; error feedback starts from zero")
 
 
 def _hf_checkpointing_on(module: Any) -> bool:

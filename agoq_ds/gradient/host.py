@@ -10,7 +10,10 @@ engine talks to each through these names only, one per role:
 * ``agoq_reduce``, ``agoq_materialize``: reduce the accumulated gradients / put them where DeepSpeed
   reads them without communicating (a tied-weight reduction, a step without reduction);
 * ``agoq_before_step``, ``agoq_after_step``: the step protocol, around DeepSpeed's optimizer step
-  (the optimizer hosts' one ``step`` wrapper, ``OptimizerHost.step``; the engine for stage 0);
+  (the optimizer hosts' one ``step`` wrapper, ``OptimizerHost.step``; where no optimizer subclass
+  exists, ``agoq_engine_steps``, the engine's step runs it);
+* ``agoq_zero_grad``, ``agoq_close``: ``engine.zero_grad`` and ``engine.destroy`` reached the host;
+* ``agoq_rank_state``, ``agoq_load_rank_state``: per-rank state DeepSpeed's checkpoint does not hold;
 * ``agoq_stats``: the figures of the last step;
 * ``agoq_param_paths``: which trainable parameters' gradients can meet a quantizer (``paths.py``);
 * ``agoq_description``: one line for the start-up summary.
@@ -35,6 +38,10 @@ class GradientHost:
     """The host's seeds, accumulators, statistics and checkpoint state."""
     agoq_engine_reduces: bool = False
     """True when the engine calls ``agoq_reduce`` at the accumulation boundary."""
+    agoq_engine_steps: bool = False
+    """True when no optimizer subclass runs the step protocol and the engine's step does (stage 0)."""
+    agoq_rank_file: bool = False
+    """True when the host has per-rank state (``agoq_rank_state``) that the engine saves to its own file."""
     agoq_description: str = ""
     """What the reduction is, for the start-up summary (e.g. ``8-bit reduce-scatter ...``)."""
 
@@ -62,6 +69,23 @@ class GradientHost:
         """Right after it: the per-step accumulators restart; after a skipped step (``overflow``) the
         gradients and error-feedback residuals are dropped, as DeepSpeed drops the gradients."""
         self.agoq_store.finish_step(overflow=overflow)
+
+    def agoq_zero_grad(self) -> None:
+        """``engine.zero_grad`` ran: drop gradients held beside DeepSpeed's own buffers. Nothing by
+        default (the optimizer hosts keep theirs in DeepSpeed's buffers, which DeepSpeed clears)."""
+
+    def agoq_close(self) -> None:
+        """The engine is destroyed: remove what the host registered (hooks). Nothing by default."""
+
+    def agoq_rank_state(self) -> dict[str, Any]:
+        """State of this rank that DeepSpeed's checkpoint does not hold (stage 0 saves optimizer state
+        from data-parallel rank 0 only), for the engine to write to a per-rank file (``agoq_rank_file``)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps its state in DeepSpeed's checkpoint")
+
+    def agoq_load_rank_state(self, state: dict[str, Any] | None) -> str | None:
+        """Restore ``agoq_rank_state``'s result (``None``: the file was missing); returns why it was not
+        restored (error feedback then starts from zero), or ``None`` when it was."""
+        raise NotImplementedError(f"{type(self).__name__} keeps its state in DeepSpeed's checkpoint")
 
     def agoq_stats(self) -> dict[str, float]:
         """Figures of the last finished optimizer step on this rank (``GradientStore.stats``) and how many

@@ -35,6 +35,8 @@ class ParamGradients(GradientHost):
     docstring). Owned by the engine (``engine.agoq_param_gradients``)."""
 
     agoq_engine_reduces = True
+    agoq_engine_steps = True
+    agoq_rank_file = True
 
     def __init__(
         self,
@@ -70,7 +72,7 @@ class ParamGradients(GradientHost):
     def _acc(self, param: nn.Parameter) -> Accumulator | None:
         return self.agoq_store.fold_accumulator(self._index.get(id(param), -1))
 
-    def remove(self) -> None:
+    def agoq_close(self) -> None:
         """Remove the hooks (the engine is being destroyed)."""
         for handle in self._handles:
             handle.remove()
@@ -106,7 +108,7 @@ class ParamGradients(GradientHost):
             if acc is not None and acc.has_value:
                 param.grad = self._unfold(param).view(param.shape).to(param.dtype)
 
-    def reset(self) -> None:
+    def agoq_zero_grad(self) -> None:
         """Drop the accumulated gradients (``engine.zero_grad``)."""
         self.agoq_store.reset()
         self._folds.clear()
@@ -202,12 +204,15 @@ class ParamGradients(GradientHost):
         """The figures a checkpoint's state must match: the trainable parameters' sizes."""
         return {"numels": [p.numel() for p in self.params]}
 
-    def state_dict(self) -> dict[str, Any]:
+    def agoq_rank_state(self) -> dict[str, Any]:
         """``GradientStore.state()``: the step counter and the error-feedback residual per trainable
         parameter (by index), for a per-rank checkpoint file."""
         return self.agoq_store.state(**self.layout())
 
-    def load_state_dict(self, state: dict[str, Any] | None) -> bool:
-        """Restore ``state_dict()``'s result; returns False (residuals from zero) when there is none or
-        it was written for another layout (world size, group size, parameters)."""
-        return self.agoq_store.load_state(state, **self.layout())
+    def agoq_load_rank_state(self, state: dict[str, Any] | None) -> str | None:
+        """Restore ``agoq_rank_state()``'s result; says why not (residuals from zero) when there is none
+        or it was written for another layout (world size, group size, parameters)."""
+        why = self.agoq_store.mismatch(state, **self.layout())
+        if self.agoq_store.load_state(state, **self.layout()):
+            return None
+        return "no agoq state in the checkpoint" if state is None else why or "a residual does not fit"

@@ -329,7 +329,7 @@ def _train_mlp(engine, gen: torch.Generator, steps: int, ga: int, dtype: torch.d
 
 def _agoq_state(engine) -> dict[str, Any] | None:
     if engine.agoq_param_gradients is not None:
-        return engine.agoq_param_gradients.state_dict()
+        return engine.agoq_param_gradients.agoq_rank_state()
     from agoq_ds.gradient.store import STATE_KEY
 
     return engine.optimizer.state_dict().get(STATE_KEY)
