@@ -73,7 +73,7 @@ class AgoqEngineMixin:
 
     @staticmethod
     def _agoq_check_before_build(ds_config: dict[str, Any], agoq_config: AgoqConfig) -> None:
-        from .unsupported import check_supported
+        from .unsupported import UnsupportedConfigError, check_supported
 
         try:
             # The engine's own kernel choice (``agoq_kernels``, which the gradient store and the
@@ -87,7 +87,20 @@ class AgoqEngineMixin:
                 + ", ".join(available)
             ) from None
         if agoq_config.gradient_on:
-            check_supported(ds_config, agoq_config)
+            try:
+                check_supported(ds_config, agoq_config)
+            except UnsupportedConfigError as exc:
+                if not exc.stock_gradients_suffice or "enabled" in agoq_config.gradient.model_fields_set:
+                    raise
+                # ``"agoq": {}`` asks for what agoq can do here: quantized activations, gradients on
+                # DeepSpeed's own path (an explicit ``gradient.enabled: true`` is refused above).
+                agoq_config.gradient.enabled = False
+                setting = str(exc).split(" is not supported")[0].removeprefix("agoq.gradient: ")
+                logger.warning(
+                    f"agoq: 8-bit gradients are not available with {setting}; gradients take DeepSpeed's own "
+                    "path, activations are quantized as configured (set agoq.gradient.enabled=false to "
+                    "silence this)"
+                )
 
     @property
     def agoq_kernels(self) -> quant.Kernels:

@@ -20,9 +20,18 @@ OFF = "set agoq.gradient.enabled=false to train without 8-bit gradients"
 class UnsupportedConfigError(ValueError):
     """A DeepSpeed setting the 8-bit gradient path does not support; the message names it."""
 
+    stock_gradients_suffice: bool = False
+    """The rest of agoq runs with this setting when gradients take DeepSpeed's own path: with
+    ``agoq.gradient.enabled`` left at its default the engine does that (and says so) instead of
+    refusing; an explicit ``enabled: true`` is still refused."""
 
-def _refusal(setting: str, detail: str = "", remedy: str = "") -> UnsupportedConfigError:
-    return UnsupportedConfigError(f"agoq.gradient: {setting} is not supported{detail}; {remedy}{OFF}")
+
+def _refusal(
+    setting: str, detail: str = "", remedy: str = "", stock_gradients_suffice: bool = False
+) -> UnsupportedConfigError:
+    error = UnsupportedConfigError(f"agoq.gradient: {setting} is not supported{detail}; {remedy}{OFF}")
+    error.stock_gradients_suffice = stock_gradients_suffice
+    return error
 
 
 def device_name(device: Any) -> str:
@@ -114,7 +123,10 @@ def _refuse(s: dict[str, Any]) -> None:
     for key in offloads:
         if s[key] not in ("none", ""):
             raise _refusal(
-                f"zero_optimization.{key}.device={s[key]!r}", " by the 8-bit gradient path", "remove the offload or "
+                f"zero_optimization.{key}.device={s[key]!r}",
+                " by the 8-bit gradient path",
+                "remove the offload or ",
+                stock_gradients_suffice=True,
             )
     if s["moe"]:
         raise _refusal("MoE layers (expert-parallel gradient groups)", " by the 8-bit gradient path")

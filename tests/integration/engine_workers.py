@@ -77,6 +77,19 @@ def initialize_error(rank: int, world: int, config: dict) -> str:
     return "no error"
 
 
+def offload_outcome(rank: int, world: int, config: dict) -> dict:
+    """Train ``config`` (an offload config) a few steps: what agoq runs and the losses."""
+    engine = make_engine(config)
+    losses = train(engine, data_stream(rank, world), 3)
+    stats = engine.agoq_stats()
+    return {
+        "engine": type(engine).__name__,
+        "gradient_path": engine.agoq_gradient_path() is not None,
+        "avg_bits": stats.get("activation/avg_bits", 16.0),
+        "losses": losses,
+    }
+
+
 def assert_active_outcome(rank: int, world: int, config: dict) -> str:
     """What ``agoq_ds.assert_active`` says about the engine built from ``config``."""
     import agoq_ds

@@ -154,6 +154,9 @@ def initialize_properties(rank: int, world: int, n_valid: int, n_invalid: int) -
         cfg = parse_agoq_config(block)
         if not (cfg.enabled and cfg.gradient.enabled) or cfg.kernel_backend not in ("auto", *available):
             return
+        if "offload" in expected:  # refused when 8-bit gradients are asked for; by default they go stock
+            gradient = block.get("gradient")
+            block = {**block, "gradient": {**(gradient if isinstance(gradient, dict) else {}), "enabled": True}}
         config = w.ds_config(agoq=block, **extra)
         config["zero_optimization"] = {**zero, "reduce_bucket_size": 200_000}
         rejected(config, UnsupportedConfigError, expected)
