@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_plan_command(sub)
+        from .gpu_cost import add_cost_command
+
+        add_cost_command(sub)
     return parser
 
 

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from agoq_ds.gpu_cost import model_step_cost
+from agoq_ds.planner import ModelDims
+from agoq_ds.testing.models import llama_config
 from tests.benchmark_scripts import load_benchmark
 
 
@@ -27,3 +30,14 @@ def test_launch_count_smoke(tmp_path: Path) -> None:
     assert fused["ops"]["dequantize"] < quantized  # spans read inside the fused kernels
     assert stock["launches"] < fused["launches"] < unfused["launches"]
     assert (tmp_path / "lc.json").is_file()
+
+    # The modelled GPU cost (agoq-ds cost) counts the same launches, kind by kind.
+    c = llama_config("tiny", num_hidden_layers=2)
+    dims = ModelDims(
+        "tiny", c.vocab_size, c.hidden_size, 2, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size
+    )
+    for mode in ("unfused", "fused"):
+        extra = {k: v - stock["ops"].get(k, 0) for k, v in runs[mode]["ops"].items()}
+        extra = {k: v for k, v in extra.items() if v}
+        modelled = model_step_cost(dims, seq=64, micro=2, gas=1, state=mode).launches
+        assert extra == modelled, (mode, extra, modelled)
