@@ -105,9 +105,23 @@ def _read(holder: Any, value: torch.Tensor | None) -> None:
     holder._dequantized = value if holder.reads > 0 else None
 
 
+_matches: dict[int, tuple[Recipe, tuple | None]] = {}
+"""``match`` per recipe object (a plan's recipes are evaluated every step; the recipe is kept with its
+answer so that its ``id`` cannot be reused)."""
+
+
+def _match_cached(recipe: Recipe) -> tuple | None:
+    entry = _matches.get(id(recipe))
+    if entry is None or entry[0] is not recipe:
+        if len(_matches) > 4096:
+            _matches.clear()
+        entry = _matches[id(recipe)] = (recipe, match(recipe))
+    return entry[1]
+
+
 def rebuild(derived: Any) -> torch.Tensor | None:
     """``derived``'s recomputed tensor from a fused kernel, or ``None`` (evaluate the recipe)."""
-    found = match(derived.bound)
+    found = _match_cached(derived.bound)
     if found is None:
         return None
     kind = found[0]
