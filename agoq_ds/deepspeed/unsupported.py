@@ -47,7 +47,9 @@ def _settings_from_dict(ds_config: dict[str, Any]) -> dict[str, Any]:
     def offload_device(key: str) -> str:
         block = zero.get(key)
         if not isinstance(block, dict):
-            return "none"
+            # DeepSpeed's legacy spellings: "cpu_offload" / "cpu_offload_params": true mean device "cpu".
+            legacy = {"offload_optimizer": "cpu_offload", "offload_param": "cpu_offload_params"}[key]
+            return "cpu" if zero.get(legacy) is True else "none"
         return device_name(block.get("device"))
 
     def enabled(key: str) -> bool:

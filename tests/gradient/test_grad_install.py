@@ -36,6 +36,8 @@ def test_bf16_fp32_accum_is_supported(stage: int) -> None:
         (_cfg(3, zero_optimization={"stage": 3, "offload_optimizer": {"device": "cpu"}}), "offload_optimizer.device"),
         (_cfg(3, zero_optimization={"stage": 3, "offload_param": {"device": "cpu"}}), "offload_param.device"),
         (_cfg(2, zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}}), "offload_optimizer.device"),
+        (_cfg(2, zero_optimization={"stage": 2, "cpu_offload": True}), "offload_optimizer.device"),  # legacy key
+        (_cfg(3, zero_optimization={"stage": 3, "cpu_offload_params": True}), "offload_param.device"),
         (_cfg(2, bf16={"enabled": False}, fp16={"enabled": True}), "fp16.enabled"),
         (_cfg(2, optimizer={"type": "Muon", "params": {}}), "Muon"),
         (_cfg(2, compile={"deepcompile": True}), "compile.deepcompile"),
@@ -47,6 +49,8 @@ def test_unsupported_configs_name_the_setting(config: dict, names: str) -> None:
         check_supported(config, AgoqConfig())
     assert isinstance(info.value, ValueError)
     assert "agoq.gradient.enabled=false" in str(info.value)
+    # Offload alone leaves agoq's activations working: the default block falls back to stock gradients.
+    assert info.value.stock_gradients_suffice == ("offload" in names)
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
