@@ -170,10 +170,17 @@ FUSED_OPS = ("dequantize_add_", "requantize_add_")
 the same composition in Python for the backends that are not native (``triton``, ``torch``)."""
 
 
+_OPS: dict[str, tuple[torch._ops.OpOverload, torch._ops.OpOverload]] = {}
+"""``backend_ops`` per backend (looking an op up on ``torch.ops`` costs a microsecond or two per call)."""
+
+
 def backend_ops(name: str) -> tuple[torch._ops.OpOverload, torch._ops.OpOverload]:
     """The ``quantize``/``dequantize`` ops of backend ``name`` (the Triton ones exist once it loaded)."""
-    q, dq = BACKEND_OPS[name]
-    return getattr(torch.ops.agoq, q).default, getattr(torch.ops.agoq, dq).default
+    ops = _OPS.get(name)
+    if ops is None:
+        q, dq = BACKEND_OPS[name]
+        ops = _OPS[name] = (getattr(torch.ops.agoq, q).default, getattr(torch.ops.agoq, dq).default)
+    return ops
 
 
 def backend_for(device: torch.device, op: str, bits: int, backend: str | None, kernels: backends.Kernels | None) -> str:
