@@ -6,7 +6,10 @@ step time (after ``--warmup`` steps), tokens/s, bytes the allocator holds after 
 what it held before (the saved activations), memory at rest after a step, peak memory of a step
 after the warm-up and of the first step (agoq traces the model there),
 host synchronisations of one steady-state step (``agoq_ds/testing/host_sync.py``), and the loss of every step;
-next to each peak, the planner's prediction (``agoq_ds.planner``).
+next to each peak, the planner's prediction (``agoq_ds.planner``); whether per-forward plan replay
+engaged (the activation quantizer's replayed forwards out of all its forwards), which backend the
+engine's ``agoq_kernels`` picks for quantize/dequantize at 2/4/8 bits, and how often the fused Triton
+rebuild kernels ran (``quant.triton_rebuild.norm/gate``, wrapped in the worker process only).
 
 Variants: ``stock``; ``agoq`` (``"agoq": {}``); ``agoq-act`` (activations only, gradients at 32
 bits); ``agoq-grad`` (8-bit gradients only); and what users pick instead of quantization:
@@ -109,6 +112,7 @@ def worker(args: argparse.Namespace) -> dict:
         model=model, model_parameters=model.parameters(), config=ds_config(args.shape, agoq, args.zero_stage)
     )
     device = engine.device
+    fused_calls = count_fused_rebuilds()
     train, _ = split(load_bytes())
     data = batches(train, micro, seq, seed=7)
 
@@ -158,6 +162,57 @@ def worker(args: argparse.Namespace) -> dict:
         "host_syncs_per_step": syncs,
         "loss": losses,
         "step_s": times,
+        **kernel_report(engine, fused_calls),
+    }
+
+
+def count_fused_rebuilds() -> dict[str, int]:
+    """Count calls of the fused Triton rebuild kernels (``agoq_ds.quant.triton_rebuild.norm/gate``) by
+    wrapping them in this benchmark process only; empty when Triton cannot be imported here."""
+    calls: dict[str, int] = {}
+    try:
+        from agoq_ds.quant import triton_rebuild
+    except Exception:  # no Triton (CPU machines): the fused recipes cannot run, nothing to count
+        return calls
+    for name in ("norm", "gate"):
+        fn = getattr(triton_rebuild, name, None)
+        if fn is None:
+            continue
+        calls[name] = 0
+
+        def counted(*a, _fn=fn, _name=name, **kw):
+            calls[_name] += 1
+            return _fn(*a, **kw)
+
+        setattr(triton_rebuild, name, counted)
+    return calls
+
+
+def kernel_report(engine, fused_calls: dict[str, int]) -> dict:
+    """Whether plan replay engaged (replayed forwards out of all outermost forwards of the activation
+    quantizer) and which backend the engine's kernels pick for quantize/dequantize at 2/4/8 bits."""
+    import torch
+
+    quantizer = getattr(engine, "agoq_activation", None)
+    pack = getattr(quantizer, "engine", None)
+    replayed = getattr(pack, "replayed", None)
+    forwards = getattr(pack, "forwards", None)
+    kernels = getattr(engine, "agoq_kernels", None)
+    backends = {}
+    if kernels is not None:
+        device = torch.device(engine.device)
+        for op in ("quantize", "dequantize"):
+            for bits in (2, 4, 8):
+                try:
+                    backends[f"{op}/{bits}"] = kernels.select(device, op, bits)
+                except Exception as exc:  # a report, not a check: say what failed
+                    backends[f"{op}/{bits}"] = f"error: {type(exc).__name__}"
+    return {
+        "replay_forwards": forwards,
+        "replayed_forwards": replayed,
+        "replay_engaged": bool(replayed) if replayed is not None else None,
+        "backends": backends,
+        "fused_rebuild_calls": dict(fused_calls) if fused_calls else None,
     }
 
 
@@ -181,7 +236,8 @@ def table(records: list[dict]) -> str:
     """Each variant over stock of the same shape."""
     lines = [
         f"{'shape':6s} {'variant':11s} {'step s':>8s} {'x stock':>8s} {'tok/s':>9s} {'saved GB':>9s} {'x stock':>8s} "
-        f"{'rest GB':>8s} {'peak GiB':>8s} {'planner':>8s} {'step 1':>8s} {'syncs':>6s} {'loss@10':>8s}"
+        f"{'rest GB':>8s} {'peak GiB':>8s} {'planner':>8s} {'step 1':>8s} {'syncs':>6s} {'loss@10':>8s} "
+        f"{'replay':>9s} {'fused':>9s} backends (q/dq at 2/4/8 bits)"
     ]
     stock = {r["shape"]: r for r in records if r["variant"] == "stock" and "error" not in r}
     for r in records:
@@ -197,9 +253,34 @@ def table(records: list[dict]) -> str:
             f"{r['shape']:6s} {r['variant']:11s} {r['median_step_s']:8.3f} {t_ratio:8.3f} {r['tokens_per_s']:9.0f} "
             f"{r['saved_bytes_after_forward'] / 1e9:9.3f} {m_ratio:8.3f} {r['rest_bytes'] / 1e9:8.2f} "
             f"{r['peak_bytes'] / 2**30:8.2f} {r['planner_peak_gib']:8.2f} {r['first_step_peak_bytes'] / 2**30:8.2f} "
-            f"{r['host_syncs_per_step']!s:>6s} {loss:8.4f}"
+            f"{r['host_syncs_per_step']!s:>6s} {loss:8.4f} {replay_cell(r):>9s} {fused_cell(r):>9s} "
+            f"{backend_cell(r)}"
         )
     return "\n".join(lines)
+
+
+def replay_cell(r: dict) -> str:
+    """``replayed/forwards`` of the activation quantizer; ``-`` without one (stock, agoq-grad)."""
+    if r.get("replay_forwards") is None:
+        return "-"
+    return f"{r['replayed_forwards']}/{r['replay_forwards']}"
+
+
+def fused_cell(r: dict) -> str:
+    """Calls of the fused Triton rebuild kernels, ``norm+gate``; ``-`` where Triton is not importable."""
+    calls = r.get("fused_rebuild_calls")
+    return f"{calls.get('norm', 0)}+{calls.get('gate', 0)}" if calls else "-"
+
+
+def backend_cell(r: dict) -> str:
+    """``q:a/b/c dq:a/b/c``; ``-`` for stock (no agoq kernels)."""
+    b = r.get("backends") or {}
+    if not b:
+        return "-"
+    return " ".join(
+        f"{op[:1] if op == 'quantize' else 'dq'}:{'/'.join(b.get(f'{op}/{n}', '?') for n in (2, 4, 8))}"
+        for op in ("quantize", "dequantize")
+    )
 
 
 def plot(result: dict, path: Path) -> None:

@@ -31,6 +31,17 @@ def test_every_variant_ran(result: dict) -> None:
         assert r["median_step_s"] > 0 and r["tokens_per_s"] > 0 and r["planner_peak_gib"] > 0
 
 
+def test_replay_and_backends_reported(result: dict) -> None:
+    """Each record says whether plan replay engaged (replayed of all outermost forwards) and which
+    backend the engine's kernels pick per op and width; stock has neither."""
+    records = {r["variant"]: r for r in result["records"]}
+    assert records["stock"]["replay_engaged"] is None and records["stock"]["backends"] == {}
+    agoq = records["agoq"]
+    assert agoq["replay_engaged"] is True and 1 <= agoq["replayed_forwards"] < agoq["replay_forwards"]
+    assert set(agoq["backends"]) == {f"{op}/{n}" for op in ("quantize", "dequantize") for n in (2, 4, 8)}
+    assert all(not v.startswith("error") for v in agoq["backends"].values()), agoq["backends"]
+
+
 def test_same_start_and_no_extra_host_syncs(result: dict) -> None:
     records = {r["variant"]: r for r in result["records"]}
     # Same initialisation and batches; saved-tensor storage does not touch the forward, and the first
