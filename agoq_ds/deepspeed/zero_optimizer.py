@@ -34,10 +34,15 @@ from deepspeed.utils import logger
 
 from ..config import AgoqConfig
 from ..gradient.accumulator import Int8Accumulator
-from ..gradient.collectives import all_reduce_8bit, gather_slices, reduce_scatter_8bit, reduction_args
+from ..gradient.collectives import all_reduce_8bit, reduce_scatter_8bit, reduction_args
 from ..gradient.paths import Path, largest_bucket, path, reduction_exact
 from .layout import BucketLayout, bucket_layout
 from .optimizer_host import OptimizerHost
+
+
+def _slices(flat: torch.Tensor, slices) -> list[torch.Tensor]:
+    """Views of the ``(offset, numel)`` slices of a 1-D tensor."""
+    return [flat.narrow(0, off, n) for off, n in slices]
 
 
 class AgoqZeroOptimizer(OptimizerHost, DeepSpeedZeroOptimizer):
@@ -160,7 +165,7 @@ class AgoqZeroOptimizer(OptimizerHost, DeepSpeedZeroOptimizer):
         if not self._agoq_comm8:
             stock_reduce()
             counter.add_stock(layout.numel, store.world_size, flat.element_size())
-            owned = gather_slices(flat, layout.owner_map[store.rank]).float()
+            owned = _slices(flat, layout.owner_map[store.rank])  # views: no copy of the bucket
         else:
             kwargs = reduction_args(
                 self.agoq_gradient,
@@ -171,23 +176,28 @@ class AgoqZeroOptimizer(OptimizerHost, DeepSpeedZeroOptimizer):
             )
             kwargs["group"] = self.dp_process_group
             with get_accelerator().stream(self._agoq_stream(communication_data_type)):
-                if self.reduce_scatter:
+                if self.reduce_scatter and store.world_size == 1 and kwargs["scale"] == 1.0:
+                    # Nothing to exchange: the int8 store reads the bucket's own slices, chunk by
+                    # chunk (reduce_scatter_8bit would concatenate them: a copy of the bucket).
+                    owned = _slices(flat, layout.owner_map[store.rank])
+                elif self.reduce_scatter:
                     owned = reduce_scatter_8bit(flat, layout.owner_map, **kwargs).values
                 else:
                     full = all_reduce_8bit(flat, **kwargs)
                     flat.copy_(full)  # DeepSpeed's all-reduce path leaves the whole bucket reduced
-                    owned = gather_slices(full, layout.owner_map[store.rank])
+                    owned = _slices(full, layout.owner_map[store.rank])
                 self._agoq_store_owned(owned, layout)
                 return
         self._agoq_store_owned(owned, layout)
 
-    def _agoq_store_owned(self, owned: torch.Tensor, layout: BucketLayout) -> None:
-        starts = list(accumulate((n for _, _, n in layout.local), initial=0))
+    def _agoq_store_owned(self, owned: torch.Tensor | list[torch.Tensor], layout: BucketLayout) -> None:
+        """Add this rank's slices (concatenated, or one view per slice) to the partition accumulators,
+        one view per slice: nothing bucket-sized is concatenated."""
+        if isinstance(owned, torch.Tensor):
+            starts = accumulate((n for _, _, n in layout.local), initial=0)
+            owned = [owned.narrow(0, s, n) for s, (_, _, n) in zip(starts, layout.local, strict=False)]
         for group, (indices, positions) in layout.local_by_group().items():
-            if len(indices) == len(layout.local):
-                values = owned
-            else:
-                values = torch.cat([owned.narrow(0, starts[k], layout.local[k][2]) for k in indices])
+            values = [owned[k] for k in indices]
             self.agoq_store.step_accumulator(group).add_(values, positions, seed=self.agoq_store.seed(3, group))
 
     def average_tensor(self, tensor: torch.Tensor, communication_data_type: torch.dtype):

@@ -32,6 +32,54 @@ from ..quant.fused import requantize_add_
 Positions = Sequence[tuple[int, int]]
 """``(offset, numel)`` pieces of the accumulator, in the order their values are concatenated."""
 
+Values = torch.Tensor | Sequence[torch.Tensor]
+"""What ``add_`` adds: the pieces concatenated (one 1-D tensor), or one 1-D tensor per piece (views
+of a bucket, so that nobody concatenates them first)."""
+
+SPAN_CHUNK = 1 << 24
+"""Most elements requantized in one pass (rounded down to whole groups): bounds the fp32
+temporaries of ``Int8Accumulator.add_`` (the same size as ``allreduce.CHUNK_ELEMENTS``). Spans of
+up to this many elements are quantized exactly as one span; longer ones in group-aligned chunks,
+which is the same result under round-to-nearest (groups are independent) and differs only in the
+stochastic-rounding draws."""
+
+
+def _piece_list(values: Values, positions: Positions) -> list[torch.Tensor]:
+    """One 1-D view per piece of ``positions``."""
+    if isinstance(values, torch.Tensor):
+        values = values.reshape(-1)
+        total = sum(n for _, n in positions)
+        if values.numel() != total:
+            raise ValueError(f"add_: {values.numel()} values for pieces totalling {total}")
+        starts = accumulate((n for _, n in positions), initial=0)
+        return [values.narrow(0, s, n) for s, (_, n) in zip(starts, positions, strict=False)]
+    pieces = [v.reshape(-1) for v in values]
+    if len(pieces) != len(positions) or any(v.numel() != n for v, (_, n) in zip(pieces, positions, strict=True)):
+        raise ValueError("add_: the value pieces do not match positions")
+    return pieces
+
+
+def _adjacent(inside: list[tuple[int, int, int]], views: list[torch.Tensor]) -> bool:
+    """Whether the views follow each other without gaps, in the accumulator and in one storage."""
+    first = views[0]
+    for k in range(1, len(views)):
+        prev, view = views[k - 1], views[k]
+        if inside[k][1] != inside[k - 1][2] or view.dtype != first.dtype or view.stride(0) != 1 or prev.stride(0) != 1:
+            return False
+        if view.untyped_storage().data_ptr() != first.untyped_storage().data_ptr():
+            return False
+        if view.storage_offset() != prev.storage_offset() + prev.numel():
+            return False
+    return True
+
+
+def _chunked(spans: list[tuple[int, int, list[int]]], chunk: int) -> list[tuple[int, int, list[int]]]:
+    """``spans`` split into group-aligned chunks of at most ``chunk`` elements (``chunk`` a multiple of
+    the group size); each chunk with the pieces that overlap it."""
+    if chunk <= 0:
+        return spans
+    return [(a, min(a + chunk, hi), members) for lo, hi, members in spans for a in range(lo, hi, chunk)]
+
 
 if TYPE_CHECKING:
     from ..config import GradientConfig
@@ -43,8 +91,8 @@ class Accumulator(Protocol):
     numel: int
     has_value: bool
 
-    def add_(self, values: torch.Tensor, positions: Positions | None = None, *, seed: int = 0) -> None:
-        """Add ``values`` (pieces concatenated in ``positions`` order) at their offsets."""
+    def add_(self, values: Values, positions: Positions | None = None, *, seed: int = 0) -> None:
+        """Add ``values`` (pieces concatenated in ``positions`` order, or one tensor per piece) at their offsets."""
 
     def dequantize(self) -> torch.Tensor:
         """The accumulated value in fp32; it may share storage with the accumulator (``Fp32Accumulator``),
@@ -163,21 +211,21 @@ class Int8Accumulator:
         scales[g0 : g0 + q.scales.numel()] = q.scales
         return q
 
-    def add_(self, values: torch.Tensor, positions: Positions | None = None, *, seed: int = 0) -> None:
-        """Add the pieces of ``values`` (1-D, concatenated in ``positions`` order) at their offsets.
+    def add_(self, values: Values, positions: Positions | None = None, *, seed: int = 0) -> None:
+        """Add the pieces of ``values`` (1-D, concatenated in ``positions`` order, or one tensor per
+        piece) at their offsets.
 
-        ``positions`` defaults to the whole accumulator. ``seed`` drives stochastic rounding.
+        ``positions`` defaults to the whole accumulator. ``seed`` drives stochastic rounding. fp32
+        temporaries are at most ``SPAN_CHUNK`` elements (plus one group) however large the pieces.
         """
-        values = values.reshape(-1)
         if positions is None:
             positions = [(0, self.numel)]
-        if values.numel() != sum(n for _, n in positions):
-            raise ValueError(f"add_: {values.numel()} values for pieces totalling {sum(n for _, n in positions)}")
-        starts = list(accumulate((n for _, n in positions), initial=0))
+        pieces = _piece_list(values, positions)
         self._allocate()
         if self.error_feedback:
             self._allocate_residual()
-        for i, (lo, hi, members) in enumerate(_spans(positions, self.group_size, self.numel)):
+        chunk = max(SPAN_CHUNK // self.group_size, 1) * self.group_size
+        for i, (lo, hi, members) in enumerate(_chunked(_spans(positions, self.group_size, self.numel), chunk)):
             span_seed = (seed * 1000003 + i) % (2**31)
             if not self.error_feedback:
                 # One fused pass: codes := Q(D(codes) + pieces), no full-size fp32 temporaries.
@@ -185,7 +233,7 @@ class Int8Accumulator:
                 requantize_add_(
                     self.codes[lo:hi],
                     self.scales[g0:g1],
-                    self._span_addend(values, positions, starts, lo, hi, members),
+                    self._span_addend(pieces, positions, lo, hi, members),
                     has_value=self.has_value,
                     group_size=self.group_size,
                     stochastic=self.stochastic,
@@ -193,7 +241,7 @@ class Int8Accumulator:
                     kernels=self.kernels,
                 )
                 continue
-            x = self._span_value(values, positions, starts, lo, hi, members)
+            x = self._span_value(pieces, positions, lo, hi, members)
             x += dequantize(self._view(self.res_codes, self.res_scales, lo, hi), kernels=self.kernels)
             stored = self._store(self.codes, self.scales, lo, x, span_seed)
             residual = torch.nan_to_num(x - dequantize(stored, kernels=self.kernels), nan=0.0, posinf=0.0, neginf=0.0)
@@ -202,29 +250,32 @@ class Int8Accumulator:
 
     @staticmethod
     def _span_addend(
-        values: torch.Tensor, positions: Positions, starts: list[int], lo: int, hi: int, members: list[int]
+        pieces: list[torch.Tensor], positions: Positions, lo: int, hi: int, members: list[int]
     ) -> torch.Tensor:
-        """The pieces falling in ``[lo, hi)`` laid out over that span (zeros between pieces); a view of
-        ``values`` when the pieces are consecutive there and cover the span exactly."""
-        first, covered = members[0], lo
-        for p in members:  # consecutive in the accumulator and in ``values``, without gaps
-            if positions[p][0] != covered or starts[p] - starts[first] != covered - lo:
-                break
-            covered += positions[p][1]
-        else:
-            if covered == hi:
-                return values[starts[first] : starts[first] + hi - lo]
-        addend = torch.zeros(hi - lo, dtype=torch.float32, device=values.device)
+        """The pieces' values falling in ``[lo, hi)`` laid out over that range (zeros between pieces); a
+        view of a piece when one piece covers the range exactly."""
+        inside = []
         for p in members:
             off, n = positions[p]
-            addend[off - lo : off - lo + n] += values[starts[p] : starts[p] + n]
+            a, b = max(off, lo), min(off + n, hi)
+            if a < b:
+                inside.append((p, a, b))
+        views = [pieces[p].narrow(0, a - positions[p][0], b - a) for p, a, b in inside]
+        if inside and inside[0][1] == lo and inside[-1][2] == hi and _adjacent(inside, views):
+            if len(views) == 1:
+                return views[0]
+            first = views[0]  # consecutive in the accumulator and in memory: one view over them
+            return first.as_strided((hi - lo,), (1,), first.storage_offset())
+        addend = torch.zeros(hi - lo, dtype=torch.float32, device=pieces[members[0]].device)
+        for (_, a, b), view in zip(inside, views, strict=True):
+            addend[a - lo : b - lo] += view
         return addend
 
     def _span_value(
-        self, values: torch.Tensor, positions: Positions, starts: list[int], lo: int, hi: int, members: list[int]
+        self, pieces: list[torch.Tensor], positions: Positions, lo: int, hi: int, members: list[int]
     ) -> torch.Tensor:
         """Accumulated value of ``[lo, hi)`` plus the pieces that fall in it, as a new fp32 tensor."""
-        addend = self._span_addend(values, positions, starts, lo, hi, members)
+        addend = self._span_addend(pieces, positions, lo, hi, members)
         if self.has_value:
             return dequantize(self._view(self.codes, self.scales, lo, hi), kernels=self.kernels).add_(addend)
         return addend.float() if addend.dtype != torch.float32 else addend.clone()
@@ -327,17 +378,14 @@ class Fp32Accumulator:
         """Always 0: nothing is rounded."""
         return 0
 
-    def add_(self, values: torch.Tensor, positions: Positions | None = None, *, seed: int = 0) -> None:
+    def add_(self, values: Values, positions: Positions | None = None, *, seed: int = 0) -> None:
         """Add the pieces of ``values`` at their offsets (see ``Int8Accumulator.add_``)."""
         if self.buffer is None:
             self.buffer = torch.zeros(self.numel, dtype=torch.float32, device=self.device)
-        values = values.reshape(-1)
         if positions is None:
             positions = [(0, self.numel)]
-        start = 0
-        for off, n in positions:
-            self.buffer[off : off + n] += values[start : start + n].float()
-            start += n
+        for (off, n), piece in zip(positions, _piece_list(values, positions), strict=True):
+            self.buffer[off : off + n] += piece  # in-place add: converts without a copy of the piece
         self.has_value = True
 
     def dequantize(self) -> torch.Tensor:

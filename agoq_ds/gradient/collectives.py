@@ -300,8 +300,9 @@ def reduce_scatter_8bit(
     recv = torch.empty(sum(recv_splits), dtype=torch.uint8, device=flat.device)
     exchange_bytes(recv, send, recv_splits, send_splits, group=group)
 
-    # Summed in place: ``own`` is a fresh fp32 copy unless ``flat`` was fp32 already (then a view of it).
-    total = own.clone() if flat.dtype == torch.float32 else own
+    # Summed in place: ``own`` is a fresh fp32 copy unless ``flat`` was fp32 and the slices one run
+    # (then a view of it); a second copy of a fresh one would be one more bucket share per rank.
+    total = own.clone() if flat.dtype == torch.float32 and len(owner_map[rank]) <= 1 else own
     group_bound = own.new_zeros(num_groups(mine, group_size))
     offset = 0
     for src in range(world):  # fixed order: the result does not depend on arrival order

@@ -1,0 +1,89 @@
+"""Workers of ``test_bucket_copy``: the largest tensor allocated while a real DeepSpeed ZeRO-2 engine
+reduces its gradient buckets through the 8-bit path."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tests.gradient import grad_workers as w
+
+BUCKET = 2_000
+"""``reduce_bucket_size``: each bucket holds several of the MLP's parameters."""
+GROUP = 128
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(24, 40), nn.Tanh(), nn.Linear(40, 40), nn.Tanh(), nn.Linear(40, 30))
+
+
+class _LargestNew(TorchDispatchMode):
+    """Records the tensors aten ops create (outputs that alias no input); ``largest_temporary`` is
+    the numel of the largest one no longer alive (what the int8 store keeps, its codes and scales,
+    is not a temporary)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.created: list[tuple[int, str, Any]] = []
+
+    def largest_temporary(self) -> tuple[int, str]:
+        gone = [(n, op) for n, op, ref in self.created if ref() is None]
+        return max(gone, default=(0, ""))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in torch.utils._pytree.tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor)
+        }
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.created.append((t.numel(), str(func), weakref.ref(t)))
+        return out
+
+
+def reduce_largest_temporary(rank: int, world: int, span_chunk: int | None) -> dict[str, Any]:
+    """Three ZeRO-2 steps; per bucket reduction the largest new tensor, the bucket sizes, the params."""
+    from agoq_ds.deepspeed.layout import bucket_layout
+    from agoq_ds.gradient import accumulator
+
+    if span_chunk is not None:
+        accumulator.SPAN_CHUNK = span_chunk
+    config = w.ds_config(2, micro=4, reduce_bucket_size=BUCKET)
+    engine = w.make_engine(_mlp(), config, {"gradient": {"group_size": GROUP}})
+    opt = engine.optimizer
+    record = {"largest": 0, "op": "", "bucket": 0, "buckets": 0, "slices": 0}
+    inner = opt._agoq_reduce
+
+    def measured(flat, dtype, stock):
+        bucket = opt.ipg_buckets[dtype]
+        layout_slices = len(bucket.params)
+        layout = bucket_layout(opt, bucket.params, world, rank)
+        share = max(sum(n for _, n in slices) for slices in layout.owner_map)
+        record["share"] = max(record.get("share", 0), share)
+        with _LargestNew() as mode:
+            inner(flat, dtype, stock)
+        gc.collect()
+        largest, op = mode.largest_temporary()
+        if largest > record["largest"]:
+            record["largest"], record["op"] = largest, op
+        record["bucket"] = max(record["bucket"], flat.numel())
+        record["buckets"] += 1
+        record["slices"] = max(record["slices"], layout_slices)
+
+    opt._agoq_reduce = measured
+    gen = torch.Generator().manual_seed(1 + rank)
+    for _ in range(3):
+        x, y = torch.randn(4, 24, generator=gen), torch.randn(4, 30, generator=gen)
+        loss = ((engine(x) - y) ** 2).mean()
+        engine.backward(loss)
+        engine.step()
+    record["params"] = [p.detach().float().numpy().tobytes() for p in engine.module.parameters()]
+    return record

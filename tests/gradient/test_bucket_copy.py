@@ -1,0 +1,46 @@
+"""No copy of a whole gradient bucket on any rank count (issue 23, item 4).
+
+A real DeepSpeed ZeRO-2 engine (gloo CPU ranks) with buckets of several parameters, which DeepSpeed
+fills in backward order while ``deepspeed/layout.py`` lists each rank's slices in partition order:
+concatenating them (``gather_slices`` -> ``torch.cat``) was a copy of the whole bucket on one rank.
+A dispatch mode records the largest tensor any aten op creates inside the bucket reduction.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from agoq_ds.testing.distributed import run_ranks
+from tests.gradient import bucket_copy_workers as bw
+
+CHUNK = 2 * bw.GROUP
+"""``accumulator.SPAN_CHUNK`` for the test: far below the bucket, so a bucket-sized temporary shows."""
+
+
+def test_one_rank_allocates_at_most_one_chunk() -> None:
+    (r,) = run_ranks(bw.reduce_largest_temporary, 1, (CHUNK,))
+    assert r["slices"] >= 2 and r["buckets"] >= 2  # several params per bucket, several buckets
+    assert r["bucket"] > 4 * CHUNK
+    # Before: torch.cat of the bucket's slices (r["bucket"] elements, 2,710 here).
+    assert r["largest"] <= CHUNK, (r["largest"], r["op"], r["bucket"])
+
+
+def test_two_ranks_copy_no_whole_bucket() -> None:
+    results = run_ranks(bw.reduce_largest_temporary, 2, (CHUNK,))
+    for r in results:
+        assert r["slices"] >= 2 and r["bucket"] > 4 * CHUNK
+        # What is left on several ranks: one rank's share of the bucket in the reduce-scatter (the
+        # packed segment sent: its int8 codes plus fp32 scales; the fp32 sum received), never the
+        # whole bucket.
+        packed = r["share"] + 4 * (-(-r["share"] // bw.GROUP)) + 4
+        assert r["largest"] <= packed < r["bucket"], (r["largest"], r["op"], r["share"], r["bucket"])
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_chunked_store_is_bit_identical(world: int) -> None:
+    """Round-to-nearest: feeding the int8 store chunk by chunk gives the same weights, bit for bit,
+    as one pass per span (the default chunk is larger than these buckets)."""
+    chunked = run_ranks(bw.reduce_largest_temporary, world, (CHUNK,))
+    whole = run_ranks(bw.reduce_largest_temporary, world, (None,))
+    for a, b in zip(chunked, whole, strict=True):
+        assert a["params"] == b["params"]
