@@ -119,8 +119,17 @@ def _match_cached(recipe: Recipe) -> tuple | None:
     return entry[1]
 
 
+_possible: bool | None = None
+"""Whether a fused kernel can run in this process at all (a CUDA device, or Triton's interpreter)."""
+
+
 def rebuild(derived: Any) -> torch.Tensor | None:
     """``derived``'s recomputed tensor from a fused kernel, or ``None`` (evaluate the recipe)."""
+    global _possible
+    if _possible is None:
+        _possible = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if not _possible:  # a CPU run: no matching, no layout checks on the backward path
+        return None
     found = _match_cached(derived.bound)
     if found is None:
         return None

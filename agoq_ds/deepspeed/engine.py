@@ -95,9 +95,8 @@ class AgoqEngineMixin:
                 # ``"agoq": {}`` asks for what agoq can do here: quantized activations, gradients on
                 # DeepSpeed's own path (an explicit ``gradient.enabled: true`` is refused above).
                 agoq_config.gradient.enabled = False
-                setting = str(exc).split(" is not supported")[0].removeprefix("agoq.gradient: ")
                 logger.warning(
-                    f"agoq: 8-bit gradients are not available with {setting}; gradients take DeepSpeed's own "
+                    f"agoq: 8-bit gradients are not available with {exc.setting}; gradients take DeepSpeed's own "
                     "path, activations are quantized as configured (set agoq.gradient.enabled=false to "
                     "silence this)"
                 )

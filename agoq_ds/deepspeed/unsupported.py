@@ -20,6 +20,8 @@ OFF = "set agoq.gradient.enabled=false to train without 8-bit gradients"
 class UnsupportedConfigError(ValueError):
     """A DeepSpeed setting the 8-bit gradient path does not support; the message names it."""
 
+    setting: str = ""
+    """The refused setting and its value, as the message names it."""
     stock_gradients_suffice: bool = False
     """The rest of agoq runs with this setting when gradients take DeepSpeed's own path: with
     ``agoq.gradient.enabled`` left at its default the engine does that (and says so) instead of
@@ -30,6 +32,7 @@ def _refusal(
     setting: str, detail: str = "", remedy: str = "", stock_gradients_suffice: bool = False
 ) -> UnsupportedConfigError:
     error = UnsupportedConfigError(f"agoq.gradient: {setting} is not supported{detail}; {remedy}{OFF}")
+    error.setting = setting
     error.stock_gradients_suffice = stock_gradients_suffice
     return error
 
