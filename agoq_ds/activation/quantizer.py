@@ -15,6 +15,7 @@ of those steps the allocators fix the bits (budget table, then per-stage balanci
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -31,6 +32,7 @@ from .checkpoint import (
     set_hf_checkpoint_function,
     swap_pipeline_checkpoint_function,
 )
+from .compiled import CompiledPacking
 from .hooks import PackEngine
 from .policy import BitPolicy
 from .report import Snapshot, render, stats_of
@@ -38,6 +40,8 @@ from .storage import QuantSpec
 
 if TYPE_CHECKING:
     from ..config import ActivationConfig
+
+logger = logging.getLogger("agoq_ds.activation")
 
 STATE_VERSION = 1
 """Version of ``ActivationQuantizer.state_dict``."""
@@ -123,6 +127,7 @@ class ActivationQuantizer:
         self._pipeline_previous = None
         self._loss_previous = None
         self._hf_previous: dict | None = None
+        self._compiled: CompiledPacking | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -181,6 +186,10 @@ class ActivationQuantizer:
             self.engine.stop_tracing()
         if self.allocator.end_step(self.step, len(ledger.forwards)):
             self._bits_fixed()
+        if self._compiled is not None:
+            self._compiled.backward_done()  # a backward outside the engine's (loss.backward()) freed them too
+            for line in self._compiled.news():
+                logger.warning(line)
         ledger.reset_usage()
         ledger.reset_peaks()
         if self._log_report and self._snapshot.forwards:
@@ -192,6 +201,36 @@ class ActivationQuantizer:
         recorder = self.engine.recorder
         recorder.on_saved, recorder.calibrating = None, False
         self.engine.invalidate_plans()
+        if self._compiled is not None:
+            self._compiled.refresh()
+
+    # --- torch.compile -------------------------------------------------------------------------------
+
+    @property
+    def eager_needed(self) -> bool:
+        """Whether the next forward must run uncompiled: the classification is learnt from the first
+        step's eager forwards and calibration measures in eager mode (``compiled.py``)."""
+        return bool(self.engine.recorder.enabled) and (not self._traced or bool(self.engine.recorder.calibrating))
+
+    @property
+    def compiled_in_use(self) -> bool:
+        """Whether compiled forwards have stored tensors through ``compiled()``'s hooks."""
+        return self._compiled is not None and self._compiled.runs > 0
+
+    def compiled(self) -> CompiledPacking:
+        """The saved-tensor hooks for the compiled model (made once; same ledger, policy and
+        classification as eager mode)."""
+        if self._compiled is None:
+            classifier = self.engine.classifier
+            index = {name: i for i, name in enumerate(classifier.names)}
+
+            def class_of(name: str) -> str:
+                return self.engine.structure.class_of(index.get(name, 0))
+
+            self._compiled = CompiledPacking(
+                self.model, self.policy.bits, class_of, self.spec, self.config.min_numel, self.engine.ledger
+            )
+        return self._compiled
 
     @property
     def sensitivity(self) -> dict[str, dict[int, float]]:

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import deepspeed
 import torch
 from deepspeed import comm as dist
+from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.pipe.engine import PipelineEngine
@@ -216,6 +219,59 @@ class AgoqEngineMixin:
         if host is not None:
             host.agoq_zero_grad()
 
+    # --- torch.compile ----------------------------------------------------------------------------
+
+    def compile(self, backend=None, compile_kwargs=None, schedule=None, compiled_autograd_enabled=False) -> None:
+        """DeepSpeed's ``compile``; with activation quantization on, the backend is wrapped so the
+        compiled graphs store agoq's quantized activations (``activation/compiled.py``), and the
+        first step's forwards run uncompiled to learn the classification (``forward``)."""
+        if backend is None:
+            backend = get_accelerator().get_compile_backend()
+        quantizer = self.agoq_activation
+        if quantizer is not None and quantizer.engine.recorder.enabled and not self.is_compiled:
+            if self.is_deepcompile_enabled():
+                raise AgoqConfigError(
+                    "agoq.activation with DeepCompile (compile.deepcompile: true) is not supported: "
+                    "DeepCompile replaces the autograd graph agoq's saved-tensor hooks are inlined into; "
+                    "set compile.deepcompile to false or agoq.activation.enabled to false"
+                )
+            if compiled_autograd_enabled:
+                raise AgoqConfigError(
+                    "agoq.activation with compiled_autograd_enabled=True is not supported: PyTorch does not "
+                    "inline saved-tensor hooks under compiled autograd; compile without it or set "
+                    "agoq.activation.enabled to false"
+                )
+            backend = quantizer.compiled().wrap_backend(backend)
+        super().compile(
+            backend=backend,
+            compile_kwargs={} if compile_kwargs is None else compile_kwargs,
+            schedule=schedule,
+            compiled_autograd_enabled=compiled_autograd_enabled,
+        )
+
+    def forward(self, *inputs, **kwargs):
+        """DeepSpeed's ``forward``. Once ``compile`` ran with activation quantization on: uncompiled
+        while the quantizer learns the model (first step, calibration), then compiled under agoq's
+        inlineable saved-tensor hooks, pushed here outside the compiled region."""
+        quantizer = self.agoq_activation
+        if quantizer is None or not self.is_compiled or not quantizer.engine.recorder.enabled:
+            return super().forward(*inputs, **kwargs)
+        if quantizer.eager_needed:
+            quantizer.engine.install()
+            with uncompiled(self.module):
+                return super().forward(*inputs, **kwargs)
+        quantizer.engine.remove()  # Dynamo cannot trace the eager packer's module hooks
+        with quantizer.compiled().forward():
+            return super().forward(*inputs, **kwargs)
+
+    def backward(self, *args, **kwargs):
+        """DeepSpeed's ``backward``; then the compiled graphs' stored tensors count as freed."""
+        out = super().backward(*args, **kwargs)
+        quantizer = self.agoq_activation
+        if quantizer is not None and quantizer.compiled_in_use:
+            quantizer.compiled().backward_done()
+        return out
+
     def _take_model_step(self, lr_kwargs):
         host = self.agoq_gradient_path()
         steps = host if host is not None and host.agoq_engine_steps else None  # no optimizer subclass runs it
@@ -359,6 +415,18 @@ class AgoqEngineMixin:
         why = host.agoq_load_rank_state(state)
         if why is not None and state is not None:
             logger.warning(f"agoq: {path} is not restored: {why}; error feedback starts from zero")
+
+
+@contextmanager
+def uncompiled(module: torch.nn.Module) -> Iterator[None]:
+    """Calls of ``module`` run its eager ``_call_impl`` (hooks included) although ``module.compile()``
+    ran: ``nn.Module`` keeps the compiled call in ``_compiled_call_impl``."""
+    compiled = module._compiled_call_impl
+    module._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        module._compiled_call_impl = compiled
 
 
 def _hf_checkpointing_on(module: Any) -> bool:

@@ -132,7 +132,8 @@ _QUANTIZE = (
     " -> (Tensor, Tensor, Tensor)"
 )
 _DEQUANTIZE = (
-    "(Tensor codes, Tensor scales, Tensor zeros, int bits, int group_size, int numel, ScalarType out_dtype) -> Tensor"
+    "(Tensor codes, Tensor scales, Tensor zeros, int bits, int group_size, SymInt numel, ScalarType out_dtype)"
+    " -> Tensor"
 )
 _define("quantize", _QUANTIZE, _quantize_reference, quantize_fake)
 _define("dequantize", _DEQUANTIZE, _dequantize_reference, dequantize_fake)

@@ -1,0 +1,130 @@
+"""Reading a compiled graph for the activation packer: which module reads a saved value, which module
+a graph's frame belongs to, and which saved values eager mode would keep as they are.
+
+Used at trace time by ``compiled.py`` (the saved node and the backward graph come from AOTAutograd's
+saved-tensor-hook context). Module names are ``named_modules()`` names of the quantized model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+VIEW_OPS = frozenset(
+    {
+        "view",
+        "_unsafe_view",
+        "reshape",
+        "permute",
+        "transpose",
+        "t",
+        "expand",
+        "unsqueeze",
+        "squeeze",
+        "alias",
+        "slice",
+        "select",
+        "clone",
+    }
+)
+"""Backward ops that only re-shape a saved value: its class is that of whatever reads their result."""
+
+
+def op_name(node: torch.fx.Node) -> str:
+    """The op's name without overload (``mm`` for ``aten.mm.default``, ``getitem``)."""
+    name = getattr(node.target, "__name__", str(node.target))
+    return name.split(".")[0]
+
+
+def normalize_path(path: str) -> str:
+    """Dynamo's source of a module or parameter (``L['self'].model.layers._modules['0']._parameters['w']``)
+    as a dotted name relative to the compiled frame's ``self`` (``model.layers.0.w``)."""
+    start = path.find("L['self']")
+    if start >= 0:
+        path = path[start + len("L['self']") :]
+    elif path.startswith("self"):
+        path = path[len("self") :]
+    parts: list[str] = []
+    for piece in path.replace("]", "").split("."):
+        for part in piece.split("["):
+            part = part.strip("'\"")
+            if part and part not in ("_modules", "_parameters", "_buffers", "__dict__"):
+                parts.append(part)
+    return ".".join(parts)
+
+
+def module_path(node: torch.fx.Node) -> str | None:
+    """Name (relative to the frame) of the innermost module whose forward ran ``node`` (a backward
+    node carries its forward op's); ``""`` for the frame's module itself is never recorded, so
+    ``None`` means "the frame's own code"."""
+    stack = node.meta.get("fwd_nn_module_stack") or node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    return normalize_path(list(stack.values())[-1][0])
+
+
+def frame_module(gm: torch.fx.GraphModule, parameter_names: Mapping[int, str]) -> str | None:
+    """Name of the module whose ``forward`` frame Dynamo compiled into ``gm`` (``""``: the root), found
+    from a parameter input: its full name minus its name relative to the frame. ``None`` when the
+    graph reads no parameter of the model."""
+    for node in gm.graph.find_nodes(op="placeholder"):
+        arg = node.meta.get("grapharg")
+        example = getattr(arg, "example", None) if arg is not None else None
+        full = parameter_names.get(id(example)) if example is not None else None
+        if full is None:
+            continue
+        source = arg.source.name
+        cut = source.find("_parameters")
+        if cut >= 0:  # compare the owners: the parameter's own key may be spelt as an index
+            relative, full = normalize_path(source[:cut]), full.rpartition(".")[0]
+        else:
+            relative = normalize_path(source)
+        if full == relative:
+            return ""
+        if relative and full.endswith("." + relative):
+            return full[: -len(relative) - 1]
+        if not relative:
+            return full
+    return None
+
+
+def readers(saved: torch.fx.Node, bw_graph: torch.fx.Graph) -> list[torch.fx.Node]:
+    """The backward ops that read ``saved`` (by name among the backward graph's inputs), looking
+    through ops that only re-shape it."""
+    inputs = [n for n in bw_graph.find_nodes(op="placeholder") if n.name == saved.name]
+    found: list[torch.fx.Node] = []
+    seen: set[torch.fx.Node] = set()
+    todo = [u for n in inputs for u in n.users]
+    while todo:
+        node = todo.pop()
+        if node in seen or node.op != "call_function":
+            continue
+        seen.add(node)
+        if op_name(node) in VIEW_OPS:
+            todo.extend(node.users)
+        else:
+            found.append(node)
+    return found
+
+
+def is_attention_aux(saved: torch.fx.Node) -> bool:
+    """SDPA's log-sum-exp, RNG state and sizes (every output but the first): eager mode keeps them."""
+    if op_name(saved) != "getitem" or len(saved.args) < 2:
+        return False
+    producer = saved.args[0]
+    return isinstance(producer, torch.fx.Node) and "scaled_dot_product" in op_name(producer) and saved.args[1] != 0
+
+
+def size_hint(value: int | torch.SymInt) -> int:
+    """An int, or a symbolic size's value in the example the graph was traced with (no guard added)."""
+    return value if isinstance(value, int) else int(value.node.hint)
+
+
+def memory_order(x: torch.Tensor) -> tuple[int, ...] | None:
+    """The permutation that makes ``x`` contiguous (identity for a contiguous tensor), ``None`` when
+    none does (a non-dense layout, kept as it is). Symbolic strides are compared by their hints."""
+    if x.is_contiguous():
+        return tuple(range(x.dim()))
+    perm = tuple(sorted(range(x.dim()), key=lambda d: (-size_hint(x.stride(d)), -size_hint(x.shape[d]))))
+    return perm if x.permute(perm).is_contiguous() else None
