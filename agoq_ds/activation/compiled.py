@@ -43,7 +43,7 @@ import torch
 from ..layer_classes import LayerClass
 from ..quant.format import num_groups, packed_bytes
 from ..quant.ops import DISPATCHER, backend_ops
-from .compiled_graph import frame_module, is_attention_aux, memory_order, module_path, readers
+from .compiled_graph import frame_module, is_attention_aux, mark_rebuilds, memory_order, module_path, readers
 from .span import Usage
 from .storage import QUANTIZABLE_DTYPES, Ledger, QuantSpec, is_row_statistic
 
@@ -146,6 +146,7 @@ class CompiledPacking:
         spec: QuantSpec,
         min_numel: int,
         ledger: Ledger,
+        recompute: bool = True,
     ) -> None:
         self.bits = bits
         """Bits for (module name, class), the eager policy's."""
@@ -161,6 +162,10 @@ class CompiledPacking:
         """Compiled graph runs that stored tensors."""
         self.unattributed: set[str] = set()
         """Saved nodes stored as ``UNATTRIBUTED``."""
+        self.recompute = recompute
+        """Rebuild in backward what eager mode rebuilds by recipes (``ActivationConfig.recompute``)."""
+        self.rebuilt = 0
+        """Forward values tagged for recomputation (``mark_rebuilds``) in the graphs compiled so far."""
         self.eager_saved = 0
         """Tensors autograd saved outside any compiled graph (code between graph breaks): kept as they are."""
         self._parameter_names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
@@ -221,7 +226,10 @@ class CompiledPacking:
                 # PyTorch's default hooks only donated intermediates; a graph split at a graph break (ZeRO-3
                 # gathers parameters between modules) receives its activations as inputs: hook all
                 # saved values but the static inputs (parameters), as eager mode does.
-                with torch._functorch.config.patch(saved_tensors_hooks_filtering_mode="no_static"):
+                with (
+                    torch._functorch.config.patch(saved_tensors_hooks_filtering_mode="no_static"),
+                    torch._inductor.config.patch(joint_custom_pre_pass=self._joint_pass(usage.frame)),
+                ):
                     compiled = inner(gm, example_inputs)
             finally:
                 self._compiling = None
@@ -232,6 +240,26 @@ class CompiledPacking:
 
         agoq_backend.__name__ = f"agoq_{getattr(inner, '__name__', 'backend')}"
         return agoq_backend
+
+    def _joint_pass(self, frame: str | None) -> Callable | None:
+        """Inductor's joint-graph pass for a graph of ``frame``: the user's, then (``recompute``) the
+        tagging of what eager mode rebuilds by recipes (``compiled_graph.mark_rebuilds``)."""
+        previous = torch._inductor.config.joint_custom_pre_pass
+        if not self.recompute:
+            return previous
+
+        def bits_of(relative: str | None) -> int:
+            if frame is None:
+                return self.bits(UNATTRIBUTED, LayerClass.OTHER.value)
+            name = ".".join(p for p in (frame, relative) if p)
+            return self.bits(name, self.class_of(name))
+
+        def agoq_rebuilds(graph: torch.fx.Graph) -> None:
+            if callable(previous):
+                previous(graph)
+            self.rebuilt += mark_rebuilds(graph, bits_of)
+
+        return agoq_rebuilds
 
     def _counting(self, compiled: Callable, usage: GraphUsage) -> Callable:
         def run(*args: Any) -> Any:  # Dynamo calls a backend's result unboxed

@@ -7,7 +7,7 @@ saved-tensor-hook context). Module names are ``named_modules()`` names of the qu
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -128,3 +128,56 @@ def memory_order(x: torch.Tensor) -> tuple[int, ...] | None:
         return tuple(range(x.dim()))
     perm = tuple(sorted(range(x.dim()), key=lambda d: (-size_hint(x.stride(d)), -size_hint(x.shape[d]))))
     return perm if x.permute(perm).is_contiguous() else None
+
+
+def is_pointwise(node: torch.fx.Node) -> bool:
+    """An elementwise ATen/prims op (its ``pointwise`` tag): cheap to recompute, and fused by Inductor."""
+    target = node.target
+    return (
+        node.op == "call_function" and isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags
+    )
+
+
+def mark_rebuilds(graph: torch.fx.Graph, bits_of: Callable[[str | None], int]) -> int:
+    """Tag for recomputation in backward (``recompute``: ``MUST_RECOMPUTE``) every forward value eager
+    mode rebuilds by a recipe instead of storing it: a pointwise value whose readers in other modules
+    ask for fewer bits than its own module stores at (a norm's output read by 4-bit projections; the
+    gating product read by the down projection), with the pointwise ops before it in its own module (the
+    normalisation, the casts). The min-cut partitioner then saves what they are computed from (the
+    norm's input, the gate and up outputs) and Inductor fuses the rebuild into the backward.
+    ``bits_of(module name relative to the frame)`` gives a module's bits. Returns the number tagged."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    backward: set[torch.fx.Node] = set()
+    todo = [n for n in graph.find_nodes(op="placeholder") if n.name.startswith("tangents")]
+    while todo:
+        node = todo.pop()
+        if node not in backward:
+            backward.add(node)
+            todo.extend(node.users)
+
+    def tag(node: torch.fx.Node) -> None:
+        node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+        node.meta["ac_graph_id"] = 0
+
+    tagged = 0
+    for node in graph.nodes:
+        if node in backward or not is_pointwise(node) or "recompute" in node.meta:
+            continue
+        own = module_path(node)
+        readers_bits = [bits_of(module_path(u)) for u in node.users if u not in backward and module_path(u) != own]
+        if not readers_bits or max(readers_bits) >= bits_of(own):
+            continue
+        chain = [node]
+        while chain:
+            current = chain.pop()
+            if "recompute" in current.meta:
+                continue
+            tag(current)
+            tagged += 1
+            chain.extend(
+                arg
+                for arg in current.all_input_nodes
+                if arg not in backward and is_pointwise(arg) and module_path(arg) == own
+            )
+    return tagged

@@ -228,7 +228,13 @@ class ActivationQuantizer:
                 return self.engine.structure.class_of(index.get(name, 0))
 
             self._compiled = CompiledPacking(
-                self.model, self.policy.bits, class_of, self.spec, self.config.min_numel, self.engine.ledger
+                self.model,
+                self.policy.bits,
+                class_of,
+                self.spec,
+                self.config.min_numel,
+                self.engine.ledger,
+                recompute=self.config.recompute,
             )
         return self._compiled
 
