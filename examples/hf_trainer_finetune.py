@@ -58,6 +58,7 @@ class RecordAgoq(TrainerCallback):
             if hasattr(engine, "agoq_gradient_path")
             else None,
             "agoq_stats": engine.agoq_stats() if hasattr(engine, "agoq_stats") else {},
+            "compiled": bool(getattr(engine, "is_compiled", False)),
             "losses": [h["loss"] for h in state.log_history if "loss" in h],
         }
 
@@ -74,6 +75,7 @@ def main() -> None:
     parser.add_argument("--grad-accum", type=int, default=2)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--torch-compile", action="store_true", help="TrainingArguments(torch_compile=True)")
     parser.add_argument("--output-dir", default="runs/hf_trainer")
     parser.add_argument("--out", type=Path, help="write engine type, agoq stats and losses as JSON (rank 0)")
     parser.add_argument("--config-as-dict", action="store_true", help="pass the config to HF as a dict, not a path")
@@ -96,6 +98,7 @@ def main() -> None:
         bf16=args.bf16,
         use_cpu=not torch.cuda.is_available(),
         gradient_checkpointing=args.gradient_checkpointing,
+        torch_compile=args.torch_compile,
         optim="adamw_torch",
         seed=1234,
     )

@@ -282,9 +282,14 @@ class ActivationQuantizer:
         included; ``compression``: unquantized / stored; ``ratio_vs_bf16``: stored / bf16; per
         class ``class/<name>/{bits,elements,stored_bytes,baseline_bytes,avg_bits}`` and, with
         ``per_module``, ``module/<module>/<class>/{elements,stored_bytes,baseline_bytes}`` (all per
-        micro-batch).
+        micro-batch). Once compiled (``compiled()``): ``compiled_graphs`` (graphs that store through
+        agoq's hooks) and ``compiled_runs`` (their runs so far).
         """
-        return stats_of(self._current(), self.table(), self.engine.ledger.live_stored, per_module)
+        stats = stats_of(self._current(), self.table(), self.engine.ledger.live_stored, per_module)
+        if self._compiled is not None:
+            stats["compiled_graphs"] = len(self._compiled.graphs)
+            stats["compiled_runs"] = self._compiled.runs
+        return stats
 
     def report(self, per_layer: bool = False) -> str:
         """Human-readable table: per class (and per layer with ``per_layer``) bits, stored bytes,

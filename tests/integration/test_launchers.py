@@ -101,6 +101,17 @@ def test_hf_trainer_gets_agoq_engine(launcher, tmp_path: Path) -> None:
     _assert_quantized(run["agoq_stats"])
 
 
+def test_hf_trainer_torch_compile(tmp_path: Path) -> None:
+    """``TrainingArguments(torch_compile=True)``: accelerate calls ``engine.compile()``; agoq's hooks run
+    inside the compiled graphs (issue 26)."""
+    cmd = [str(BIN / "deepspeed"), "--num_accelerators", "2", "--master_port", str(free_port())]
+    run = _launch(cmd + HF + ["--deepspeed", "ds_configs/hf_zero2_agoq.json", "--torch-compile"], tmp_path / "run.json")
+    assert run["engine"] == "AgoqEngine" and run["compiled"]
+    stats = run["agoq_stats"]
+    assert stats["activation/compiled_graphs"] >= 1 and stats["activation/compiled_runs"] >= 2, stats
+    _assert_quantized(stats)
+
+
 def test_hf_trainer_config_as_dict(tmp_path: Path) -> None:
     cmd = [str(BIN / "deepspeed"), "--num_accelerators", "2", "--master_port", str(free_port())]
     run = _launch(
