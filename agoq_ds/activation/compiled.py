@@ -116,6 +116,18 @@ class GraphUsage:
         return by_class, by_module, total
 
 
+@contextmanager
+def uncompiled(module: torch.nn.Module) -> Iterator[None]:
+    """Calls of ``module`` run its eager ``_call_impl`` (hooks included) although ``module.compile()``
+    ran: ``nn.Module`` keeps the compiled call in ``_compiled_call_impl``."""
+    compiled = module._compiled_call_impl
+    module._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        module._compiled_call_impl = compiled
+
+
 def _hook_module(fn: Callable[[Any], Any]) -> torch.fx.GraphModule:
     """A one-node graph module calling ``fn``: PyTorch inlines graph-module hooks (and re-runs ``fn``
     under its tracer, so the ops ``fn`` calls become graph nodes)."""

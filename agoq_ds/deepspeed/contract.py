@@ -82,8 +82,11 @@ FENCES: tuple[Fence, ...] = (
             "_configure_bf16_optimizer": "d77f01f6e007",
             "_configure_zero_optimizer": "2865a9d03277",
             "_take_model_step": "b5e1145cf37b",
+            "backward": "99280baf4480",
             "buffered_allreduce_fallback": "d17d7d3375c2",
+            "compile": "3a5082f21e12",
             "destroy": "e41accb7379d",
+            "forward": "ee94d5ac2fb5",
             "load_checkpoint": "b06341e8eb59",
             "save_checkpoint": "2728646fe061",
             "zero_grad": "a5378adee885",
@@ -105,6 +108,8 @@ FENCES: tuple[Fence, ...] = (
             "_load_zero_checkpoint": "178566fb831f",
             "communication_data_type": "cd577f3f2265",
             "gradient_accumulation_steps": "cdf691109d77",
+            "is_compiled": "3ebc73ae6833",
+            "is_deepcompile_enabled": "3685d6d5938d",
             "is_gradient_accumulation_boundary": "10b57720f62d",
             "steps_per_print": "870fa40df40d",
             "zero_optimization": "ccd18f249cc8",
@@ -113,7 +118,11 @@ FENCES: tuple[Fence, ...] = (
     Fence(
         "agoq_ds.deepspeed.engine.AgoqPipelineEngine",
         "deepspeed.runtime.pipe.engine.PipelineEngine",
-        {"_exec_reduce_tied_grads": "7278dacd3b01"},
+        {
+            "_exec_backward_pass": "10fc40f9d36c",
+            "_exec_forward_pass": "6756f116f019",
+            "_exec_reduce_tied_grads": "7278dacd3b01",
+        },
         # using_bf16_optimizer set by the mixin, for pipelines; stage_id/num_stages read by it (with a default)
         ("module", "num_stages", "optimizer", "stage_id", "using_bf16_optimizer"),
     ),
@@ -242,7 +251,7 @@ FENCES: tuple[Fence, ...] = (
         },
     ),
 )
-"""The five subclasses (43 overridden methods)."""
+"""The five subclasses (48 overridden methods)."""
 
 FOREIGN: tuple[Foreign, ...] = (
     Foreign(

@@ -29,6 +29,7 @@ from deepspeed.utils.logging import print_dist
 
 from .. import quant
 from .._compat import check_deepspeed_version
+from ..activation.compiled import uncompiled
 from ..config import AgoqConfig, AgoqConfigError, parse_agoq_config
 from ..constants import CHECKPOINT_KEY, CONFIG_KEY, MONITOR_PREFIX
 from ..gradient.host import GradientHost, gradient_host
@@ -250,26 +251,37 @@ class AgoqEngineMixin:
         )
 
     def forward(self, *inputs, **kwargs):
-        """DeepSpeed's ``forward``. Once ``compile`` ran with activation quantization on: uncompiled
+        """DeepSpeed's ``forward``, in ``_agoq_compiled_scope`` once ``compile`` ran."""
+        with self._agoq_compiled_scope():
+            return super().forward(*inputs, **kwargs)
+
+    @contextmanager
+    def _agoq_compiled_scope(self) -> Iterator[None]:
+        """Where the model is called once ``compile`` ran with activation quantization on: uncompiled
         while the quantizer learns the model (first step, calibration), then compiled under agoq's
-        inlineable saved-tensor hooks, pushed here outside the compiled region."""
+        inlineable saved-tensor hooks, pushed here outside the compiled region. Nothing otherwise."""
         quantizer = self.agoq_activation
         if quantizer is None or not self.is_compiled or not quantizer.engine.recorder.enabled:
-            return super().forward(*inputs, **kwargs)
-        if quantizer.eager_needed:
+            yield
+        elif quantizer.eager_needed:
             quantizer.engine.install()
             with uncompiled(self.module):
-                return super().forward(*inputs, **kwargs)
-        quantizer.engine.remove()  # Dynamo cannot trace the eager packer's module hooks
-        with quantizer.compiled().forward():
-            return super().forward(*inputs, **kwargs)
+                yield
+        else:
+            quantizer.engine.remove()  # Dynamo cannot trace the eager packer's module hooks
+            with quantizer.compiled().forward():
+                yield
+
+    def _agoq_backward_done(self) -> None:
+        """A backward finished: the compiled graphs' stored tensors count as freed."""
+        quantizer = self.agoq_activation
+        if quantizer is not None and quantizer.compiled_in_use:
+            quantizer.compiled().backward_done()
 
     def backward(self, *args, **kwargs):
         """DeepSpeed's ``backward``; then the compiled graphs' stored tensors count as freed."""
         out = super().backward(*args, **kwargs)
-        quantizer = self.agoq_activation
-        if quantizer is not None and quantizer.compiled_in_use:
-            quantizer.compiled().backward_done()
+        self._agoq_backward_done()
         return out
 
     def _take_model_step(self, lr_kwargs):
@@ -417,18 +429,6 @@ class AgoqEngineMixin:
             logger.warning(f"agoq: {path} is not restored: {why}; error feedback starts from zero")
 
 
-@contextmanager
-def uncompiled(module: torch.nn.Module) -> Iterator[None]:
-    """Calls of ``module`` run its eager ``_call_impl`` (hooks included) although ``module.compile()``
-    ran: ``nn.Module`` keeps the compiled call in ``_compiled_call_impl``."""
-    compiled = module._compiled_call_impl
-    module._compiled_call_impl = None
-    try:
-        yield
-    finally:
-        module._compiled_call_impl = compiled
-
-
 def _hf_checkpointing_on(module: Any) -> bool:
     """Whether an HF model has gradient checkpointing switched on (either attribute name)."""
     for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
@@ -457,6 +457,16 @@ class AgoqEngine(AgoqEngineMixin, DeepSpeedEngine):
 
 class AgoqPipelineEngine(AgoqEngineMixin, PipelineEngine):
     """``PipelineEngine`` with AGoQ activation and gradient quantization (stage-aware bits)."""
+
+    def _exec_forward_pass(self, buffer_id):
+        # PipelineEngine calls DeepSpeedEngine.forward directly (past the mixin's forward).
+        with self._agoq_compiled_scope():
+            return super()._exec_forward_pass(buffer_id)
+
+    def _exec_backward_pass(self, buffer_id):
+        out = super()._exec_backward_pass(buffer_id)
+        self._agoq_backward_done()
+        return out
 
     def _exec_reduce_tied_grads(self):
         tied = [weight for weight, _ in self.module.get_tied_weights_and_groups()]
