@@ -117,15 +117,18 @@ class GraphUsage:
 
 
 @contextmanager
-def uncompiled(module: torch.nn.Module) -> Iterator[None]:
-    """Calls of ``module`` run its eager ``_call_impl`` (hooks included) although ``module.compile()``
-    ran: ``nn.Module`` keeps the compiled call in ``_compiled_call_impl``."""
-    compiled = module._compiled_call_impl
-    module._compiled_call_impl = None
+def uncompiled(model: torch.nn.Module) -> Iterator[None]:
+    """Calls of ``model`` and its modules run their eager ``_call_impl`` (hooks included) although
+    ``module.compile()`` ran on them (DeepSpeed compiles a ``PipelineModule`` layer by layer):
+    ``nn.Module`` keeps the compiled call in ``_compiled_call_impl``."""
+    compiled = [(m, m._compiled_call_impl) for m in model.modules() if m._compiled_call_impl is not None]
+    for module, _ in compiled:
+        module._compiled_call_impl = None
     try:
         yield
     finally:
-        module._compiled_call_impl = compiled
+        for module, call in compiled:
+            module._compiled_call_impl = call
 
 
 def _hook_module(fn: Callable[[Any], Any]) -> torch.fx.GraphModule:
@@ -134,7 +137,9 @@ def _hook_module(fn: Callable[[Any], Any]) -> torch.fx.GraphModule:
     graph = torch.fx.Graph()
     x = graph.placeholder("x")
     graph.output(graph.call_function(fn, (x,)))
-    return torch.fx.GraphModule(torch.nn.Module(), graph)
+    module = torch.fx.GraphModule(torch.nn.Module(), graph)
+    module.agoq_compiled = True  # the eager recorder packs eager code (a pipeline's loss) under these
+    return module
 
 
 def _size_symbols(gm: torch.fx.GraphModule) -> dict[Any, int]:

@@ -225,7 +225,8 @@ class Recorder:
             if self._checkpoint_waiting:
                 self._attribute_checkpoint_inputs(i)
             top = top_hooks()
-            if top is None or top[1] is unpack_saved:
+            # Compiled agoq's graph-module hooks (``compiled.py``) leave eager code to this recorder.
+            if top is None or top[1] is unpack_saved or getattr(top[1], "agoq_compiled", False):
                 ctx = torch.autograd.graph.saved_tensors_hooks(self._packers[i], unpack_saved)
                 ctx.__enter__()
             elif self._depth == 1 and not self._warned_foreign:

@@ -258,6 +258,9 @@ FOREIGN: tuple[Foreign, ...] = (
         "_param_dict", "deepspeed.runtime.config.DeepSpeedConfig", ("engine",)
     ),  # the config the engine is built from
     Foreign("_get_sequence_data_parallel_group", "deepspeed.utils.groups", ("engine",), "3730ce54b2b4"),
+    Foreign(
+        "_INSTRUCTION_MAP", "deepspeed.runtime.pipe.engine.PipelineEngine", ("engine",)
+    ),  # the pipeline's instruction table, extended with agoq's overrides
     Foreign("_zero_padding", "deepspeed.runtime.zero.stage_1_and_2", ("zero_optimizer",)),  # marks a padding view
     Foreign("_hp_grad", "deepspeed.runtime.bf16_optimizer", ("bf16_optimizer",)),  # a bf16 param's fp32 gradient view
     Foreign(

@@ -23,6 +23,7 @@ from deepspeed import comm as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from deepspeed.runtime.engine import DeepSpeedEngine
+from deepspeed.runtime.pipe import schedule as pipe_schedule
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.utils import groups, log_dist, logger
 from deepspeed.utils.logging import print_dist
@@ -476,6 +477,15 @@ class AgoqPipelineEngine(AgoqEngineMixin, PipelineEngine):
             if host is not None:
                 host.agoq_materialize(tied)
         super()._exec_reduce_tied_grads()
+
+    # PipelineEngine runs its instructions through this class-level table of its own functions, which
+    # bypasses overrides: the agoq ones take their places.
+    _INSTRUCTION_MAP = {
+        **PipelineEngine._INSTRUCTION_MAP,
+        pipe_schedule.ForwardPass: _exec_forward_pass,
+        pipe_schedule.BackwardPass: _exec_backward_pass,
+        pipe_schedule.ReduceTiedGrads: _exec_reduce_tied_grads,
+    }
 
 
 def assert_active(engine: Any) -> None:

@@ -57,3 +57,29 @@ def test_compiled_agoq_at_zero3_stores_quantized():
     stats = out["stats"]
     assert stats["activation/stored_bytes_per_forward"] <= 0.35 * stats["activation/baseline_bytes_per_forward"]
     assert stats["activation/class/qkv_input/stored_bytes"] > 0  # attributed to the projections' class
+
+
+def test_compiled_agoq_in_the_pipeline_engine():
+    """DeepSpeed compiles a ``PipelineModule`` layer by layer; the AGoQ pipeline engine runs each stage's
+    forward in agoq's compiled scope (its loss function, eager, is packed by the eager recorder)."""
+    from . import pipe_compile_workers as pw
+
+    runs = {
+        label: run_ranks(pw.pipeline_compiled_run, 2, (agoq, compile_, 4), timeout=900)
+        for label, agoq, compile_ in [
+            ("stock", None, False),
+            ("stock_compiled", None, True),
+            ("agoq", {}, False),
+            ("agoq_compiled", {}, True),
+        ]
+    }
+    last = -1  # the last stage reports the losses
+    noise = _max_gap(runs["agoq"][last]["losses"], runs["stock"][last]["losses"]) + _max_gap(
+        runs["stock_compiled"][last]["losses"], runs["stock"][last]["losses"]
+    )
+    assert _max_gap(runs["agoq_compiled"][last]["losses"], runs["agoq"][last]["losses"]) <= noise + 1e-6
+    for eager, compiled in zip(runs["agoq"], runs["agoq_compiled"], strict=True):
+        stats = compiled["stats"]
+        assert stats["activation/compiled_graphs"] >= 1 and stats["activation/compiled_runs"] >= 2, stats
+        eager_bytes = eager["stats"]["activation/stored_bytes_per_forward"]
+        assert stats["activation/stored_bytes_per_forward"] <= 1.25 * eager_bytes
