@@ -131,6 +131,11 @@ def uncompiled(model: torch.nn.Module) -> Iterator[None]:
             module._compiled_call_impl = call
 
 
+def compiled_modules(model: torch.nn.Module) -> list[str]:
+    """Names of the modules of ``model`` on which ``module.compile()`` ran."""
+    return [name for name, m in model.named_modules() if m._compiled_call_impl is not None]
+
+
 def _hook_module(fn: Callable[[Any], Any]) -> torch.fx.GraphModule:
     """A one-node graph module calling ``fn``: PyTorch inlines graph-module hooks (and re-runs ``fn``
     under its tracer, so the ops ``fn`` calls become graph nodes)."""

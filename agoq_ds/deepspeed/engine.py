@@ -30,7 +30,7 @@ from deepspeed.utils.logging import print_dist
 
 from .. import quant
 from .._compat import check_deepspeed_version
-from ..activation.compiled import uncompiled
+from ..activation.compiled import compiled_modules, uncompiled
 from ..config import AgoqConfig, AgoqConfigError, parse_agoq_config
 from ..constants import CHECKPOINT_KEY, CONFIG_KEY, MONITOR_PREFIX
 from ..gradient.host import GradientHost, gradient_host
@@ -66,6 +66,7 @@ class AgoqEngineMixin:
         object.__setattr__(self, "_agoq_overflows", OverflowStreak())
         object.__setattr__(self, "agoq_param_gradients", None)
         object.__setattr__(self, "_agoq_check", None)
+        object.__setattr__(self, "_agoq_compile_checked", False)
         super().__init__(*args, **kwargs)
         if hasattr(self, "using_bf16_optimizer"):
             # PipelineEngine tests type(optimizer) == BF16_Optimizer; the agoq subclass takes that route too.
@@ -262,6 +263,8 @@ class AgoqEngineMixin:
         while the quantizer learns the model (first step, calibration), then compiled under agoq's
         inlineable saved-tensor hooks, pushed here outside the compiled region. Nothing otherwise."""
         quantizer = self.agoq_activation
+        if quantizer is not None and not self.is_compiled and not self._agoq_compile_checked:
+            self._agoq_refuse_regional_compile()
         if quantizer is None or not self.is_compiled or not quantizer.engine.recorder.enabled:
             yield
         elif quantizer.eager_needed:
@@ -272,6 +275,22 @@ class AgoqEngineMixin:
             quantizer.engine.remove()  # Dynamo cannot trace the eager packer's module hooks
             with quantizer.compiled().forward():
                 yield
+
+    def _agoq_refuse_regional_compile(self) -> None:
+        """First forward: modules compiled one by one (accelerate's regional compilation) bypass
+        ``engine.compile()``, and Dynamo cannot trace agoq's eager hooks inside them: say so."""
+        object.__setattr__(self, "_agoq_compile_checked", True)
+        if not self.agoq_activation.engine.recorder.enabled:
+            return
+        names = compiled_modules(self.module)
+        if names:
+            shown = ", ".join(n or "<model>" for n in names[:3]) + (" ..." if len(names) > 3 else "")
+            raise AgoqConfigError(
+                f"agoq.activation: modules were compiled one by one ({shown}) instead of through "
+                "engine.compile(); agoq's activation hooks run in compiled graphs only through engine.compile() "
+                "(accelerate: use_regional_compilation=False). Compile with engine.compile() or set "
+                "agoq.activation.enabled to false"
+            )
 
     def _agoq_backward_done(self) -> None:
         """A backward finished: the compiled graphs' stored tensors count as freed."""

@@ -30,3 +30,19 @@ def compiled_run(rank: int, world: int, agoq: Any, compile_: bool, bf16: bool, s
     engine.destroy()
     torch._dynamo.reset()
     return out
+
+
+def regional_compile_error(rank: int, world: int) -> str:
+    """Compile the decoder layers one by one (accelerate's regional compilation), then run a forward:
+    the message the AGoQ engine raises (or "no error")."""
+    engine = w.make_engine(w.ds_config(stage=2, agoq={}))
+    for layer in engine.module.model.layers:
+        layer.compile()
+    batch = next(w.data_stream(rank, world))
+    try:
+        engine(input_ids=batch, labels=batch)
+    except Exception as exc:  # the test reads the message of whatever was raised
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        engine.destroy()
+    return "no error"

@@ -83,3 +83,9 @@ def test_compiled_agoq_in_the_pipeline_engine():
         assert stats["activation/compiled_graphs"] >= 1 and stats["activation/compiled_runs"] >= 2, stats
         eager_bytes = eager["stats"]["activation/stored_bytes_per_forward"]
         assert stats["activation/stored_bytes_per_forward"] <= 1.25 * eager_bytes
+
+
+def test_regional_compilation_is_refused_with_a_clear_message():
+    (message,) = run_ranks(cw.regional_compile_error, 1, (), timeout=600)
+    assert message.startswith("AgoqConfigError"), message
+    assert "model.layers.0" in message and "engine.compile()" in message
