@@ -89,3 +89,12 @@ def test_regional_compilation_is_refused_with_a_clear_message():
     (message,) = run_ranks(cw.regional_compile_error, 1, (), timeout=600)
     assert message.startswith("AgoqConfigError"), message
     assert "model.layers.0" in message and "engine.compile()" in message
+
+
+def test_compiled_agoq_at_zero1_is_one_graph_with_the_rebuilds():
+    out = run_ranks(cw.compiled_run, 1, ({}, True, False, 1, 3), timeout=900)[0]
+    assert out["graphs"] == 1 and out["runs"] == 4 and out["rebuilt"] > 0
+    stats = out["stats"]
+    # Rebuilt from the norm's 8-bit input in backward, so never saved (eager counts it as 0 bytes).
+    assert stats.get("activation/class/qkv_input/stored_bytes", 0.0) == 0
+    assert stats["activation/class/attn_norm_input/stored_bytes"] > 0
