@@ -45,11 +45,11 @@ from ..quant.format import num_groups, packed_bytes
 from ..quant.ops import DISPATCHER, backend_ops
 from .compiled_graph import frame_module, is_attention_aux, mark_rebuilds, memory_order, module_path, readers
 from .span import Usage
-from .storage import QUANTIZABLE_DTYPES, Ledger, QuantSpec, is_row_statistic
+from .storage import QUANTIZABLE_DTYPES, Ledger, QuantSpec, SavedTensor, SavedView, is_row_statistic
 
 UNATTRIBUTED = "<no module recorded>"
 """Module name under which saved values read by no recorded module are counted (a graph of code
-outside every module); they are stored at the ``other`` class's bits."""
+outside every module, eager code between graphs); they are stored at the ``other`` class's bits."""
 
 
 @dataclass(frozen=True)
@@ -189,7 +189,7 @@ class CompiledPacking:
         self.rebuilt = 0
         """Forward values tagged for recomputation (``mark_rebuilds``) in the graphs compiled so far."""
         self.eager_saved = 0
-        """Tensors autograd saved outside any compiled graph (code between graph breaks): kept as they are."""
+        """Tensors autograd saved outside any compiled graph (eager code between graph breaks)."""
         self._parameter_names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
         self._said: set[str] = set()
         self._compiling: GraphUsage | None = None
@@ -231,8 +231,9 @@ class CompiledPacking:
         if self.eager_saved and "eager" not in self._said:
             self._said.add("eager")
             lines.append(
-                f"agoq: {self.eager_saved} tensors were saved for backward outside the compiled graphs (code "
-                "between graph breaks); they are kept as they are. torch._dynamo.explain(model) lists the breaks"
+                f"agoq: {self.eager_saved} tensors were saved for backward by eager code between compiled graphs "
+                f"(graph breaks); they are stored as eager agoq stores them, at the '{LayerClass.OTHER.value}' "
+                f"class's bits, counted under {UNATTRIBUTED!r}. torch._dynamo.explain(model) lists the breaks"
             )
         return lines
 
@@ -326,8 +327,7 @@ class CompiledPacking:
 
         context = _get_saved_tensor_hook_context()
         if context is None:  # autograd saving eagerly, between compiled graphs (a graph break)
-            self.eager_saved += 1
-            return x
+            return self._pack_eager(x)
         saved = context["_node"]
         decision = self.decide(saved, context["_bw_graph"], x)
         if decision is None:
@@ -345,9 +345,22 @@ class CompiledPacking:
         inverse = tuple(sorted(range(len(decision.perm)), key=decision.perm.__getitem__))
         return codes, scales, zeros, decision.bits, x.numel(), tuple(source.shape), inverse, x.dtype
 
+    def _pack_eager(self, x: torch.Tensor) -> Any:
+        """A tensor saved by eager code between compiled graphs: stored as eager agoq stores a tensor of
+        no known module (the ``other`` class's bits), counted in the ledger by its holder."""
+        if x.layout != torch.strided or isinstance(x, torch.nn.Parameter) or isinstance(x._base, torch.nn.Parameter):
+            return x
+        self.eager_saved += 1
+        cls = LayerClass.OTHER.value
+        holder = SavedTensor(x, self.ledger, self.min_numel)
+        holder.finalize(cls, UNATTRIBUTED, [self.bits(UNATTRIBUTED, cls)], False, self.spec, 0, check_finite=True)
+        return holder.view(x)
+
     def _unpack(self, packed: Any) -> torch.Tensor:
         if isinstance(packed, torch.Tensor):
             return packed
+        if isinstance(packed, SavedView):
+            return packed.unpack()
         codes, scales, zeros, bits, numel, shape, inverse, dtype = packed
         dequantize = backend_ops(self._backend(codes))[1]
         flat = dequantize(codes, scales, zeros, bits, self.spec.group_size, numel, dtype)
