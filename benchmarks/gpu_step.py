@@ -19,6 +19,7 @@ quantizing checkpoints).
     python benchmarks/gpu_step.py                                 # both shapes, every variant, CUDA
     python benchmarks/gpu_step.py --shapes 76m --variants stock agoq --steps 12
     python benchmarks/gpu_step.py --device cpu --shapes tiny --steps 3 --warmup 1   # logic check on CPU
+    python benchmarks/gpu_step.py --shapes 76m --variants stock agoq --compile       # under engine.compile()
 
 Writes ``--out`` (JSON) and prints a table of each variant over stock.
 """
@@ -111,6 +112,8 @@ def worker(args: argparse.Namespace) -> dict:
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=model.parameters(), config=ds_config(args.shape, agoq, args.zero_stage)
     )
+    if args.compile:
+        engine.compile()  # agoq's first step runs eager, compilation happens in the next (both in the warm-up)
     device = engine.device
     fused_calls = count_fused_rebuilds()
     train, _ = split(load_bytes())
@@ -128,7 +131,8 @@ def worker(args: argparse.Namespace) -> dict:
         sync()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        counter = HostSyncCounter() if step == args.steps - 1 else None
+        # A dispatch mode makes Dynamo run the model uncompiled: no count under --compile.
+        counter = HostSyncCounter() if step == args.steps - 1 and not args.compile else None
         start = time.perf_counter()
         step_losses = []
         with counter if counter is not None else nullcontext():
@@ -152,6 +156,7 @@ def worker(args: argparse.Namespace) -> dict:
         "shape": args.shape,
         "variant": args.variant,
         "engine": type(engine).__name__,
+        "compiled": bool(args.compile),
         "median_step_s": median,
         "tokens_per_s": micro * gas * seq / median,
         "saved_bytes_after_forward": statistics.median(saved[gas:] or saved),
@@ -222,7 +227,7 @@ def run_variant(shape: str, variant: str, args: argparse.Namespace) -> dict:
         out = Path(tmp) / "r.json"
         cmd = [sys.executable, __file__, "--worker", "--shape", shape, "--variant", variant, "--device", args.device]
         cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--out", str(out)]
-        cmd += ["--zero-stage", str(args.zero_stage)]
+        cmd += ["--zero-stage", str(args.zero_stage)] + (["--compile"] if args.compile else [])
         env = {**os.environ, "PYTHONWARNINGS": "ignore"}
         if args.device == "cpu":
             env.setdefault("DS_ACCELERATOR", "cpu")
@@ -320,6 +325,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--zero-stage", type=int, choices=[2, 3], default=2, help="ZeRO stage of every variant")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per variant")
+    p.add_argument("--compile", action="store_true", help="engine.compile() every variant (issue 26)")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "gpu_step.json")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--shape", help=argparse.SUPPRESS)

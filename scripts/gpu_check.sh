@@ -5,7 +5,7 @@
 #   scripts/gpu_check.sh [--stages a,b,c] [--budget SECONDS] [OUT_DIR]
 #       OUT_DIR default: $OUT, else results/gpu_check.  Also GPU_CHECK_STAGES, GPU_CHECK_BUDGET (480).
 # Stages (default: all, in this order): wheels build report pytest_gpu kernels step_76m step_076b
-#   parity_76m step_76m_zero3 step_76m_ckpt.
+#   compile_76m parity_76m step_76m_zero3 step_76m_ckpt.
 # OUT_DIR ends up holding two files only: gpu_check.tar.gz (every log, JSON, plot and the measured
 # kernel table) and summary.txt (also printed), so that a run whose results come back as at most 8
 # files brings everything back.
@@ -32,6 +32,7 @@ pytest_gpu      60   15   180
 kernels         60    1   180
 step_76m       100   60   240
 step_076b      170   70   300
+compile_76m    170  100   300
 parity_76m     150   70   300
 step_76m_zero3  75   55   200
 step_76m_ckpt   50   30   150
@@ -140,6 +141,10 @@ stage step_76m $py benchmarks/gpu_step.py --shapes 76m --variants stock agoq ago
 # shellcheck disable=SC2086
 stage step_076b $py benchmarks/gpu_step.py --shapes 0.76b --variants stock agoq agoq-act agoq-grad --steps 10 \
   --warmup 4 --out "$work/step_076b.json" "${step_args[@]}" ${GPU_STEP_ARGS:-}
+# Stock and agoq under engine.compile() (issue 26: compiled agoq <= 1.05x compiled stock).
+# shellcheck disable=SC2086
+stage compile_76m $py benchmarks/gpu_step.py --shapes 76m --variants stock agoq --compile --steps 10 --warmup 5 \
+  --out "$work/compile_76m.json" "${step_args[@]}" ${GPU_STEP_ARGS:-}
 # Loss parity, stock vs "agoq": {}: 1 seed, 400 steps, held-out loss every 100 steps (issue 13's 76M
 # configuration of scripts/gpu_convergence.sh, one seed).
 stage parity_76m $py benchmarks/convergence.py "${conv_args[@]}" --world-size 1 --grad-accum 1 \
@@ -168,7 +173,7 @@ stage step_76m_ckpt $py benchmarks/gpu_step.py --shapes 76m --variants stock-ckp
     echo "--- kernel_backend auto: fastest backend per op/width (measured)"
     $py -c "import json, sys; print(json.load(open(sys.argv[1]))['choices'])" "${tables[0]}"
   fi
-  for s in step_76m step_076b step_76m_zero3 step_76m_ckpt; do
+  for s in step_76m step_076b compile_76m step_76m_zero3 step_76m_ckpt; do
     if [ -f "$work/$s.log" ]; then
       echo "--- $s (replay: replayed/forwards of the activation quantizer; fused: Triton norm+gate calls)"
       grep -A20 "^shape" "$work/$s.log"
