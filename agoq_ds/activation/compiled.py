@@ -74,18 +74,19 @@ class GraphUsage:
     """Elements per scale."""
     frame: str | None = None
     """Name of the module whose frame the graph is (``None``: unknown)."""
-    entries: dict[str, tuple[Decision, Any, int, int]] = field(default_factory=dict)
-    """Saved node name -> (decision, element count (an int or a size expression), bytes per element,
-    bytes per scale)."""
+    entries: dict[str, tuple[Decision, Any, int, int, int]] = field(default_factory=dict)
+    """Saved node name -> (decision, element count (an int or a size expression), its value when traced,
+    bytes per element, bytes per scale)."""
     symbols: dict[Any, int] = field(default_factory=dict)
     """Size symbol -> index of the graph input that carries its value (a dynamic graph)."""
     _counted: dict[tuple, tuple[dict, dict, Usage]] = field(default_factory=dict)
 
     def add(self, name: str, decision: Decision, numel: Any, element_size: int, scale_size: int) -> None:
         """Count the saved node ``name`` once (AOTAutograd calls the pack hook twice per node)."""
+        traced = numel
         if isinstance(numel, torch.SymInt):
-            numel = numel.node.expr
-        self.entries.setdefault(name, (decision, numel, element_size, scale_size))
+            numel, traced = numel.node.expr, int(numel.node.hint)
+        self.entries.setdefault(name, (decision, numel, traced, element_size, scale_size))
 
     def usage(self, args: tuple) -> tuple[dict[str, Usage], dict[tuple[str, str], Usage], Usage]:
         """Usage per class, per (module, class) and in all of one run whose inputs are ``args``."""
@@ -100,8 +101,12 @@ class GraphUsage:
         by_class: dict[str, Usage] = {}
         by_module: dict[tuple[str, str], Usage] = {}
         total = Usage()
-        for decision, numel, element_size, scale_size in self.entries.values():
-            n = numel if isinstance(numel, int) else int(numel.xreplace(values))
+        for decision, numel, traced, element_size, scale_size in self.entries.values():
+            if isinstance(numel, int):
+                n = numel
+            else:  # a size symbol no graph input carries counts at its traced value
+                expr = numel.xreplace(values)
+                n = int(expr) if expr.is_number else traced
             baseline = n * element_size
             quantized = decision.bits < 16
             stored = baseline

@@ -171,3 +171,29 @@ def test_eager_code_between_graphs_is_stored_quantized_and_said():
     # Every saved tensor at the same 8 bits as eager agoq stores them (this model has no known class):
     # the same error, up to which tensors each side saves.
     assert _rel(reference, got) <= 1.5 * _rel(reference, eager)
+
+
+def test_dynamic_shapes_are_quantized_and_counted_at_each_runs_sizes():
+    """A dynamic-shape graph (``dynamic=True``: sequence length symbolic) stores quantized, and the ledger
+    counts each run at its own sizes: twice the tokens, twice the stored bytes."""
+    torch._dynamo.reset()
+    model = build_llama("tiny", seed=0)
+    quantizer = ActivationQuantizer(model, ActivationConfig()).install()
+    lm_step(model, text_batch(2, 32))
+    quantizer.on_step_end()
+    packing = quantizer.compiled()
+    quantizer.engine.remove()
+    compiled = torch.compile(model, backend=packing.wrap_backend("inductor"), dynamic=True)
+    stored = []
+    for seq in (32, 64):
+        ids = text_batch(2, seq)
+        with packing.forward():
+            loss = compiled(input_ids=ids, labels=ids).loss
+        loss.backward()
+        packing.backward_done()
+        stored.append(quantizer.engine.ledger.forwards[-1].stored)
+    torch._dynamo.reset()
+    assert len(packing.graphs) == 1 and packing.graphs[0].symbols  # one graph, symbolic sizes
+    quantized = [e[0] for e in packing.graphs[0].entries.values() if e[0].bits < 16]
+    assert len(quantized) >= 8
+    assert 1.8 <= stored[1] / stored[0] <= 2.2, stored
