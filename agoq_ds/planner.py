@@ -29,6 +29,7 @@ from typing import Any
 from .activation.allocate import pipeline_holds
 from .config import AgoqConfig, parse_agoq_config
 from .layer_classes import LOSS_HEAD_MIN_BITS, LayerClass
+from .quant.format import quantized_bytes
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,7 @@ def stored_bytes(t: Saved, bits: int, cfg: AgoqConfig) -> int:
     if bits >= 16 or t.exact or t.numel < act.min_numel:
         return t.numel * t.elem_bytes
     scale_bytes = 2 if act.scale_dtype == "bf16" else 4
-    return math.ceil(t.numel * bits / 8) + math.ceil(t.numel / act.group_size) * scale_bytes
+    return quantized_bytes(t.numel, bits, act.group_size, scale_bytes)
 
 
 def stage_saved_tensors(d: ModelDims, par: Parallelism, stage: int, layers: int) -> list[Saved]:

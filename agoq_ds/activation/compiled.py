@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from ..layer_classes import LayerClass
-from ..quant.format import num_groups, packed_bytes
+from ..quant.format import quantized_bytes
 from ..quant.ops import DISPATCHER, backend_ops
 from .compiled_graph import frame_module, is_attention_aux, mark_rebuilds, memory_order, module_path, readers
 from .span import Usage
@@ -109,9 +109,7 @@ class GraphUsage:
                 n = int(expr) if expr.is_number else traced
             baseline = n * element_size
             quantized = decision.bits < 16
-            stored = baseline
-            if quantized:
-                stored = packed_bytes(n, decision.bits) + num_groups(n, self.group_size) * scale_size
+            stored = quantized_bytes(n, decision.bits, self.group_size, scale_size) if quantized else baseline
             for usage in (
                 by_class.setdefault(decision.cls, Usage()),
                 by_module.setdefault((decision.module, decision.cls), Usage()),
@@ -277,10 +275,7 @@ class CompiledPacking:
             return previous
 
         def bits_of(relative: str | None) -> int:
-            if frame is None:
-                return self.bits(UNATTRIBUTED, LayerClass.OTHER.value)
-            name = ".".join(p for p in (frame, relative) if p)
-            return self.bits(name, self.class_of(name))
+            return self.bits(*self._module_class(frame, relative))
 
         def agoq_rebuilds(graph: torch.fx.Graph) -> None:
             if callable(previous):
@@ -303,6 +298,14 @@ class CompiledPacking:
 
     # --- the decision, at trace time ---------------------------------------------------------------
 
+    def _module_class(self, frame: str | None, relative: str | None) -> tuple[str, str]:
+        """Module name and class of ``relative`` (a module path in a graph of ``frame``'s forward);
+        ``UNATTRIBUTED`` and ``other`` when the graph's module is unknown."""
+        if frame is None:
+            return UNATTRIBUTED, LayerClass.OTHER.value
+        name = ".".join(p for p in (frame, relative) if p)
+        return name, self.class_of(name)
+
     def decide(self, saved: torch.fx.Node, bw_graph: torch.fx.Graph, x: torch.Tensor) -> Decision | None:
         """How the saved value ``saved`` (``x``: its traced value) is stored; ``None``: as it is, and
         not counted (eager mode does not count parameters, integers and the like either)."""
@@ -310,14 +313,10 @@ class CompiledPacking:
             return None
         frame = self._compiling.frame if self._compiling is not None else None
         best: Decision | None = None
+        if frame is None:
+            self.unattributed.add(saved.name)
         for reader in readers(saved, bw_graph) or [saved]:
-            relative = module_path(reader)
-            if frame is None:
-                name, cls = UNATTRIBUTED, LayerClass.OTHER.value
-                self.unattributed.add(saved.name)
-            else:
-                name = ".".join(p for p in (frame, relative) if p)
-                cls = self.class_of(name)
+            name, cls = self._module_class(frame, module_path(reader))
             bits = self.bits(name, cls)
             if best is None or bits > best.bits:
                 best = Decision(cls, name, bits)
@@ -337,9 +336,8 @@ class CompiledPacking:
         decision = self.decide(saved, context["_bw_graph"], x)
         if decision is None:
             return x
-        scale_size = torch.empty(0, dtype=self.spec.scale_dtype).element_size()
         if self._compiling is not None:
-            self._compiling.add(saved.name, decision, x.numel(), x.element_size(), scale_size)
+            self._compiling.add(saved.name, decision, x.numel(), x.element_size(), self.spec.scale_dtype.itemsize)
         if decision.bits >= 16:
             return x
         source = x.permute(decision.perm)

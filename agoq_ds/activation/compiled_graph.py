@@ -11,6 +11,8 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from .identity import dense_permutation
+
 VIEW_OPS = frozenset(
     {
         "view",
@@ -116,18 +118,11 @@ def is_attention_aux(saved: torch.fx.Node) -> bool:
     return isinstance(producer, torch.fx.Node) and "scaled_dot_product" in op_name(producer) and saved.args[1] != 0
 
 
-def size_hint(value: int | torch.SymInt) -> int:
-    """An int, or a symbolic size's value in the example the graph was traced with (no guard added)."""
-    return value if isinstance(value, int) else int(value.node.hint)
-
-
 def memory_order(x: torch.Tensor) -> tuple[int, ...] | None:
-    """The permutation that makes ``x`` contiguous (identity for a contiguous tensor), ``None`` when
-    none does (a non-dense layout, kept as it is). Symbolic strides are compared by their hints."""
-    if x.is_contiguous():
-        return tuple(range(x.dim()))
-    perm = tuple(sorted(range(x.dim()), key=lambda d: (-size_hint(x.stride(d)), -size_hint(x.shape[d]))))
-    return perm if x.permute(perm).is_contiguous() else None
+    """The permutation that makes ``x`` contiguous (``identity.dense_permutation``, which also orders
+    symbolic strides), ``None`` when none does (a non-dense layout, kept as it is)."""
+    perm = dense_permutation(x)
+    return tuple(perm) if perm is not None else None
 
 
 def is_pointwise(node: torch.fx.Node) -> bool:

@@ -79,6 +79,11 @@ def packed_bytes(numel: int, bits: int) -> int:
     return -(-numel // per_byte)
 
 
+def quantized_bytes(numel: int, bits: int, group_size: int, scale_bytes: int) -> int:
+    """Bytes of ``numel`` elements stored symmetric at ``bits``: packed codes plus one scale per group."""
+    return packed_bytes(numel, bits) + num_groups(numel, group_size) * scale_bytes
+
+
 def check_params(bits: int, group_size: int, symmetric: bool, scale_dtype: torch.dtype) -> None:
     """Raise ``ValueError`` naming the bad argument and the allowed values."""
     if bits not in SUPPORTED_BITS:
