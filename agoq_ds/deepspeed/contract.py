@@ -148,11 +148,16 @@ FENCES: tuple[Fence, ...] = (
         (
             "averaged_gradients",
             "bit16_groups",
+            "cpu_offload",  # offload: the partition crosses to the host in 8 bits
+            "cpu_offload_pin_memory",
             "dp_process_group",
             "grad_partition_insertion_offset",
+            "grad_position",  # offload: where each owned slice sits in the host gradient
+            "local_overflow",  # offload: the flag the offloaded step's overflow check reads
             "grad_start_offset",
             "gradient_average",
             "ipg_buckets",
+            "norm_for_param_grads",  # offload: the per-parameter norms the offloaded step reads
             "overflow",
             "overlap_comm",
             "params_already_reduced",
@@ -165,6 +170,7 @@ FENCES: tuple[Fence, ...] = (
             "reduce_scatter",
             "reduction_stream",
             "sequence_parallel_size",
+            "single_partition_of_fp32_groups",  # offload: the fp32 host gradient the step reads
             "zero_stage_string",
         ),
         helpers={
@@ -202,9 +208,14 @@ FENCES: tuple[Fence, ...] = (
             "device",
             "dp_process_group",
             "fp16_groups",
+            "fp32_partitioned_groups_flat",  # offload: the fp32 host gradients the step reads
             "grad_partitions_flat_buffer",
+            "grad_position",  # offload: where each parameter's slice sits in them
             "gradient_accumulation_dtype",
             "ipg_buckets",
+            "norm_for_param_grads",  # offload: the per-parameter norms the step reads
+            "offload_optimizer",
+            "offload_optimizer_pin_memory",
             "overflow",
             "reduce_and_partition_stream",
             "reduce_bucket_size",  # bounds a bucket's size for agoq_param_paths
@@ -215,6 +226,7 @@ FENCES: tuple[Fence, ...] = (
             "_get_param_partition_group": "b21c55cefdce",
             "_get_param_partition_rank": "66322c326514",
             "_gradient_averaging_world_size": "9156e29d98e2",
+            "get_param_id": "45790ba1d04f",
             "is_gradient_accumulation_boundary": "e68bd6b56643",
         },
     ),

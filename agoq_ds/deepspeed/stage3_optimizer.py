@@ -14,6 +14,12 @@ What changes relative to ``DeepSpeedZeroOptimizer_Stage3`` (everything else is D
   the norm, clipping, ``safe_get_full_grad`` and the step read it unchanged. Non-finite values
   dequantize to NaN.
 * **Accounting.** The same meter as stages 0-2; the baseline is DeepSpeed's ring reduce-scatter.
+* **ZeRO-Offload / ZeRO-Infinity** (``offload_optimizer``; ``offload_param`` changes nothing here): the
+  int8 partition stays on the device across micro-batches; at the boundary its codes and scales cross
+  to the host once (``gradient.offload.HostLink``), are dequantized there into an fp32 host partition
+  (which the overflow check reads, as stock's host partition), and each parameter's slice is copied
+  into the optimizer's fp32 host gradient, with its norm.
+  DeepSpeed's per-micro-step device<->host round trips of the running sum do not happen.
 
 Limits, by design: DeepSpeed's gradient accessors (``safe_get_full_grad``, the tensor-fragment API)
 read the fp32 partition from the accumulation boundary to the end of ``step()``; outside that window
@@ -37,6 +43,7 @@ from deepspeed.utils import logger
 from ..config import AgoqConfig
 from ..gradient.accumulator import Int8Accumulator
 from ..gradient.collectives import reduce_scatter_8bit, reduction_args
+from ..gradient.offload import HostLink, stock_zero3_bytes
 from ..gradient.paths import Path, largest_bucket, path, reduction_exact
 from .optimizer_host import OptimizerHost
 
@@ -80,6 +87,12 @@ class AgoqStage3Optimizer(OptimizerHost, DeepSpeedZeroOptimizer_Stage3):
             offset += param.partition_numel()
         self._agoq_numel = offset
         self._agoq_partition = self.agoq_store.add_per_step(_PARTITION, offset, quantized=self._agoq_store8)
+        self._agoq_host_link = None
+        if self.offload_optimizer:
+            store = self.agoq_store
+            pin = get_accelerator().pin_memory if self.offload_optimizer_pin_memory else None
+            self._agoq_host_link = HostLink(pin=pin, kernels=store.kernels, meter=store.accounting.offload)
+            self._agoq_host_flat = torch.zeros(offset, dtype=torch.float32)
         self._agoq_release()
         if self.agoq_store.rank == 0:
             logger.info(
@@ -121,6 +134,9 @@ class AgoqStage3Optimizer(OptimizerHost, DeepSpeedZeroOptimizer_Stage3):
     def _agoq_materialize(self) -> None:
         """Dequantize the accumulated partition into the fp32 buffer the step reads."""
         self.agoq_store.note_buffers()
+        if self._agoq_host_link is not None:
+            self._agoq_offload_partition()
+            return
         flat = self._agoq_partition.dequantize().to(self.gradient_accumulation_dtype)
         if not get_accelerator().resolves_data_dependency():
             # DeepSpeed's overflow check reads the buffer on the reduce stream (stock writes it there).
@@ -131,6 +147,33 @@ class AgoqStage3Optimizer(OptimizerHost, DeepSpeedZeroOptimizer_Stage3):
             self.averaged_gradients[i] = [
                 views[p.ds_id] if p.requires_grad else torch.zeros_like(p.ds_tensor) for p in sub_group
             ]
+
+    def _agoq_offload_partition(self) -> None:
+        """Send the partition to the host (int8 codes and scales, once per step), dequantize it there,
+        and fill what DeepSpeed's offloaded step reads: each sub-group's fp32 host gradient and each
+        parameter's gradient norm (NVMe optimizer swap is refused: ``unsupported.py``)."""
+        link, acc, host = self._agoq_host_link, self._agoq_partition, self._agoq_host_flat
+        link.send(_PARTITION, acc, host)
+        link.wait()
+        link.receive(_PARTITION, acc, host)
+        self._agoq_bind(host)  # the overflow check reads the host partition, as stock's offload does
+        for param in self._agoq_params:
+            if not param.requires_grad:
+                continue
+            param_id = self.get_param_id(param)
+            group, dest_offset, numel = self.grad_position[param_id]
+            grad = host.narrow(0, self._agoq_offsets[param.ds_id], numel)
+            self.norm_for_param_grads[param_id] = grad.norm(2)
+            self.fp32_partitioned_groups_flat[group].grad.narrow(0, dest_offset, numel).copy_(grad)
+        rank = self.agoq_store.rank
+        reduced = sum(
+            max(0, min(p.partition_numel(), p.ds_numel - rank * p.partition_numel())) for p in self._agoq_params
+        )
+        self.agoq_store.accounting.offload.baseline_bytes += stock_zero3_bytes(
+            numel=reduced,
+            accumulation_element_size=self.gradient_accumulation_dtype.itemsize,
+            micro_steps=self.agoq_store.accounting.micro_steps,
+        )
 
     # --- reduction -----------------------------------------------------------------------------
 

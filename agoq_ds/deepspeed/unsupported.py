@@ -102,8 +102,14 @@ def _settings_from_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
     def offload(key: str) -> str:
         return device_name(getattr(arguments.get(key), "device", None))
 
+    if "partition_grads" in arguments:  # DeepSpeedZeroOptimizer: ZeRO-1 or ZeRO-2
+        stage = 2 if arguments["partition_grads"] else 1
+    elif "offload_param_config" in arguments:  # DeepSpeedZeroOptimizer_Stage3
+        stage = 3
+    else:
+        stage = None
     return {
-        "stage": None,
+        "stage": stage,
         "offload_optimizer": offload("offload_optimizer_config"),
         "offload_param": offload("offload_param_config"),
         "fp16": False,
@@ -123,16 +129,20 @@ def _refuse(s: dict[str, Any]) -> None:
             " together with agoq's 8-bit gradients (both replace the ZeRO-3 reduce-scatter)",
             "use one of them: remove zero_quantized_gradients or ",
         )
-    # Parameter offload exists only at ZeRO-3; at stages 0-2 DeepSpeed ignores the block, and so does agoq.
-    offloads = ("offload_optimizer", "offload_param") if stage in (3, None) else ("offload_optimizer",)
-    for key in offloads:
-        if s[key] not in ("none", ""):
-            raise _refusal(
-                f"zero_optimization.{key}.device={s[key]!r}",
-                " by the 8-bit gradient path",
-                "remove the offload or ",
-                stock_gradients_suffice=True,
-            )
+    # Optimizer offload at ZeRO-1/2/3 crosses to the host in 8 bits (at ZeRO-1/2 DeepSpeed runs "nvme" as
+    # "cpu"); parameter offload (ZeRO-3 only; at stages 0-2 DeepSpeed ignores the block) does not touch
+    # the gradient path. Refused: optimizer offload at stage 0, and ZeRO-Infinity's NVMe optimizer swap,
+    # which hands gradients to DeepSpeed's swapper (async_io) and is unmeasured: the op does not build
+    # without libaio, as on the machines agoq is tested on.
+    device = s["offload_optimizer"]
+    if device not in ("none", "") and (stage == 0 or (stage in (3, None) and device == "nvme")):
+        raise _refusal(
+            f"zero_optimization.offload_optimizer.device={device!r}",
+            " by the 8-bit gradient path"
+            + (" at zero_optimization.stage=0" if stage == 0 else " at ZeRO-3 (unmeasured)"),
+            "use offload_optimizer.device='cpu', remove the offload, or ",
+            stock_gradients_suffice=True,
+        )
     if s["moe"]:
         raise _refusal("MoE layers (expert-parallel gradient groups)", " by the 8-bit gradient path")
     if s["fp16"]:
@@ -160,8 +170,9 @@ def check_supported(ds_config_or_engine: Any, agoq_config: AgoqConfig) -> None:
     ``ds_config_or_engine`` is the DeepSpeed config dict or a built ``DeepSpeedEngine``. Nothing is
     checked when ``agoq.enabled`` or ``agoq.gradient.enabled`` is false. Supported: ZeRO stage 0
     (plain data parallel, incl. ``BF16_Optimizer`` in bf16 pipelines), 1, 2 and 3, fp32 and bf16, with or
-    without fp32 gradient accumulation. Refused: ZeRO++ qgZ, optimizer/parameter offload, MoE (engine
-    only), fp16 on CPU and fp16 at stage 0 (untested), ZenFlow, Muon, DeepCompile.
+    without fp32 gradient accumulation, with optimizer offload at ZeRO-1/2/3 (cpu) and parameter offload.
+    Refused: ZeRO++ qgZ, optimizer offload at ZeRO-0 and to NVMe at ZeRO-3, MoE (engine only), fp16 on
+    CPU and fp16 at stage 0 (untested), ZenFlow, Muon, DeepCompile.
     """
     if not agoq_config.gradient_on:
         return

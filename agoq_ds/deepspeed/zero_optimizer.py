@@ -19,6 +19,11 @@ What changes relative to ``DeepSpeedZeroOptimizer`` (everything else is DeepSpee
 * **Step.** At the boundary ``averaged_gradients[i]`` becomes views over the dequantized fp32
   partition (the same structure as DeepSpeed's compact buffer), so the overflow check, the norm,
   clipping, ``safe_get_full_grad`` and the step work unchanged. Non-finite values dequantize to NaN.
+* **ZeRO-Offload** (``offload_optimizer``): the partition accumulator is int8 at both stages and stays
+  on the device across micro-batches; at the boundary its codes and scales cross to the host once
+  (``gradient.offload.HostLink``) and are dequantized there into DeepSpeed's fp32 host gradient
+  buffer, with the per-parameter norms and the overflow flag DeepSpeed's offloaded step reads.
+  DeepSpeed's per-micro-step host round trips of accumulated gradients do not happen.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from deepspeed.utils import logger
 from ..config import AgoqConfig
 from ..gradient.accumulator import Int8Accumulator
 from ..gradient.collectives import all_reduce_8bit, reduce_scatter_8bit, reduction_args
+from ..gradient.offload import HostLink, stock_zero12_bytes
 from ..gradient.paths import Path, largest_bucket, path, reduction_exact
 from .layout import BucketLayout, bucket_layout
 from .optimizer_host import OptimizerHost
@@ -73,12 +79,17 @@ class AgoqZeroOptimizer(OptimizerHost, DeepSpeedZeroOptimizer):
         if not self._agoq_active:
             return
         store = self.agoq_store
-        quantized = self.partition_gradients and self._agoq_store8
+        # With offload the partition crosses to the host in 8 bits, so it is int8 at stage 1 too.
+        quantized = self._agoq_store8 and (self.partition_gradients or self.cpu_offload)
         for i in range(len(self.bit16_groups)):
             # int8 at stage 2, freed after each step: between steps stock DeepSpeed holds no gradient
             # buffer either. Stage 1 only holds an fp32 partition from the boundary reduction to step().
             release = quantized or not self.partition_gradients
             store.add_per_step(i, int(self.partition_size[i]), quantized=quantized, release=release)
+        self._agoq_host_link = None
+        if self.cpu_offload:
+            pin = get_accelerator().pin_memory if self.cpu_offload_pin_memory else None
+            self._agoq_host_link = HostLink(pin=pin, kernels=store.kernels, meter=store.accounting.offload)
         if not self.partition_gradients and self._agoq_store8:
             for group in self.bit16_groups:
                 for param in group:
@@ -272,10 +283,43 @@ class AgoqZeroOptimizer(OptimizerHost, DeepSpeedZeroOptimizer):
         return GradPartitionBufferGroup(views, flat)
 
     def _agoq_materialize(self) -> None:
-        """Point ``averaged_gradients`` at the dequantized partitions (fp32) for the step."""
+        """Point ``averaged_gradients`` at the dequantized partitions (fp32) for the step; with offload,
+        fill DeepSpeed's host gradient buffers instead."""
         self._agoq_note_buffers()
+        if self._agoq_host_link is not None:
+            self._agoq_offload_partitions()
+            return
         for i, acc in self.agoq_store.per_step_items():
             self.averaged_gradients[i] = self._agoq_partition_views(i, acc.dequantize())
+
+    def _agoq_offload_partitions(self) -> None:
+        """Send each partition to the host (int8 codes and scales, one copy per step), dequantize it
+        there into ``single_partition_of_fp32_groups[i].grad``, and leave what DeepSpeed's offloaded
+        step reads: each owned parameter's gradient norm and the local overflow flag."""
+        link, store = self._agoq_host_link, self.agoq_store
+        destinations = {i: self.single_partition_of_fp32_groups[i].grad.view(-1) for i, _ in store.per_step_items()}
+        for i, acc in store.per_step_items():
+            link.send(i, acc, destinations[i])
+        link.wait()
+        owned = touched = 0
+        for i, acc in store.per_step_items():
+            grad = destinations[i]
+            link.receive(i, acc, grad)
+            for param in self.params_in_partition[i]:
+                param_id = self.get_param_id(param)
+                _, _, dest_offset, numel = self.grad_position[param_id]
+                self.norm_for_param_grads[param_id] = grad.narrow(0, int(dest_offset), int(numel)).norm(2)
+                owned, touched = owned + int(numel), touched + param.numel()
+            if not bool(torch.isfinite(grad).all()):  # host memory: no device synchronisation
+                self.local_overflow = True
+        meter = store.accounting.offload
+        meter.baseline_bytes += stock_zero12_bytes(
+            owned_numel=owned,
+            touched_numel=touched,
+            grad_element_size=self.bit16_groups[0][0].element_size() if self.bit16_groups[0] else 2,
+            micro_steps=store.accounting.micro_steps,
+            partitioned=self.partition_gradients,
+        )
 
     def independent_gradient_partition_epilogue(self) -> None:
         """DeepSpeed's epilogue without its own partition buffers; at the boundary, materialize."""
@@ -310,19 +354,20 @@ class AgoqZeroOptimizer(OptimizerHost, DeepSpeedZeroOptimizer):
     def agoq_param_paths(self) -> dict[int, Path]:
         """Stage 2: exact when the param group's partition accumulator is fp32 and the param's bucket
         stays below ``min_numel``; stage 1: the per-parameter fold accumulator instead of the partition
-        (which is fp32 from the boundary reduction to ``step()``)."""
+        (which is fp32 from the boundary reduction to ``step()``), and with offload both (the partition
+        crosses to the host in int8)."""
         g, store = self.agoq_gradient, self.agoq_store
         params = [(i, p) for i, group in enumerate(self.bit16_groups) for p in group if p.requires_grad]
         total = sum(p.numel() for _, p in params)
         paths = {}
         for i, param in params:
-            if self.partition_gradients:
-                held = store.step_accumulator(i)
-            else:
-                held = store.fold_accumulator(self.get_param_id(param))
+            held = [store.step_accumulator(i)] if self.partition_gradients or self.cpu_offload else []
+            if not self.partition_gradients:
+                held.append(store.fold_accumulator(self.get_param_id(param)))
             largest = largest_bucket(param.numel(), self.reduce_bucket_size, total)
             exact_reduction = not self._agoq_comm8 or reduction_exact(g, store.world_size, largest)
-            paths[id(param)] = path(not isinstance(held, Int8Accumulator), exact_reduction)
+            exact_storage = not any(isinstance(acc, Int8Accumulator) for acc in held)
+            paths[id(param)] = path(exact_storage, exact_reduction)
         return paths
 
     def backward_prologue(self, *args: Any, **kwargs: Any) -> Any:

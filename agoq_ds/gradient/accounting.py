@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from .collectives import CommCounter
+from .offload import OffloadMeter
 
 
 class GradientAccounting:
@@ -13,6 +14,8 @@ class GradientAccounting:
     def __init__(self) -> None:
         self.comm = CommCounter()
         """Collective byte counts of the step in progress."""
+        self.offload = OffloadMeter()
+        """Device<->host gradient bytes of the step in progress (ZeRO-Offload)."""
         self.micro_steps = 0
         """Backward passes reduced or folded in the step in progress."""
         self.buffer_bytes = 0
@@ -66,6 +69,7 @@ class GradientAccounting:
                 (self.buffer_bytes + self.ef_bytes) / self.buffer_fp32_bytes if self.buffer_fp32_bytes else 0.0
             ),
             "micro_steps": float(self.micro_steps),
+            **self.offload.figures(),
         }
 
     def finish_step(self) -> None:
@@ -74,6 +78,7 @@ class GradientAccounting:
         self._last = {**self._counts(), "steps": float(self.steps)}
         self._last_error = (self.comm.error_bound_sq, self.comm.reduced_sq)
         self.comm.reset()
+        self.offload.reset()
         self.micro_steps = 0
         self.buffer_bytes = self.buffer_fp32_bytes = self.ef_bytes = 0
 

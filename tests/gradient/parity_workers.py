@@ -37,7 +37,7 @@ BUCKET = 700
 """``reduce_bucket_size`` of the ZeRO hosts (elements)."""
 
 AXES: dict[str, list[Any]] = {
-    "host": ["s0", "bf16opt", "z1", "z2", "z3", "pipe", "pipe_dp2"],
+    "host": ["s0", "bf16opt", "z1", "z2", "z3", "pipe", "pipe_dp2", "z1off", "z2off", "z3off"],
     "micro": [1, 4],
     "dtype": ["fp32", "bf16"],
     "clip": [False, True],
@@ -50,6 +50,10 @@ AXES: dict[str, list[Any]] = {
 WORLD = {"pipe_dp2": 4}
 """Ranks per host (2 unless named): ``pipe`` is 2 stages x 1 data-parallel rank, ``pipe_dp2`` 2 x 2."""
 
+OFFLOAD = {"z1off": 1, "z2off": 2, "z3off": 3}
+"""The ZeRO-Offload hosts (``offload_optimizer: cpu``; at ZeRO-3 ``offload_param: cpu`` too, as in HF's
+DeepSpeed guide) and their stage."""
+
 
 def valid(case: dict[str, Any]) -> bool:
     """Whether DeepSpeed 0.19.8 supports the combination (stock refuses the others itself)."""
@@ -60,9 +64,9 @@ def valid(case: dict[str, Any]) -> bool:
         return False  # the pipeline engine runs its own backward (train_batch)
     if host == "s0" and backward == "loss":
         return False  # loss.backward() is refused at ZeRO stage 0
-    if backward == "several" and host not in ("z1", "z2", "z3"):
+    if backward == "several" and host not in ("z1", "z2", "z3", *OFFLOAD):
         return False  # coalesce_grad_reduction: ZeRO 1/2/3 without BF16_Optimizer only
-    if case["op"] == "sum" and host == "z3":
+    if case["op"] == "sum" and host in ("z3", "z3off"):
         return False  # gradient_allreduce_op sum is refused at ZeRO-3
     return True
 
@@ -179,7 +183,7 @@ def batch(
 def ds_config(case: dict[str, Any], agoq: bool) -> dict[str, Any]:
     """The DeepSpeed config of ``case`` (stock, or with a gradient-only ``"agoq"`` block)."""
     host = case["host"]
-    stage = {"s0": 0, "bf16opt": 1, "z1": 1, "z2": 2, "z3": 3, "pipe": 0, "pipe_dp2": 0}[host]
+    stage = {"s0": 0, "bf16opt": 1, "z1": 1, "z2": 2, "z3": 3, "pipe": 0, "pipe_dp2": 0, **OFFLOAD}[host]
     several = case["backward"] == "several"
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": MICRO,
@@ -192,6 +196,10 @@ def ds_config(case: dict[str, Any], agoq: bool) -> dict[str, Any]:
         "gradient_clipping": CLIP if case["clip"] else 0.0,
         "gradient_allreduce_op": case["op"],
     }
+    if host in OFFLOAD:
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        if stage == 3:
+            cfg["zero_optimization"]["offload_param"] = {"device": "cpu"}
     if stage == 3:
         cfg["zero_optimization"].update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=BUCKET)
     if host == "bf16opt":
@@ -307,7 +315,7 @@ def shared_unused(case: dict[str, Any]) -> bool:
     micro-batch): DeepSpeed 0.19.8's ZeRO-1/2/3 optimizers reduce only the parameters with a local
     gradient, so one unused on a single rank makes the ranks' collectives differ (stock aborts in
     gloo). Stage 0, ``BF16_Optimizer`` and the pipeline engine reduce every parameter."""
-    return case["host"] in ("z1", "z2", "z3")
+    return case["host"] in ("z1", "z2", "z3", *OFFLOAD)
 
 
 def _step(engine, case: dict[str, Any], step: int, dp_rank: int) -> None:
@@ -416,6 +424,8 @@ def run(case: dict[str, Any], agoq: bool) -> dict[str, Any]:
                 # Zero although the reference is farther from zero than the bound allows.
                 row["zero"] = row["zero"] or (moved == 0.0 and bool((expected[name].abs() > bound).any()))
                 row["ref_max"] = max(row.get("ref_max", 0.0), float(expected[name].abs().max()))
+        stats = getattr(engine.optimizer, "agoq_stats", dict)()
+        result["offload_bytes"] = stats.get("offload_bytes", 0.0)
         return result
     except Exception as exc:
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}

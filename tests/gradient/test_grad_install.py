@@ -33,11 +33,9 @@ def test_bf16_fp32_accum_is_supported(stage: int) -> None:
     ("config", "names"),
     [
         (_cfg(3, zero_optimization={"stage": 3, "zero_quantized_gradients": True}), "zero_quantized_gradients"),
-        (_cfg(3, zero_optimization={"stage": 3, "offload_optimizer": {"device": "cpu"}}), "offload_optimizer.device"),
-        (_cfg(3, zero_optimization={"stage": 3, "offload_param": {"device": "cpu"}}), "offload_param.device"),
-        (_cfg(2, zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}}), "offload_optimizer.device"),
-        (_cfg(2, zero_optimization={"stage": 2, "cpu_offload": True}), "offload_optimizer.device"),  # legacy key
-        (_cfg(3, zero_optimization={"stage": 3, "cpu_offload_params": True}), "offload_param.device"),
+        (_cfg(3, zero_optimization={"stage": 3, "offload_optimizer": {"device": "nvme"}}), "offload_optimizer.device"),
+        (_cfg(0, zero_optimization={"stage": 0, "offload_optimizer": {"device": "cpu"}}), "offload_optimizer.device"),
+        (_cfg(0, zero_optimization={"stage": 0, "cpu_offload": True}), "offload_optimizer.device"),  # legacy key
         (_cfg(2, bf16={"enabled": False}, fp16={"enabled": True}), "fp16.enabled"),
         (_cfg(2, optimizer={"type": "Muon", "params": {}}), "Muon"),
         (_cfg(2, compile={"deepcompile": True}), "compile.deepcompile"),
@@ -56,6 +54,21 @@ def test_unsupported_configs_name_the_setting(config: dict, names: str) -> None:
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_parameter_offload_below_stage3_is_ignored_as_deepspeed_ignores_it(stage: int) -> None:
     check_supported(_cfg(stage, zero_optimization={"stage": stage, "offload_param": {"device": "cpu"}}), AgoqConfig())
+
+
+@pytest.mark.parametrize(
+    "zero",
+    [
+        {"stage": 1, "offload_optimizer": {"device": "cpu"}},
+        {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": True}},
+        {"stage": 2, "offload_optimizer": {"device": "nvme"}},  # DeepSpeed runs it as cpu below ZeRO-3
+        {"stage": 2, "cpu_offload": True},  # legacy key
+        {"stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "nvme"}},
+        {"stage": 3, "cpu_offload": True, "cpu_offload_params": True},  # legacy keys
+    ],
+)
+def test_offload_runs_with_8bit_gradients(zero: dict) -> None:
+    check_supported(_cfg(zero["stage"], zero_optimization=zero), parse_agoq_config({"gradient": {"enabled": True}}))
 
 
 def test_nothing_checked_when_gradient_path_is_off() -> None:
@@ -100,8 +113,13 @@ def test_stage3_class_is_rebound_only_inside_the_block() -> None:
 @pytest.mark.parametrize(
     ("arguments", "names"),
     [
-        ({"offload_param_config": SimpleNamespace(device="cpu")}, "offload_param.device='cpu'"),
-        ({"offload_optimizer_config": SimpleNamespace(device="nvme")}, "offload_optimizer.device='nvme'"),
+        (
+            {
+                "offload_param_config": SimpleNamespace(device="cpu"),
+                "offload_optimizer_config": SimpleNamespace(device="nvme"),
+            },
+            "offload_optimizer.device='nvme'",
+        ),
         ({"all2all_process_group": object()}, "zero_quantized_gradients"),
         ({"zenflow_config": object()}, "zenflow"),
     ],
@@ -113,6 +131,12 @@ def test_stage3_optimizer_refuses_by_name(arguments: dict, names: str) -> None:
     with pytest.raises(ValueError, match=names.replace(".", r"\.")):
         reject_unsupported_arguments(arguments)
     reject_unsupported_arguments({"offload_param_config": SimpleNamespace(device="none")})
+    reject_unsupported_arguments(
+        {
+            "offload_param_config": SimpleNamespace(device="nvme"),
+            "offload_optimizer_config": SimpleNamespace(device="cpu"),
+        }
+    )
 
 
 def test_bf16_context_manager_rebinds_only_inside_the_block() -> None:
@@ -139,17 +163,19 @@ def test_fp16_at_stage0_is_rejected() -> None:
         check_supported(_cfg(0, bf16={"enabled": False}, fp16={"enabled": True}), AgoqConfig())
 
 
-@pytest.mark.parametrize("device", ["cpu", "nvme"])
-def test_offload_refused_by_name_whether_enum_or_string(device: str) -> None:
-    """DeepSpeed hands the offload device as its enum or, from some paths, as a plain string; either
-    is refused with the device's JSON spelling (no AttributeError, no 'offloaddeviceenum.cpu')."""
+def test_offload_device_read_whether_enum_or_string() -> None:
+    """DeepSpeed hands the offload device as its enum or, from some paths, as a plain string; either is
+    read with the device's JSON spelling (no AttributeError, no 'offloaddeviceenum.nvme'): NVMe optimizer
+    offload at ZeRO-3 is refused by name, cpu is accepted."""
     from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
 
     from agoq_ds.deepspeed.unsupported import reject_unsupported_arguments
 
-    for given in (device, OffloadDeviceEnum(device)):
+    stage3 = {"offload_param_config": None}
+    for given in ("nvme", OffloadDeviceEnum("nvme")):
         offload = SimpleNamespace(device=given)
-        with pytest.raises(ValueError, match=f"offload_optimizer.device='{device}' is not supported"):
-            reject_unsupported_arguments({"offload_optimizer_config": offload})
-    reject_unsupported_arguments({"offload_optimizer_config": SimpleNamespace(device="none")})
+        with pytest.raises(ValueError, match=r"offload_optimizer\.device='nvme' is not supported"):
+            reject_unsupported_arguments({**stage3, "offload_optimizer_config": offload})
+    for given in ("cpu", OffloadDeviceEnum("cpu"), "none"):
+        reject_unsupported_arguments({**stage3, "offload_optimizer_config": SimpleNamespace(device=given)})
     reject_unsupported_arguments({"offload_optimizer_config": None})

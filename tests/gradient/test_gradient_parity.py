@@ -85,6 +85,10 @@ def test_matrix_reaches_both_paths_and_every_host(results: dict[str, list[dict[s
     assert hosts == set(pw.AXES["host"])
     optimizers = {res["agoq"].get("optimizer") for ranks in results.values() for res in ranks}
     assert {"AgoqZeroOptimizer", "AgoqStage3Optimizer", "AgoqBF16Optimizer"} <= optimizers
+    # The offload hosts took the 8-bit host path (their gradients crossed to the host in 8 bits).
+    for ranks in results.values():
+        if ranks[0]["case"]["host"] in pw.OFFLOAD:
+            assert all(res["agoq"].get("offload_bytes", 0.0) > 0 for res in ranks), ranks[0]["case"]
 
 
 def test_pairwise_subset_covers_every_pair() -> None:

@@ -87,6 +87,8 @@ def offload_outcome(rank: int, world: int, config: dict) -> dict:
         "gradient_path": engine.agoq_gradient_path() is not None,
         "avg_bits": stats.get("activation/avg_bits", 16.0),
         "losses": losses,
+        "offload_bytes": stats.get("gradient/offload_bytes", 0.0),
+        "offload_bytes_baseline": stats.get("gradient/offload_bytes_baseline", 0.0),
     }
 
 
