@@ -26,6 +26,7 @@ and ``<out>/logs/<slug>.log``. Target: agoq's final held-out loss within 1% of s
     python benchmarks/convergence.py --model tiny --steps 3 --seq-len 32 --out /tmp/c   # smoke run
     python benchmarks/convergence.py --reuse          # finish an interrupted run (keeps finished variants)
     python benchmarks/convergence.py --snapshot       # train git HEAD's code while the checkout is edited
+    python benchmarks/convergence.py --offload cpu    # every variant, stock too, with ZeRO-Offload
 """
 
 from __future__ import annotations
@@ -127,6 +128,9 @@ def ds_config(variant: Variant, args: argparse.Namespace) -> dict:
     """The ds_config of ``variant``: ``ds_configs/zero2_baseline.json`` with this run's batch, steps
     and schedule, plus the variant's ``"agoq"`` block."""
     cfg = json.loads(BASE_CONFIG.read_text())
+    if getattr(args, "offload", "none") != "none":  # ZeRO-Offload: DeepSpeed's CPU Adam steps on the host
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": args.offload}
+        cfg["optimizer"]["params"].pop("torch_adam", None)
     cfg["train_micro_batch_size_per_gpu"] = args.micro_batch
     cfg["gradient_accumulation_steps"] = args.grad_accum
     cfg["steps_per_print"] = 10**6
@@ -236,6 +240,8 @@ def settings(args: argparse.Namespace, variant: Variant) -> dict:
     if args.warmup != 0.05:
         keys += ("warmup",)
     extra = {"world_size": args.world_size, "threads": args.threads, "code": str(args.code)}
+    if getattr(args, "offload", "none") != "none":
+        extra["offload"] = args.offload
     if args.device != "cpu":
         extra["device"] = args.device
     if variant.agoq is None:
@@ -426,6 +432,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="DeepSpeed accelerator of the ranks (cuda: one GPU per rank; see scripts/gpu_convergence.sh)",
     )
     p.add_argument("--threads", type=int, default=1, help="OMP/torch threads per rank")
+    p.add_argument(
+        "--offload",
+        choices=("none", "cpu"),
+        default="none",
+        help="ZeRO-Offload for every variant, stock included (offload_optimizer.device; DeepSpeed's CPU Adam)",
+    )
     p.add_argument("--variants", nargs="*", help="slugs to run (default: all); stock is always run")
     p.add_argument("--extras", nargs="*", default=[], choices=sorted(EXTRAS), help="optional reference runs")
     p.add_argument(

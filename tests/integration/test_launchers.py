@@ -138,3 +138,31 @@ def test_pretrain_script_zero3(tmp_path: Path) -> None:
     assert run["engine"] == "AgoqEngine"
     _assert_quantized(run["agoq_stats"])
     assert run["agoq_stats"]["gradient/comm_bytes_ratio_fp32"] <= 0.27
+
+
+def _assert_offloaded_in_8bit(stats: dict) -> None:
+    """Gradients crossed to the host once per step in int8: a quarter of stock's fp32 boundary copy or
+    less (``gradient/offload_bytes_baseline``: what DeepSpeed's own offload path moves)."""
+    assert 0 < stats["gradient/offload_bytes"] <= 0.27 * stats["gradient/offload_bytes_baseline"], stats
+
+
+def test_pretrain_script_zero2_offload(tmp_path: Path) -> None:
+    """The deepspeed launcher with ZeRO-Offload (``ds_configs/zero2_offload_agoq.json``: optimizer on the
+    host, DeepSpeedCPUAdam, pinned memory)."""
+    cmd = [str(BIN / "deepspeed"), "--num_accelerators", "2", "--master_port", str(free_port())]
+    config = ["--deepspeed_config", "ds_configs/zero2_offload_agoq.json"]
+    run = _launch(cmd + PRETRAIN + config, tmp_path / "run.json")
+    assert run["engine"] == "AgoqEngine"
+    _assert_quantized(run["agoq_stats"])
+    _assert_offloaded_in_8bit(run["agoq_stats"])
+
+
+def test_hf_trainer_zero3_offload(tmp_path: Path) -> None:
+    """HF Trainer with HF's DeepSpeed guide's ZeRO-3 example (optimizer and parameters offloaded to the
+    host, pinned; ``ds_configs/hf_zero3_offload_agoq.json``), launched with torchrun."""
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
+    run = _launch(cmd + HF + ["--deepspeed", "ds_configs/hf_zero3_offload_agoq.json"], tmp_path / "run.json")
+    assert run["engine"] == "AgoqEngine" and run["zero_stage"] == 3
+    assert run["gradient_host"] == "AgoqStage3Optimizer"
+    _assert_quantized(run["agoq_stats"])
+    _assert_offloaded_in_8bit(run["agoq_stats"])
