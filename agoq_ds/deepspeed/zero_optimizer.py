@@ -120,10 +120,20 @@ class AgoqZeroOptimizer(OptimizerHost, DeepSpeedZeroOptimizer):
         param.grad = None
 
     def _agoq_unfold(self, param: torch.nn.Parameter) -> None:
+        """Add a parameter's int8 folds back where DeepSpeed reads its gradient for the reduction:
+        ``param.grad``, or ``param.grad_accum`` where DeepSpeed accumulates in a wider dtype (ZeRO-1 with
+        ``grad_accum_dtype`` fp32 and offload, ``use_grad_accum_attribute``: ``backward_epilogue`` has
+        moved the last micro-batch's gradient there)."""
         acc = self.agoq_store.fold_accumulator(self.get_param_id(param))
         if acc is None or not acc.has_value:
             return
         total = acc.take().view(param.shape)  # owned: reset must not zero what param.grad becomes
+        if self.use_grad_accum_attribute:
+            if param.grad_accum is None:
+                param.grad_accum = total.to(self.gradient_accumulation_dtype)
+            else:
+                param.grad_accum.add_(total.view(param.grad_accum.shape))
+            return
         if param.grad is not None:
             total += param.grad.float()
         param.grad = total.to(param.dtype)

@@ -37,7 +37,7 @@ BUCKET = 700
 """``reduce_bucket_size`` of the ZeRO hosts (elements)."""
 
 AXES: dict[str, list[Any]] = {
-    "host": ["s0", "bf16opt", "z1", "z2", "z3", "pipe", "pipe_dp2", "z1off", "z2off", "z3off"],
+    "host": ["s0", "bf16opt", "z1", "z2", "z3", "pipe", "pipe_dp2", "z1off", "z2off", "z3off", "z1offacc"],
     "micro": [1, 4],
     "dtype": ["fp32", "bf16"],
     "clip": [False, True],
@@ -50,16 +50,18 @@ AXES: dict[str, list[Any]] = {
 WORLD = {"pipe_dp2": 4}
 """Ranks per host (2 unless named): ``pipe`` is 2 stages x 1 data-parallel rank, ``pipe_dp2`` 2 x 2."""
 
-OFFLOAD = {"z1off": 1, "z2off": 2, "z3off": 3}
+OFFLOAD = {"z1off": 1, "z2off": 2, "z3off": 3, "z1offacc": 1}
 """The ZeRO-Offload hosts (``offload_optimizer: cpu``; at ZeRO-3 ``offload_param: cpu`` too, as in HF's
-DeepSpeed guide) and their stage."""
+DeepSpeed guide) and their stage. ``z1offacc``: ZeRO-1 offload with bf16 and ``grad_accum_dtype`` fp32,
+where DeepSpeed accumulates in ``param.grad_accum`` (``use_grad_accum_attribute``; without offload the
+same settings build ``BF16_Optimizer``)."""
 
 
 def valid(case: dict[str, Any]) -> bool:
     """Whether DeepSpeed 0.19.8 supports the combination (stock refuses the others itself)."""
     host, backward = case["host"], case["backward"]
-    if host == "bf16opt" and case["dtype"] != "bf16":
-        return False  # BF16_Optimizer is the bf16 + fp32-accumulation route
+    if host in ("bf16opt", "z1offacc") and case["dtype"] != "bf16":
+        return False  # bf16 with fp32 accumulation
     if host.startswith("pipe") and backward != "engine":
         return False  # the pipeline engine runs its own backward (train_batch)
     if host == "s0" and backward == "loss":
@@ -78,10 +80,11 @@ def all_cases() -> list[dict[str, Any]]:
     return [c for c in cases if valid(c)]
 
 
-TRIPLES = [("host", "dtype", "min_numel"), ("host", "micro", "min_numel")]
+TRIPLES = [("host", "dtype", "min_numel"), ("host", "micro", "min_numel"), ("host", "micro", "backward")]
 """Axis triples the CI subset covers whole: what takes the exact or the 8-bit path depends on all
 three (the pipeline's zeroed sub-``min_numel`` gradients needed fp32, ``min_numel`` 1024 and a
-pipeline or several micro-batches)."""
+pipeline or several micro-batches); how a host accumulates depends on the micro-batches and how
+backward is called (``z1offacc`` lost its int8 folds only with several backward calls per step)."""
 
 
 def _combinations(case: dict[str, Any]) -> set[tuple]:
@@ -202,7 +205,7 @@ def ds_config(case: dict[str, Any], agoq: bool) -> dict[str, Any]:
             cfg["zero_optimization"]["offload_param"] = {"device": "cpu"}
     if stage == 3:
         cfg["zero_optimization"].update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=BUCKET)
-    if host == "bf16opt":
+    if host in ("bf16opt", "z1offacc"):
         cfg["data_types"] = {"grad_accum_dtype": "fp32"}
     if agoq:
         cfg["agoq"] = {
