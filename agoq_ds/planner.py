@@ -1,20 +1,23 @@
-"""Memory planner: per-GPU memory of LLaMA-family training, stock versus agoq (``agoq-ds plan``).
+"""Memory planner: per-rank memory of LLaMA-family training, stock versus agoq (``agoq-ds plan``).
 
 The model: bf16 weights with fp32 master weights and Adam moments (``2 + 12`` bytes per parameter,
-the optimizer part divided by the data-parallel size under ZeRO >= 1); an fp32 gradient
-accumulation buffer (4 bytes per parameter, divided by the data-parallel size under ZeRO-2) versus
-agoq's int8 codes + fp32 scale per group (plus the error-feedback residual when enabled); and the
-activations autograd saves, tensor by tensor, as HF's LLaMA implementation saves them with SDPA
-(norm inputs in fp32, projection inputs, SDPA's q/k/v/output/logsumexp, the MLP's gate/up/act
-tensors, the loss's log-probabilities), each stored at its class's bits by agoq. Under a 1F1B
+the optimizer part divided by the data-parallel size under ZeRO >= 1, the weights too under ZeRO-3);
+an fp32 gradient accumulation buffer (4 bytes per parameter, divided by the data-parallel size under
+ZeRO-2/3) versus agoq's int8 codes + fp32 scale per group (plus the error-feedback residual when
+enabled); and the activations autograd saves, tensor by tensor, as HF's LLaMA implementation saves
+them with SDPA (norm inputs in fp32, projection inputs, SDPA's q/k/v/output/logsumexp, the MLP's
+gate/up/act tensors, the loss's log-probabilities), each stored at its class's bits by agoq. Under a 1F1B
 pipeline stage ``s`` holds ``max(2, min(S - s, M))`` micro-batches of activations. Tensor
 parallelism divides weights and the attention/MLP-internal activations by ``tp`` (no sequence
 parallelism). The peak is the larger of backward's (gradients, stored activations, and agoq's
 working set: one decoder block's or the loss head's saved tensors at full width, quantized as they
 are saved and dequantized or rebuilt as backward reaches them) and the accumulation boundary's
-(agoq's int8 state beside the fp32 buffer it is reduced into, as large as stock's). Tests check the
-activation and gradient predictions against a real run (< 5%) and that the working set covers what
-a measured step holds beyond its stored activations.
+(agoq's int8 state beside the fp32 buffer it is reduced into, as large as stock's). ZeRO-Offload
+(``offload_optimizer``/``offload_param``: ``Parallelism``) moves the optimizer state, the fp32
+gradient partition and (ZeRO-3) the bf16 weight shards to host memory, reported per rank beside the
+device figures (``StageMemory.host_total``). Tests check the activation and gradient predictions
+against a real run (< 5%), the ZeRO-3 and offload figures against the bytes a run allocates, and
+that the working set covers what a measured step holds beyond its stored activations.
 """
 
 from __future__ import annotations
@@ -98,6 +101,11 @@ def dims_from_hf_config(path: str | Path) -> ModelDims:
     )
 
 
+OFFLOAD_DEVICES = ("none", "cpu")
+"""Offload devices the planner models (ZeRO-Infinity's ``nvme`` is not planned: agoq refuses it at
+ZeRO-3 and DeepSpeed runs it as ``cpu`` at ZeRO-1/2)."""
+
+
 @dataclass(frozen=True)
 class Parallelism:
     """How the job is laid out and batched."""
@@ -115,7 +123,37 @@ class Parallelism:
     dp: int = 1
     """Data-parallel size."""
     zero: int = 1
-    """ZeRO stage (0, 1 or 2)."""
+    """ZeRO stage (0 to 3)."""
+    offload_optimizer: str = "none"
+    """``zero_optimization.offload_optimizer.device``: ``"none"`` or ``"cpu"`` (ZeRO 1-3): the fp32 master
+    weights, Adam moments and gradient partition live in host memory and the optimizer steps there."""
+    offload_param: str = "none"
+    """``zero_optimization.offload_param.device``: ``"none"`` or ``"cpu"`` (ZeRO-3 only): the bf16 weight
+    shards live in host memory and are gathered to the device as layers run."""
+
+    def __post_init__(self) -> None:
+        if self.zero not in (0, 1, 2, 3):
+            raise ValueError(f"zero={self.zero}: the ZeRO stage is 0, 1, 2 or 3")
+        for key in ("offload_optimizer", "offload_param"):
+            if getattr(self, key) not in OFFLOAD_DEVICES:
+                raise ValueError(f"{key}={getattr(self, key)!r}: must be one of {', '.join(OFFLOAD_DEVICES)}")
+        if self.offload_param != "none" and self.zero != 3:
+            raise ValueError(
+                f"offload_param={self.offload_param!r} at ZeRO-{self.zero}: DeepSpeed offloads parameters only "
+                "at ZeRO-3 (below it ignores the offload_param block, so the weights stay on the device); "
+                "use zero=3 or offload_param='none'"
+            )
+        if self.offload_optimizer != "none" and self.zero == 0:
+            raise ValueError(
+                f"offload_optimizer={self.offload_optimizer!r} at ZeRO-0: DeepSpeed offloads the optimizer only "
+                "under ZeRO 1-3 (and agoq's gradient path refuses it at stage 0); use zero>=1 or "
+                "offload_optimizer='none'"
+            )
+
+    @property
+    def offloads(self) -> bool:
+        """Whether anything lives in host memory."""
+        return self.offload_optimizer != "none" or self.offload_param != "none"
 
 
 @dataclass(frozen=True)
@@ -233,9 +271,21 @@ class StageMemory:
     tensors exist at full width at a time. Stock: 0 (its saved tensors are counted in full)."""
     step_gradients: dict[str, int] = field(default_factory=dict)
     """Gradient bytes at the accumulation boundary (the activations are freed by then): agoq reduces
-    its int8 state into an fp32 buffer the size of stock's (ZeRO-2: the partition; ZeRO-0/1: every
+    its int8 state into an fp32 buffer the size of stock's (ZeRO-2/3: the partition; ZeRO-0/1: every
     gradient of the stage, as DeepSpeed's ``BF16_Optimizer`` all-reduces them) and holds both until
-    the reduction is done."""
+    the reduction is done; with optimizer offload it dequantizes on the host instead
+    (``device_gradients``)."""
+    host_weights: int = 0
+    """Host bytes of the bf16 weight shards (ZeRO-3 ``offload_param``); ``weights`` is then 0."""
+    host_optimizer: int = 0
+    """Host bytes of the fp32 master weights + Adam moments (``offload_optimizer``); ``optimizer`` is
+    then 0."""
+    host_gradients: dict[str, int] = field(default_factory=dict)
+    """Host gradient bytes, baseline and agoq (``host_memory``): DeepSpeed's fp32 gradient partition(s)
+    the offloaded step reads, and for agoq also ``host_staging``."""
+    host_staging: int = 0
+    """Of agoq's host gradient bytes: the staging buffers its int8 partition crosses into once per step
+    (codes + fp32 scales, ``gradient.offload.HostLink``)."""
 
     def backward(self, variant: str) -> int:
         """Beyond weights and optimizer states, what backward holds at its peak: gradients, stored
@@ -250,6 +300,10 @@ class StageMemory:
         """Peak on one GPU of this stage for ``baseline`` or ``agoq``: the larger of backward's and the
         accumulation boundary's."""
         return self.weights + self.optimizer + max(self.backward(variant), self.step_gradients[variant])
+
+    def host_total(self, variant: str) -> int:
+        """Host memory of one rank of this stage for ``baseline`` or ``agoq`` (0 without offload)."""
+        return self.host_weights + self.host_optimizer + self.host_gradients[variant]
 
 
 def _layers_per_stage(layers: int, pp: int) -> list[int]:
@@ -271,6 +325,75 @@ def gradient_bytes(numel: int, cfg: AgoqConfig) -> int:
     return state * (2 if grad.error_feedback else 1)
 
 
+def device_gradients(params: int, par: Parallelism, cfg: AgoqConfig) -> tuple[dict[str, int], dict[str, int]]:
+    """Device gradient bytes of one rank holding ``params`` parameters: ``(backward, boundary)``, each
+    for ``baseline`` and ``agoq`` (``StageMemory.gradients`` and ``step_gradients``).
+
+    Stock DeepSpeed accumulates ``g`` elements in fp32 (``data_types.grad_accum_dtype: fp32``, the
+    planner's convention): every gradient under ZeRO-0/1 (``BF16_Optimizer``; with offload the ZeRO-1
+    optimizer's fp32 ``grad_accum`` of each parameter), the partition ``params / dp`` under ZeRO-2/3
+    (ZeRO-2's compact partition buffer, ZeRO-3's ``grad_partitions_flat_buffer``):
+
+    * stock: ``4 g`` in both phases. With ``offload_optimizer``: ZeRO-1 builds its fp32 partition at
+      the boundary before copying it to the host (``+ 4 params / dp`` there); ZeRO-2 keeps its compact
+      partition on the device across micro-batches, as without offload; ZeRO-3 allocates its partition
+      on the host (``host_memory``), leaving 0 on the device.
+    * agoq: the int8 state of the same ``g`` elements in backward (``gradient_bytes``). At the boundary
+      without offload it is reduced or dequantized into an fp32 buffer as large as stock's (``+ 4 g``).
+      With offload it crosses to the host in int8 and is dequantized there: nothing more on the device
+      at ZeRO-2/3; at ZeRO-1 the int8 partition accumulator (``params / dp``) beside the boundary
+      micro-batch's fp32 gradients (``4 g``). Without an 8-bit gradient path agoq holds what stock does.
+
+    Not counted: the reduce buckets, ZeRO-3's gathered (in-flight) parameters and the step's
+    per-sub-group fp32 copy of the partition; ZeRO-3 parameters below
+    ``stage3_param_persistence_threshold`` (the norms) are counted as partitioned.
+    """
+    part = params // par.dp
+    g = part if par.zero >= 2 else params
+    offload = par.offload_optimizer != "none"
+    stock_backward = 0 if offload and par.zero == 3 else 4 * g
+    stock_boundary = stock_backward + (4 * part if offload and par.zero == 1 else 0)
+    stock = ({"baseline": stock_backward}, {"baseline": stock_boundary})
+    if not cfg.gradient_quantized:
+        return {**stock[0], "agoq": stock_backward}, {**stock[1], "agoq": stock_boundary}
+    state = gradient_bytes(g, cfg)
+    int8 = gradients_quantized(cfg)
+    if not offload:
+        boundary = state + 4 * g if int8 else state
+    elif par.zero == 1:
+        boundary = state + (4 * g if int8 else 0) + gradient_bytes(part, cfg)
+    else:
+        boundary = state
+    return {**stock[0], "agoq": state}, {**stock[1], "agoq": boundary}
+
+
+def host_memory(params: int, par: Parallelism, cfg: AgoqConfig) -> tuple[int, int, dict[str, int], int]:
+    """Host bytes of one rank holding ``params`` parameters: ``(weights, optimizer, gradients,
+    staging)``, ``gradients`` for ``baseline`` and ``agoq`` (``StageMemory.host_*``). With ``n =
+    params / dp`` the rank's partition:
+
+    * ``offload_param`` (ZeRO-3): the bf16 weight shards, ``2 n`` (``ds_tensor`` on the host).
+    * ``offload_optimizer``: the fp32 master weights and Adam moments, ``12 n``; the fp32 gradient the
+      host optimizer reads, ``4 n`` (ZeRO-1/2: ``single_partition_of_fp32_groups[i].grad``; ZeRO-3:
+      ``fp32_partitioned_groups_flat[i].grad``), and at ZeRO-3 also the fp32 partition the
+      micro-batches accumulate into or are dequantized into, ``4 n`` (stock: the host
+      ``grad_partitions_flat_buffer``; agoq: ``_agoq_host_flat``, which replaces it).
+    * agoq's staging, with int8 gradient storage: the partition's codes and scales,
+      ``n + 4 ceil(n / group_size)`` (``HostLink.state_bytes``).
+
+    With ``grad_accum_dtype`` left at bf16, stock ZeRO-2 offload accumulates micro-batches on the host
+    instead (``accumulated_grads_in_cpu``: whole owned parameters in bf16, about ``2 n`` more) and
+    holds no device partition; the planner keeps its fp32-accumulation convention.
+    """
+    n = params // par.dp
+    weights = 2 * n if par.offload_param != "none" else 0
+    if par.offload_optimizer == "none":
+        return weights, 0, {"baseline": 0, "agoq": 0}, 0
+    fp32 = 4 * n * (2 if par.zero == 3 else 1)
+    staging = n + 4 * math.ceil(n / cfg.gradient.group_size) if gradients_quantized(cfg) else 0
+    return weights, 12 * n, {"baseline": fp32, "agoq": fp32 + staging}, staging
+
+
 def working_set(dims: ModelDims, par: Parallelism, stage: int, layers: int, cfg: AgoqConfig) -> int:
     """What agoq holds unquantized beside its stored activations at the peak: the saved tensors of
     the largest unit in flight (a decoder block, or the loss head on the last stage) at full width
@@ -285,7 +408,10 @@ def working_set(dims: ModelDims, par: Parallelism, stage: int, layers: int, cfg:
 
 
 def plan(dims: ModelDims, par: Parallelism, cfg: AgoqConfig | None = None) -> list[StageMemory]:
-    """Per-stage, per-GPU memory for stock training and agoq (``cfg`` defaults to agoq's defaults)."""
+    """Per-stage memory of one rank, device and host, for stock training and agoq (``cfg`` defaults to
+    agoq's defaults). Device: bf16 weights ``2 P`` (ZeRO-3: ``2 P / dp``; 0 with ``offload_param``),
+    optimizer state ``12 P`` (ZeRO >= 1: ``/ dp``; 0 with ``offload_optimizer``), gradients
+    (``device_gradients``) and activations; host: ``host_memory``."""
     cfg = cfg or AgoqConfig()
     table = cfg.activation.class_table()
     stages = []
@@ -297,21 +423,20 @@ def plan(dims: ModelDims, par: Parallelism, cfg: AgoqConfig | None = None) -> li
         if s == par.pp - 1:
             params += dims.hidden + (0 if dims.tied_embeddings else dims.vocab * dims.hidden // par.tp)
         holds = pipeline_holds(s, par.pp, par.micro_batches)
-        grad_numel = params // par.dp if par.zero >= 2 else params
+        host_weights, host_optimizer, host_gradients, staging = host_memory(params, par, cfg)
         stage = StageMemory(
             stage=s,
             layers=n_layers,
             params=params,
             holds=holds,
-            weights=2 * params,
-            optimizer=12 * params // (par.dp if par.zero >= 1 else 1),
+            weights=0 if par.offload_param != "none" else 2 * params // (par.dp if par.zero == 3 else 1),
+            optimizer=0 if par.offload_optimizer != "none" else 12 * params // (par.dp if par.zero >= 1 else 1),
+            host_weights=host_weights,
+            host_optimizer=host_optimizer,
+            host_gradients=host_gradients,
+            host_staging=staging,
         )
-        agoq_grads = gradient_bytes(grad_numel, cfg)
-        stage.gradients = {"baseline": 4 * grad_numel, "agoq": agoq_grads}
-        stage.step_gradients = {
-            "baseline": 4 * grad_numel,
-            "agoq": agoq_grads + 4 * grad_numel if gradients_quantized(cfg) else agoq_grads,
-        }
+        stage.gradients, stage.step_gradients = device_gradients(params, par, cfg)
         stage.activations = {
             "baseline": holds * sum(t.numel * t.elem_bytes for t in saved),
             "agoq": holds * sum(stored_bytes(t, table[str(t.cls.value)], cfg) for t in saved),
@@ -324,28 +449,72 @@ def plan(dims: ModelDims, par: Parallelism, cfg: AgoqConfig | None = None) -> li
 GIB = 2**30
 
 
+VARIANTS = ("baseline", "agoq")
+"""The two trainings every figure is given for: stock DeepSpeed and agoq."""
+
+
+def _offload_label(par: Parallelism) -> str:
+    """The header's note of what is offloaded (empty without offload)."""
+    parts = [
+        f"{what} offload {device}"
+        for what, device in (("optimizer", par.offload_optimizer), ("param", par.offload_param))
+        if device != "none"
+    ]
+    return f" | {', '.join(parts)}" if parts else ""
+
+
 def format_plan(dims: ModelDims, par: Parallelism, stages: list[StageMemory]) -> str:
-    """A table (GiB per GPU) of every stage, stock versus agoq."""
+    """A table (GiB per rank) of every stage, stock versus agoq; with offload, host columns too."""
     head = (
         f"{dims.name}: {dims.params() / 1e9:.2f}B params | seq {par.seq_len}, micro-batch {par.micro_batch}, "
-        f"{par.micro_batches} micro-batches | TP{par.tp} PP{par.pp} DP{par.dp} ZeRO-{par.zero}"
+        f"{par.micro_batches} micro-batches | TP{par.tp} PP{par.pp} DP{par.dp} ZeRO-{par.zero}{_offload_label(par)}"
     )
     cols = f"{'stage':>5} {'layers':>6} {'held':>4} {'weights':>8} {'optim':>8} {'grad':>15} {'activations':>17}"
-    lines = [head, cols + f" {'working':>7} {'peak':>17} {'saved':>6}"]
+    cols += f" {'working':>7} {'peak':>17} {'saved':>6}"
+    if par.offloads:
+        cols += f" {'host':>17}"
+    lines = [head, cols]
     for st in stages:
         g, a = st.gradients, st.activations
         tb, ta = st.total("baseline"), st.total("agoq")
-        lines.append(
+        line = (
             f"{st.stage:>5} {st.layers:>6} {st.holds:>4} {st.weights / GIB:>8.2f} {st.optimizer / GIB:>8.2f} "
             f"{g['baseline'] / GIB:>6.2f}->{g['agoq'] / GIB:<6.2f} {a['baseline'] / GIB:>7.2f}->{a['agoq'] / GIB:<7.2f}"
             f" {st.transient['agoq'] / GIB:>7.2f} {tb / GIB:>7.2f}->{ta / GIB:<7.2f} {1 - ta / tb if tb else 0:>6.1%}"
         )
+        if par.offloads:
+            line += f" {st.host_total('baseline') / GIB:>7.2f}->{st.host_total('agoq') / GIB:<7.2f}"
+        lines.append(line)
     worst_b = max(st.total("baseline") for st in stages)
     worst_a = max(st.total("agoq") for st in stages)
     lines.append(
         f"peak GPU: {worst_b / GIB:.2f} GiB stock -> {worst_a / GIB:.2f} GiB agoq ({1 - worst_a / worst_b:.1%} less)"
     )
+    if par.offloads:
+        host_b = max(st.host_total("baseline") for st in stages)
+        host_a = max(st.host_total("agoq") for st in stages)
+        lines.append(
+            f"host per rank: {host_b / GIB:.2f} GiB stock -> {host_a / GIB:.2f} GiB agoq "
+            f"(agoq's int8 staging: {max(st.host_staging for st in stages) / GIB:.2f} GiB)"
+        )
     return "\n".join(lines)
+
+
+def plan_json(dims: ModelDims, par: Parallelism, stages: list[StageMemory]) -> dict[str, Any]:
+    """The plan as plain data: the model, the layout and every stage's fields, with its device peak
+    (``total``) and host total (``host_total``) per variant."""
+    return {
+        "model": asdict(dims),
+        "parallelism": asdict(par),
+        "stages": [
+            {
+                **asdict(st),
+                "device_peak": {v: st.total(v) for v in VARIANTS},
+                "host_total": {v: st.host_total(v) for v in VARIANTS},
+            }
+            for st in stages
+        ],
+    }
 
 
 LABELS = {"transient": "agoq working set", "step_gradients": "gradients at the boundary (int8 + fp32)"}
@@ -401,18 +570,27 @@ def plot(stages: list[StageMemory], path: Path, title: str) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     dims = NAMED_MODELS[args.model] if args.model in NAMED_MODELS else dims_from_hf_config(args.model)
-    par = Parallelism(args.seq_len, args.micro_batch, args.micro_batches, args.tp, args.pp, args.dp, args.zero)
+    try:
+        par = Parallelism(
+            seq_len=args.seq_len,
+            micro_batch=args.micro_batch,
+            micro_batches=args.micro_batches,
+            tp=args.tp,
+            pp=args.pp,
+            dp=args.dp,
+            zero=args.zero,
+            offload_optimizer=args.offload_optimizer,
+            offload_param=args.offload_param,
+        )
+    except ValueError as exc:
+        args.parser.error(str(exc))
     block: Any = {}
     if args.ds_config:
         block = json.loads(Path(args.ds_config).read_text()).get("agoq", {})
     stages = plan(dims, par, parse_agoq_config(block))
     print(format_plan(dims, par, stages))
     if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {"model": asdict(dims), "parallelism": asdict(par), "stages": [asdict(s) for s in stages]}, indent=1
-            )
-        )
+        Path(args.json).write_text(json.dumps(plan_json(dims, par, stages), indent=1))
     if args.chart:
         plot(stages, Path(args.chart), dims.name)
     return 0
@@ -420,7 +598,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def add_plan_command(sub: Any) -> None:
     """Register ``agoq-ds plan`` on the CLI's sub-parsers."""
-    p = sub.add_parser("plan", help="per-GPU memory, stock vs agoq (LLaMA sizes or an HF config.json)")
+    p = sub.add_parser("plan", help="per-rank GPU and host memory, stock vs agoq (LLaMA sizes or an HF config.json)")
     p.add_argument("--model", default="llama-8b", help=f"{', '.join(NAMED_MODELS)} or a path to config.json")
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--micro-batch", type=int, default=1)
@@ -428,8 +606,20 @@ def add_plan_command(sub: Any) -> None:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--dp", type=int, default=1)
-    p.add_argument("--zero", type=int, choices=(0, 1, 2), default=1)
+    p.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=1)
+    p.add_argument(
+        "--offload-optimizer",
+        choices=OFFLOAD_DEVICES,
+        default="none",
+        help="ZeRO-Offload: optimizer state and fp32 gradient partition in host memory (ZeRO 1-3)",
+    )
+    p.add_argument(
+        "--offload-param",
+        choices=OFFLOAD_DEVICES,
+        default="none",
+        help="bf16 weight shards in host memory (ZeRO-3 only)",
+    )
     p.add_argument("--ds-config", help="take the agoq block from this ds_config.json (default: agoq defaults)")
     p.add_argument("--json", help="write the plan as JSON")
     p.add_argument("--chart", help="write a PNG bar chart")
-    p.set_defaults(func=_run)
+    p.set_defaults(func=_run, parser=p)

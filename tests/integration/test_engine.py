@@ -129,11 +129,16 @@ def test_activation_storage_is_the_same_at_every_zero_stage() -> None:
     hooks) and releases the norm weights the recipes of their outputs read; deduplication (the q/k/v
     projections' shared input) and recomputation (norm outputs, the MLP's activation output and
     gating product) must survive that: the same model and batches store the same bytes, class by
-    class and module by module, at stages 0 to 3, recorded and replayed forwards alike."""
+    class and module by module, at stages 0 to 3, recorded and replayed forwards alike; with offload
+    too (ZeRO-2 optimizer offload; ZeRO-3 optimizer and parameter offload, where the norm weights the
+    recipes read live on the host between uses)."""
     config = {"gradient": {"enabled": False}, "activation": {"min_numel": 1024}}
-    results = {
-        stage: run_ranks(w.activation_storage, 1, (w.ds_config(stage=stage, agoq=config), 3))[0] for stage in range(4)
-    }
+    configs = {stage: w.ds_config(stage=stage, agoq=config) for stage in range(4)}
+    host = {"device": "cpu"}
+    for stage, offload in ((2, {"offload_optimizer": host}), (3, {"offload_optimizer": host, "offload_param": host})):
+        zero = {"stage": stage, "reduce_bucket_size": 200_000, **offload}
+        configs[f"{stage} offload"] = w.ds_config(stage=stage, agoq=config, zero_optimization=zero)
+    results = {stage: run_ranks(w.activation_storage, 1, (cfg, 3))[0] for stage, cfg in configs.items()}
     reference = results[2]
     assert reference["replayed"] >= 2  # step 3's micro-batches follow the plan recorded in step 2
     stats = reference["stats"]
