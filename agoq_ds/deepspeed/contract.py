@@ -97,6 +97,7 @@ FENCES: tuple[Fence, ...] = (
             "global_samples",
             "global_steps",
             "gradient_average",
+            "has_moe_layers",  # MoE outside ZeRO-1/2: gradients take DeepSpeed's own path
             "module",
             "monitor",
             "mpu",
@@ -113,6 +114,8 @@ FENCES: tuple[Fence, ...] = (
             "is_gradient_accumulation_boundary": "10b57720f62d",
             "steps_per_print": "870fa40df40d",
             "zero_optimization": "ccd18f249cc8",
+            "zero_optimization_stage": "f323978e44c3",
+            "zero_reduce_scatter": "503c6bcdac91",
         },
     ),
     Fence(
@@ -153,6 +156,7 @@ FENCES: tuple[Fence, ...] = (
             "dp_process_group",
             "grad_partition_insertion_offset",
             "grad_position",  # offload: where each owned slice sits in the host gradient
+            "gradient_accumulation_dtype",  # the dtype of param.grad_accum (use_grad_accum_attribute)
             "local_overflow",  # offload: the flag the offloaded step's overflow check reads
             "grad_start_offset",
             "gradient_average",
@@ -171,6 +175,7 @@ FENCES: tuple[Fence, ...] = (
             "reduction_stream",
             "sequence_parallel_size",
             "single_partition_of_fp32_groups",  # offload: the fp32 host gradient the step reads
+            "use_grad_accum_attribute",  # ZeRO-1 + offload + fp32 accumulation: reductions read grad_accum
             "zero_stage_string",
         ),
         helpers={

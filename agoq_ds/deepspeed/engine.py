@@ -115,9 +115,30 @@ class AgoqEngineMixin:
 
     # --- construction hooks -------------------------------------------------------------------
 
+    def _agoq_moe_fallback(self, stage: int | None) -> None:
+        """MoE layers where the 8-bit path cannot reduce expert gradients (``unsupported.check_moe``;
+        ``stage`` None: ``BF16_Optimizer``): refused when 8-bit gradients were asked for explicitly, else
+        gradients take DeepSpeed's own path (said once), as for the other settings the default block
+        cannot honour."""
+        if not (self.has_moe_layers and self.agoq_config.gradient_on):
+            return
+        from .unsupported import UnsupportedConfigError, check_moe
+
+        try:
+            check_moe(stage, bool(self.zero_reduce_scatter()))
+        except UnsupportedConfigError as exc:
+            if "enabled" in self.agoq_config.gradient.model_fields_set:
+                raise
+            self.agoq_config.gradient.enabled = False
+            logger.warning(
+                f"agoq: 8-bit gradients are not available with {exc.setting} here; gradients take "
+                "DeepSpeed's own path, activations are quantized as configured"
+            )
+
     def _configure_zero_optimizer(self, optimizer):
         from .install import agoq_zero_optimizer
 
+        self._agoq_moe_fallback(self.zero_optimization_stage())
         if not self.agoq_config.gradient_on:
             return super()._configure_zero_optimizer(optimizer)
         with agoq_zero_optimizer(self.agoq_config):
@@ -126,6 +147,7 @@ class AgoqEngineMixin:
     def _configure_bf16_optimizer(self, optimizer):
         from .install import agoq_bf16_optimizer
 
+        self._agoq_moe_fallback(None)
         if not self.agoq_config.gradient_on:
             return super()._configure_bf16_optimizer(optimizer)
         with agoq_bf16_optimizer(self.agoq_config):
@@ -137,6 +159,9 @@ class AgoqEngineMixin:
         if not cfg.gradient_quantized:
             return
         if self.zero_optimization() or self.optimizer is None or isinstance(self.optimizer, BF16_Optimizer):
+            return
+        self._agoq_moe_fallback(0)
+        if not cfg.gradient_quantized:
             return
         from ..gradient.param_grads import ParamGradients
 

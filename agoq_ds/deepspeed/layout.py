@@ -15,7 +15,7 @@ piece instead of a scatter of dozens.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +29,7 @@ class BucketLayout:
     local: list[tuple[int, int, int]] = field(default_factory=list)
     """For ``owner_map[rank]``, in the same order: ``(param group, partition offset, numel)``."""
     numel: int = 0
-    """Elements of the bucket covered by the slices."""
+    """Elements of the bucket covered by the slices (of the selected param groups)."""
 
     def local_by_group(self) -> dict[int, tuple[list[int], list[tuple[int, int]]]]:
         """Per param group: indices into ``local`` and their ``(partition offset, numel)`` pieces."""
@@ -41,16 +41,28 @@ class BucketLayout:
         return out
 
 
-def bucket_layout(optimizer: Any, params: Sequence[tuple[int, int, int]], world_size: int, rank: int) -> BucketLayout:
+def bucket_layout(
+    optimizer: Any,
+    params: Sequence[tuple[int, int, int]],
+    world_size: int,
+    rank: int,
+    groups: Collection[int] | None = None,
+) -> BucketLayout:
     """The layout of a bucket holding ``params`` (``(group, index in group, param id)`` triples).
 
     ``optimizer`` is a ``DeepSpeedZeroOptimizer``; its partition bookkeeping is read, not changed.
+    ``groups``: only the parameters of these param groups (the ones partitioned over one process group,
+    ``reduction_groups``; ``world_size`` and ``rank`` are in that process group); the others keep their
+    place in the bucket but own no slice.
     """
     # Per destination: (param group, partition offset, bucket offset, numel), sorted below.
     slices: list[list[tuple[int, int, int, int]]] = [[] for _ in range(world_size)]
     cursor = 0
     for group, index_in_group, param_id in params:
         param = optimizer.bit16_groups[group][index_in_group]
+        if groups is not None and group not in groups:
+            cursor += param.numel()
+            continue
         starts = sorted(
             (
                 (pid, int(optimizer.grad_start_offset[group][pid][param_id]))
@@ -67,4 +79,20 @@ def bucket_layout(optimizer: Any, params: Sequence[tuple[int, int, int]], world_
         own.sort()
     owner_map = [[(bucket_offset, n) for _, _, bucket_offset, n in own] for own in slices]
     local = [(group, insert_at, n) for group, insert_at, _, n in slices[rank]]
-    return BucketLayout(owner_map, local, cursor)
+    return BucketLayout(owner_map, local, sum(n for own in owner_map for _, n in own))
+
+
+def reduction_groups(optimizer: Any, params: Sequence[tuple[int, int, int]]) -> list[tuple[Any, set[int]]]:
+    """The process groups a bucket's gradients are reduced over, each with its param groups: one (the
+    data-parallel group) without MoE; with MoE layers, each expert param group's expert-data-parallel
+    group too (DeepSpeed's ``real_dp_process_group``), in the order the bucket first meets them."""
+    out: list[tuple[Any, set[int]]] = []
+    for group, _, _ in params:
+        process_group = optimizer.real_dp_process_group[group]
+        for known, members in out:
+            if known is process_group:
+                members.add(group)
+                break
+        else:
+            out.append((process_group, {group}))
+    return out

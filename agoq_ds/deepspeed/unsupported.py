@@ -102,6 +102,7 @@ def _settings_from_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
     def offload(key: str) -> str:
         return device_name(getattr(arguments.get(key), "device", None))
 
+    reduce_scatter = bool(arguments.get("reduce_scatter", True))
     if "partition_grads" in arguments:  # DeepSpeedZeroOptimizer: ZeRO-1 or ZeRO-2
         stage = 2 if arguments["partition_grads"] else 1
     elif "offload_param_config" in arguments:  # DeepSpeedZeroOptimizer_Stage3
@@ -118,6 +119,7 @@ def _settings_from_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
         "optimizer_type": type(arguments.get("init_optimizer")).__name__.lower(),
         "deepcompile": False,
         "moe": bool(arguments.get("has_moe_layers")),
+        "reduce_scatter": reduce_scatter,
     }
 
 
@@ -144,7 +146,7 @@ def _refuse(s: dict[str, Any]) -> None:
             stock_gradients_suffice=True,
         )
     if s["moe"]:
-        raise _refusal("MoE layers (expert-parallel gradient groups)", " by the 8-bit gradient path")
+        check_moe(stage, bool(s.get("reduce_scatter", True)))
     if s["fp16"]:
         from deepspeed.accelerator import get_accelerator
 
@@ -164,6 +166,22 @@ def _refuse(s: dict[str, Any]) -> None:
         raise _refusal("compile.deepcompile=true")
 
 
+def check_moe(stage: int | None, reduce_scatter: bool) -> None:
+    """Raise ``UnsupportedConfigError`` for MoE layers where the 8-bit path cannot reduce them: ZeRO-1/2
+    reduce-scatter each expert gradient over its expert-data-parallel group; elsewhere (stage 0's
+    ``ParamGradients``, ZeRO-3, ``BF16_Optimizer``, ZeRO-1/2's all-reduce path) the 8-bit path reduces
+    over one group, which would average expert gradients over ranks that hold other experts."""
+    if stage in (1, 2) and reduce_scatter:
+        return
+    where = "with zero_optimization.reduce_scatter=false" if stage in (1, 2) else "outside ZeRO stage 1 and 2"
+    raise _refusal(
+        "MoE layers (expert-parallel gradient groups)",
+        f" by the 8-bit gradient path {where}",
+        "use ZeRO stage 1 or 2 with reduce_scatter, or ",
+        stock_gradients_suffice=True,
+    )
+
+
 def check_supported(ds_config_or_engine: Any, agoq_config: AgoqConfig) -> None:
     """Raise ``UnsupportedConfigError`` when the 8-bit gradient path cannot run with this config.
 
@@ -171,8 +189,9 @@ def check_supported(ds_config_or_engine: Any, agoq_config: AgoqConfig) -> None:
     checked when ``agoq.enabled`` or ``agoq.gradient.enabled`` is false. Supported: ZeRO stage 0
     (plain data parallel, incl. ``BF16_Optimizer`` in bf16 pipelines), 1, 2 and 3, fp32 and bf16, with or
     without fp32 gradient accumulation, with optimizer offload at ZeRO-1/2/3 (cpu) and parameter offload.
-    Refused: ZeRO++ qgZ, optimizer offload at ZeRO-0 and to NVMe at ZeRO-3, MoE (engine only), fp16 on
-    CPU and fp16 at stage 0 (untested), ZenFlow, Muon, DeepCompile.
+    Refused: ZeRO++ qgZ, optimizer offload at ZeRO-0 and to NVMe at ZeRO-3, MoE outside ZeRO-1/2's
+    reduce-scatter (seen in the optimizer's arguments and by the engine), fp16 on CPU and fp16 at stage
+    0 (untested), ZenFlow, Muon, DeepCompile.
     """
     if not agoq_config.gradient_on:
         return

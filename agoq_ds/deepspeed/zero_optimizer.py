@@ -42,7 +42,7 @@ from ..gradient.accumulator import Int8Accumulator
 from ..gradient.collectives import all_reduce_8bit, reduce_scatter_8bit, reduction_args
 from ..gradient.offload import HostLink, stock_zero12_bytes
 from ..gradient.paths import Path, largest_bucket, path, reduction_exact
-from .layout import BucketLayout, bucket_layout
+from .layout import BucketLayout, bucket_layout, reduction_groups
 from .optimizer_host import OptimizerHost
 
 
@@ -175,41 +175,54 @@ class AgoqZeroOptimizer(OptimizerHost, DeepSpeedZeroOptimizer):
         return 1.0 / (self.agoq_store.world_size / float(self.sequence_parallel_size))
 
     def _agoq_reduce(self, flat: torch.Tensor, communication_data_type: torch.dtype, stock_reduce) -> None:
-        """Reduce one bucket (``flat`` laid out like the bucket) and store this rank's slices."""
+        """Reduce one bucket (``flat`` laid out like the bucket) and store this rank's slices: over the
+        data-parallel group, and with MoE layers each expert param group's slices over its
+        expert-data-parallel group (``reduction_groups``), averaged by DeepSpeed's one factor."""
         bucket = self.ipg_buckets[communication_data_type]
-        store = self.agoq_store
-        layout = bucket_layout(self, bucket.params, store.world_size, store.rank)
-        if layout.numel == 0:
-            return
-        counter = store.accounting.comm
-        counter.add_baseline(layout.numel, store.world_size)
         if not self._agoq_comm8:
-            stock_reduce()
-            counter.add_stock(layout.numel, store.world_size, flat.element_size())
-            owned = _slices(flat, layout.owner_map[store.rank])  # views: no copy of the bucket
-        else:
-            kwargs = reduction_args(
-                self.agoq_gradient,
-                scale=self._agoq_average_factor(),
-                seed=store.seed(2),
-                counter=counter,
-                kernels=store.kernels,
-            )
-            kwargs["group"] = self.dp_process_group
-            with get_accelerator().stream(self._agoq_stream(communication_data_type)):
-                if self.reduce_scatter and store.world_size == 1 and kwargs["scale"] == 1.0:
-                    # Nothing to exchange: the int8 store reads the bucket's own slices, chunk by
-                    # chunk (reduce_scatter_8bit would concatenate them: a copy of the bucket).
-                    owned = _slices(flat, layout.owner_map[store.rank])
-                elif self.reduce_scatter:
-                    owned = reduce_scatter_8bit(flat, layout.owner_map, **kwargs).values
-                else:
-                    full = all_reduce_8bit(flat, **kwargs)
-                    flat.copy_(full)  # DeepSpeed's all-reduce path leaves the whole bucket reduced
-                    owned = _slices(full, layout.owner_map[store.rank])
-                self._agoq_store_owned(owned, layout)
-                return
-        self._agoq_store_owned(owned, layout)
+            stock_reduce()  # DeepSpeed's own reduction, expert groups included
+        for process_group, members in reduction_groups(self, bucket.params):
+            world, rank = dist.get_world_size(group=process_group), dist.get_rank(group=process_group)
+            layout = bucket_layout(self, bucket.params, world, rank, groups=members)
+            if layout.numel:
+                self._agoq_reduce_group(flat, layout, process_group, world, rank, communication_data_type)
+
+    def _agoq_reduce_group(
+        self,
+        flat: torch.Tensor,
+        layout: BucketLayout,
+        process_group: Any,
+        world: int,
+        rank: int,
+        communication_data_type: torch.dtype,
+    ) -> None:
+        store = self.agoq_store
+        counter = store.accounting.comm
+        counter.add_baseline(layout.numel, world)
+        if not self._agoq_comm8:
+            counter.add_stock(layout.numel, world, flat.element_size())
+            self._agoq_store_owned(_slices(flat, layout.owner_map[rank]), layout)  # views: no copy
+            return
+        kwargs = reduction_args(
+            self.agoq_gradient,
+            scale=self._agoq_average_factor(),
+            seed=store.seed(2),
+            counter=counter,
+            kernels=store.kernels,
+        )
+        kwargs["group"] = process_group
+        with get_accelerator().stream(self._agoq_stream(communication_data_type)):
+            if self.reduce_scatter and world == 1 and kwargs["scale"] == 1.0:
+                # Nothing to exchange: the int8 store reads the bucket's own slices, chunk by chunk
+                # (reduce_scatter_8bit would concatenate them: a copy of the bucket).
+                owned = _slices(flat, layout.owner_map[rank])
+            elif self.reduce_scatter:
+                owned = reduce_scatter_8bit(flat, layout.owner_map, **kwargs).values
+            else:  # one data-parallel group here: MoE with reduce_scatter=false is refused
+                full = all_reduce_8bit(flat, **kwargs)
+                flat.copy_(full)  # DeepSpeed's all-reduce path leaves the whole bucket reduced
+                owned = _slices(full, layout.owner_map[rank])
+            self._agoq_store_owned(owned, layout)
 
     def _agoq_store_owned(self, owned: torch.Tensor | list[torch.Tensor], layout: BucketLayout) -> None:
         """Add this rank's slices (concatenated, or one view per slice) to the partition accumulators,
