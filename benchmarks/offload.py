@@ -14,6 +14,7 @@ gives both). Held-out loss over the paired 1000-step design: ``convergence.py --
 
     python benchmarks/offload.py                                     # 10M, seq 256, 4 configurations
     python benchmarks/offload.py --model tiny --seq-len 32 --steps 2 --out results/offload_smoke.json
+    DS_ACCELERATOR=cuda python benchmarks/offload.py --world-size 1 --model 76m --seq-len 1024 --configs 3:1 3:8
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def run_config(rank: int, world: int, shape: str, seq: int, config: dict, warmup
         start = time.perf_counter()
         total = 0.0
         for _ in range(config["gradient_accumulation_steps"]):
-            batch = next(stream)
+            batch = next(stream).to(engine.device)
             loss = engine(input_ids=batch, labels=batch).loss
             engine.backward(loss)
             engine.step()
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--micro", type=int, default=2)
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--world-size", type=int, default=2, help="data-parallel ranks (CPU processes or GPUs)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument(
@@ -126,7 +128,13 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "command": "python benchmarks/offload.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine_info(),
-        "shape": {"model": args.model, "seq_len": args.seq_len, "micro_batch": args.micro, "dtype": args.dtype},
+        "shape": {
+            "model": args.model,
+            "seq_len": args.seq_len,
+            "micro_batch": args.micro,
+            "dtype": args.dtype,
+            "world_size": args.world_size,
+        },
         "rows": rows,
         "note": "CPU ranks: device and host are the same memory; bytes are counts, not PCIe times",
     }
@@ -162,7 +170,8 @@ def chart(result: dict, path: Path) -> None:
     right.set_ylabel("median step time (ms, CPU ranks)")
     right.legend()
     shape = result["shape"]
-    fig.suptitle(f"ZeRO-Offload, LLaMA {shape['model']}, seq {shape['seq_len']}, {shape['dtype']}, 2 ranks")
+    ranks = shape.get("world_size", 2)
+    fig.suptitle(f"ZeRO-Offload, LLaMA {shape['model']}, seq {shape['seq_len']}, {shape['dtype']}, {ranks} ranks")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -5,7 +5,7 @@
 #   scripts/gpu_check.sh [--stages a,b,c] [--budget SECONDS] [OUT_DIR]
 #       OUT_DIR default: $OUT, else results/gpu_check.  Also GPU_CHECK_STAGES, GPU_CHECK_BUDGET (480).
 # Stages (default: all, in this order): wheels build report pytest_gpu kernels step_76m step_076b
-#   compile_76m parity_76m step_76m_zero3 step_76m_ckpt.
+#   compile_76m parity_76m step_76m_zero3 step_76m_ckpt offload_76m.
 # OUT_DIR ends up holding two files only: gpu_check.tar.gz (every log, JSON, plot and the measured
 # kernel table) and summary.txt (also printed), so that a run whose results come back as at most 8
 # files brings everything back.
@@ -36,6 +36,7 @@ compile_76m    170  100   300
 parity_76m     150   70   300
 step_76m_zero3  75   55   200
 step_76m_ckpt   50   30   150
+offload_76m    120   30   240
 "
 all_stages=$(awk 'NF {printf "%s%s", sep, $1; sep=","}' <<<"$STAGE_TABLE")
 
@@ -114,12 +115,14 @@ fi
 export DS_ACCELERATOR=$device TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" PYTHONWARNINGS=ignore
 export AGOQ_CACHE_DIR="$work/agoq_cache"  # the measured kernel table (kernel_backend auto) comes back too
 step_args=()
+offload_args=(--model 76m --seq-len 1024 --micro 4 --world-size 1 --configs 3:1 3:8 --steps 4 --warmup 2)
 conv_args=(--device cuda --model 76m --seq-len 1024 --micro-batch 16 --eval-batches 8 --steps 400 --eval-every 100)
 if [ "$device" = cuda ]; then
   stage build $py -m pip install --no-build-isolation --no-deps --no-index -e .
 else  # rebuilding would overwrite the kernels a running process has loaded
   not_here build "GPU_CHECK_DEVICE=$device"
   step_args=(--device "$device" --shapes tiny --steps 2 --warmup 1)
+  offload_args=(--model tiny --seq-len 32 --dtype fp32 --world-size 1 --configs 3:8 --steps 1 --warmup 1)
   conv_args=(--device cpu --model tiny --seq-len 32 --micro-batch 2 --eval-batches 2 --steps 20 --eval-every 10 --threads 1)
 fi
 stage report $py -m agoq_ds report
@@ -155,6 +158,9 @@ stage step_76m_zero3 $py benchmarks/gpu_step.py --shapes 76m --variants stock ag
 # shellcheck disable=SC2086
 stage step_76m_ckpt $py benchmarks/gpu_step.py --shapes 76m --variants stock-ckpt agoq-ckpt --steps 10 --warmup 4 \
   --out "$work/step_76m_ckpt.json" "${step_args[@]}" ${GPU_STEP_ARGS:-}
+# ZeRO-3 with optimizer and parameter offload, stock vs agoq (issue 24): step time and the gradient
+# bytes that cross PCIe per step (one GPU: the reduction is local, the offload traffic is real).
+stage offload_76m $py benchmarks/offload.py "${offload_args[@]}" --out "$work/offload_76m.json"
 
 {
   echo "=== gpu_check summary ($(date -u +%FT%TZ), $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1))"
@@ -179,6 +185,10 @@ stage step_76m_ckpt $py benchmarks/gpu_step.py --shapes 76m --variants stock-ckp
       grep -A20 "^shape" "$work/$s.log"
     fi
   done
+  if [ -f "$work/offload_76m.log" ]; then
+    echo "--- offload_76m (ZeRO-3 offload: step time and gradient bytes to the host, stock -> agoq)"
+    grep "^ZeRO-" "$work/offload_76m.log"
+  fi
   if [ -f "$work/parity_76m.log" ]; then
     echo "--- parity_76m (held-out loss, stock vs agoq)"
     sed -n '/final figures/,$p' "$work/parity_76m.log" | grep -v '^wrote'
