@@ -128,6 +128,8 @@ def ds_config(variant: Variant, args: argparse.Namespace) -> dict:
     """The ds_config of ``variant``: ``ds_configs/zero2_baseline.json`` with this run's batch, steps
     and schedule, plus the variant's ``"agoq"`` block."""
     cfg = json.loads(BASE_CONFIG.read_text())
+    if getattr(args, "dtype", "bf16") == "fp32":
+        cfg["bf16"] = {"enabled": False}
     if getattr(args, "offload", "none") != "none":  # ZeRO-Offload: DeepSpeed's CPU Adam steps on the host
         cfg["zero_optimization"]["offload_optimizer"] = {"device": args.offload}
         cfg["optimizer"]["params"].pop("torch_adam", None)
@@ -242,6 +244,8 @@ def settings(args: argparse.Namespace, variant: Variant) -> dict:
     extra = {"world_size": args.world_size, "threads": args.threads, "code": str(args.code)}
     if getattr(args, "offload", "none") != "none":
         extra["offload"] = args.offload
+    if getattr(args, "dtype", "bf16") != "bf16":
+        extra["dtype"] = args.dtype
     if args.device != "cpu":
         extra["device"] = args.device
     if variant.agoq is None:
@@ -433,6 +437,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--threads", type=int, default=1, help="OMP/torch threads per rank")
     p.add_argument(
+        "--dtype",
+        choices=("bf16", "fp32"),
+        default="bf16",
+        help="compute dtype of every variant (fp32 on CPUs without native bf16, where bf16 matmuls are slow)",
+    )
+    p.add_argument(
         "--offload",
         choices=("none", "cpu"),
         default="none",
@@ -524,7 +534,8 @@ def main(argv: list[str] | None = None) -> int:
             "world_size": args.world_size,
             "device": args.device,
             "zero_stage": 2,
-            "bf16": True,
+            "bf16": args.dtype == "bf16",
+            "offload": args.offload,
             "steps": args.steps,
             "seq_len": args.seq_len,
             "micro_batch": args.micro_batch,
@@ -559,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     s = result["setup"]
     title = (
         f"LLaMA {args.model} ({s['parameters'] / 1e6:.1f}M params), {args.world_size} {args.device.upper()} ranks, "
-        "ZeRO-2 bf16, "
+        f"ZeRO-2 {args.dtype}{', optimizer offload' if args.offload != 'none' else ''}, "
         f"{args.steps} steps x {s['tokens_per_step']} tokens, seq {args.seq_len}; {describe(machine)}"
     )
     plot(runs, summary, png, title, paired)

@@ -87,6 +87,8 @@ class AgoqZeroOptimizer(OptimizerHost, DeepSpeedZeroOptimizer):
             release = quantized or not self.partition_gradients
             store.add_per_step(i, int(self.partition_size[i]), quantized=quantized, release=release)
         self._agoq_host_link = None
+        self._agoq_reduced: set[int] = set()
+        """Ids of the parameters reduced since the last boundary (offload: the ones with a norm)."""
         if self.cpu_offload:
             pin = get_accelerator().pin_memory if self.cpu_offload_pin_memory else None
             self._agoq_host_link = HostLink(pin=pin, kernels=store.kernels, meter=store.accounting.offload)
@@ -179,6 +181,7 @@ class AgoqZeroOptimizer(OptimizerHost, DeepSpeedZeroOptimizer):
         data-parallel group, and with MoE layers each expert param group's slices over its
         expert-data-parallel group (``reduction_groups``), averaged by DeepSpeed's one factor."""
         bucket = self.ipg_buckets[communication_data_type]
+        self._agoq_reduced.update(param_id for _, _, param_id in bucket.params)
         if not self._agoq_comm8:
             stock_reduce()  # DeepSpeed's own reduction, expert groups included
         for process_group, members in reduction_groups(self, bucket.params):
@@ -331,10 +334,14 @@ class AgoqZeroOptimizer(OptimizerHost, DeepSpeedZeroOptimizer):
             for param in self.params_in_partition[i]:
                 param_id = self.get_param_id(param)
                 _, _, dest_offset, numel = self.grad_position[param_id]
-                self.norm_for_param_grads[param_id] = grad.narrow(0, int(dest_offset), int(numel)).norm(2)
+                if param_id in self._agoq_reduced:
+                    # As stock's offload path: a parameter without a gradient this step has no norm, so
+                    # that DeepSpeed's ignore_unused_parameters check sees it.
+                    self.norm_for_param_grads[param_id] = grad.narrow(0, int(dest_offset), int(numel)).norm(2)
                 owned, touched = owned + int(numel), touched + param.numel()
             if not bool(torch.isfinite(grad).all()):  # host memory: no device synchronisation
                 self.local_overflow = True
+        self._agoq_reduced.clear()
         meter = store.accounting.offload
         meter.baseline_bytes += stock_zero12_bytes(
             owned_numel=owned,

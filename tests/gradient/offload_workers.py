@@ -135,6 +135,40 @@ def overflow_checks(rank: int, world: int) -> dict[str, Any]:
     return out
 
 
+class WithUnused(nn.Module):
+    """``small_mlp`` plus a parameter no forward uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = small_mlp()
+        self.unused = nn.Parameter(torch.ones(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)
+
+
+def unused_parameter_checks(rank: int, world: int) -> dict[str, str]:
+    """ZeRO-2 offload with a parameter no forward uses: what a step says, stock and agoq, with
+    ``ignore_unused_parameters`` false (DeepSpeed's offloaded norm asserts) and true (it trains). One
+    rank, as DeepSpeed's own test: on several, only the rank owning the parameter asserts and the
+    others wait in the norm's all-reduce (stock DeepSpeed alike)."""
+    out = {}
+    for ignore in (False, True):
+        for label, agoq in (("stock", None), ("agoq", {})):
+            config = offload_config(2, 2)
+            config["zero_optimization"]["ignore_unused_parameters"] = ignore
+            engine = make_engine(WithUnused(), config, agoq)
+            gen = torch.Generator().manual_seed(rank)
+            try:
+                _train(engine, gen, 1, 2)
+                outcome = "trained"
+            except AssertionError as exc:
+                outcome = "ignore_unused_parameters" if "ignore_unused_parameters" in str(exc) else str(exc)[:200]
+            engine.destroy()
+            out[f"{label}_{'ignore' if ignore else 'check'}"] = outcome
+    return out
+
+
 def _weights(engine) -> list[torch.Tensor]:
     import deepspeed
 

@@ -84,3 +84,17 @@ def test_offload_checkpoint_resumes_exactly_and_loads_across_offload_and_stock(w
         # starts from the same weights: its loss is the uninterrupted run's first.
         assert r["loss_without_offload"] == pytest.approx(r["first_uninterrupted"], rel=1e-6)
         assert r["loss_from_stock"] == pytest.approx(r["first_uninterrupted"], rel=1e-6)
+
+
+def test_unused_parameters_are_reported_as_stock_offload_reports_them() -> None:
+    """A parameter without a gradient has no norm in the offloaded step, as in DeepSpeed's own path, so
+    ``ignore_unused_parameters: false`` still stops the run (DeepSpeed's TestStage2IgnoreUnusedParameters)."""
+    from tests.gradient.offload_workers import unused_parameter_checks
+
+    for result in run_ranks(unused_parameter_checks, 1, (), timeout=600):
+        assert result == {
+            "stock_check": "ignore_unused_parameters",
+            "agoq_check": "ignore_unused_parameters",
+            "stock_ignore": "trained",
+            "agoq_ignore": "trained",
+        }, result
