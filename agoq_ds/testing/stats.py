@@ -172,14 +172,17 @@ def gradient_buffer_bytes(optimizer: Any) -> int:
 
     agoq's optimizer reports its own int8 buffers (+ scales, + error-feedback residuals); for DeepSpeed's
     stock ZeRO-1/2 optimizer this is the owned-partition accumulator (``averaged_gradients``,
-    stage 2) or the full ``param.grad`` tensors (stage 1 and no ZeRO), each storage counted once.
+    stage 2) or the full ``param.grad`` tensors (stage 1 and no ZeRO), and with optimizer offload its
+    fp32 host gradient partition, each storage counted once.
     """
     agoq_stats = getattr(optimizer, "agoq_stats", None)
     if callable(agoq_stats):
         return int(agoq_stats().get("state_bytes", 0))
     tensors: list[torch.Tensor] = []
     for group in getattr(optimizer, "averaged_gradients", {}).values():
-        tensors += [t for t in group if t is not None]
+        tensors += [t for t in group or () if t is not None]  # None between steps with offload
+    if getattr(optimizer, "cpu_offload", False):  # ZeRO-Offload: the fp32 gradient partition on the host
+        tensors += [p.grad for p in optimizer.single_partition_of_fp32_groups if p.grad is not None]
     if not tensors:
         groups = getattr(optimizer, "bit16_groups", None) or [g["params"] for g in optimizer.param_groups]
         tensors = [p.grad for g in groups for p in g if p.grad is not None]
