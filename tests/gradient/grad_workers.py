@@ -468,6 +468,17 @@ def _overflow_run(rank: int, stage: int, bf16: Any, agoq: dict | None, value: fl
     return {"rows": rows, "skipped": int(engine.skipped_steps)}
 
 
+def assert_overflow_like_stock(ranks: list[dict], case: str) -> None:
+    """Every rank's overflow run of ``case`` (``_overflow_run``, stock and agoq) skipped exactly one step,
+    as stock did, with the same overflow, norm and parameter flags at every step."""
+    for rank, result in enumerate(ranks):
+        stock, agoq = result["overflow"][case]["stock"], result["overflow"][case]["agoq"]
+        assert agoq["skipped"] == stock["skipped"] == 1, (rank, stock, agoq)
+        for s, a in zip(stock["rows"], agoq["rows"], strict=True):
+            for key in ("overflow", "norm_finite", "params_finite"):
+                assert s[key] == a[key], (rank, key, stock, agoq)
+
+
 def overflow_checks(rank: int, world: int) -> dict[str, Any]:
     """Inf/NaN injected on rank 0 in step 1: the same outcome as stock DeepSpeed."""
     out = {}

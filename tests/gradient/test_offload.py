@@ -24,6 +24,7 @@ import math
 import pytest
 
 from agoq_ds.testing.distributed import run_ranks
+from tests.gradient.grad_workers import assert_overflow_like_stock
 from tests.gradient.offload_workers import world2
 
 pytestmark = pytest.mark.slow
@@ -65,12 +66,7 @@ def test_gradients_cross_to_the_host_once_per_step_in_8_bits(ws2: list[dict], ca
 
 @pytest.mark.parametrize("case", ["s2_fp32_inf", "s1_bf16_nan", "s3_bf16_inf"])
 def test_overflow_matches_stock_offload(ws2: list[dict], case: str) -> None:
-    for rank, result in enumerate(ws2):
-        stock, agoq = result["overflow"][case]["stock"], result["overflow"][case]["agoq"]
-        assert agoq["skipped"] == stock["skipped"] == 1, (rank, stock, agoq)
-        for s, a in zip(stock["rows"], agoq["rows"], strict=True):
-            for key in ("overflow", "norm_finite", "params_finite"):
-                assert s[key] == a[key], (rank, key, stock, agoq)
+    assert_overflow_like_stock(ws2, case)
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

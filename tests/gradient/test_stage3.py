@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from agoq_ds.testing.distributed import run_ranks
+from tests.gradient.grad_workers import assert_overflow_like_stock
 from tests.gradient.stage3_workers import reshard_checks, world2, world_n
 
 pytestmark = pytest.mark.slow
@@ -92,12 +93,7 @@ def test_bytes_on_the_wire_and_partition_bytes(ws2: list[dict]) -> None:
 
 @pytest.mark.parametrize("case", ["s3_fp32_inf", "s3_bf16_nan"])
 def test_non_finite_gradient_same_outcome_as_stock(ws2: list[dict], case: str) -> None:
-    for rank, result in enumerate(ws2):
-        stock, agoq = result["overflow"][case]["stock"], result["overflow"][case]["agoq"]
-        assert agoq["skipped"] == stock["skipped"] == 1, (rank, stock, agoq)
-        for s, a in zip(stock["rows"], agoq["rows"], strict=True):
-            for key in ("overflow", "norm_finite", "params_finite"):
-                assert s[key] == a[key], (rank, key, stock, agoq)
+    assert_overflow_like_stock(ws2, case)
 
 
 def test_checkpoint_restores_error_feedback_and_resumes_exactly(ws2: list[dict]) -> None:
