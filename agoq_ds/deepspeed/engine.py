@@ -115,17 +115,20 @@ class AgoqEngineMixin:
 
     # --- construction hooks -------------------------------------------------------------------
 
-    def _agoq_moe_fallback(self, stage: int | None) -> None:
-        """MoE layers where the 8-bit path cannot reduce expert gradients (``unsupported.check_moe``;
-        ``stage`` None: ``BF16_Optimizer``): refused when 8-bit gradients were asked for explicitly, else
-        gradients take DeepSpeed's own path (said once), as for the other settings the default block
-        cannot honour."""
-        if not (self.has_moe_layers and self.agoq_config.gradient_on):
+    def _agoq_stock_gradient_fallback(self, stage: int | None, optimizer: Any = None) -> None:
+        """What only the built engine shows (MoE layers, a Muon optimizer passed as an object) where the
+        8-bit path cannot reduce (``unsupported.check_moe``, ``check_optimizer_type``; ``stage`` None:
+        ``BF16_Optimizer``): refused when 8-bit gradients were asked for explicitly, else gradients take
+        DeepSpeed's own path (said once), as for the other settings the default block cannot honour."""
+        if not self.agoq_config.gradient_on:
             return
-        from .unsupported import UnsupportedConfigError, check_moe
+        from .unsupported import UnsupportedConfigError, check_moe, check_optimizer_type
 
         try:
-            check_moe(stage, bool(self.zero_reduce_scatter()))
+            if self.has_moe_layers:
+                check_moe(stage, bool(self.zero_reduce_scatter()))
+            if optimizer is not None:
+                check_optimizer_type(stage, type(optimizer).__name__)
         except UnsupportedConfigError as exc:
             if "enabled" in self.agoq_config.gradient.model_fields_set:
                 raise
@@ -138,7 +141,7 @@ class AgoqEngineMixin:
     def _configure_zero_optimizer(self, optimizer):
         from .install import agoq_zero_optimizer
 
-        self._agoq_moe_fallback(self.zero_optimization_stage())
+        self._agoq_stock_gradient_fallback(self.zero_optimization_stage(), optimizer)
         if not self.agoq_config.gradient_on:
             return super()._configure_zero_optimizer(optimizer)
         with agoq_zero_optimizer(self.agoq_config):
@@ -147,7 +150,7 @@ class AgoqEngineMixin:
     def _configure_bf16_optimizer(self, optimizer):
         from .install import agoq_bf16_optimizer
 
-        self._agoq_moe_fallback(None)
+        self._agoq_stock_gradient_fallback(None, optimizer)
         if not self.agoq_config.gradient_on:
             return super()._configure_bf16_optimizer(optimizer)
         with agoq_bf16_optimizer(self.agoq_config):
@@ -160,7 +163,7 @@ class AgoqEngineMixin:
             return
         if self.zero_optimization() or self.optimizer is None or isinstance(self.optimizer, BF16_Optimizer):
             return
-        self._agoq_moe_fallback(0)
+        self._agoq_stock_gradient_fallback(0)
         if not cfg.gradient_quantized:
             return
         from ..gradient.param_grads import ParamGradients

@@ -159,11 +159,36 @@ def _refuse(s: dict[str, Any]) -> None:
                 "use bf16, ZeRO stage 1, 2 or 3, or ",
             )
     if s["zenflow"]:
-        raise _refusal("zero_optimization.zenflow")
-    if "muon" in s["optimizer_type"]:
-        raise _refusal("the Muon optimizer", " (its updates are built from the gradient partition)")
+        raise _refusal(
+            "zero_optimization.zenflow",
+            " by the 8-bit gradient path (ZenFlow's optimizer selects gradient columns from DeepSpeed's own"
+            " full-width gradient buffers every step, which the 8-bit path does not fill)",
+            stock_gradients_suffice=True,
+        )
+    check_optimizer_type(stage, s["optimizer_type"])
     if s["deepcompile"]:
-        raise _refusal("compile.deepcompile=true")
+        raise _refusal(
+            "compile.deepcompile=true",
+            " (DeepCompile's compiled passes replace ZeRO's gradient hooks, so agoq's reduction would never"
+            " run; unmeasured: DeepSpeed's DeepCompile op is not implemented on the CPU accelerator)",
+        )
+
+
+MUON_REASON = (
+    " by the 8-bit gradient path above ZeRO stage 0 (Muon orthogonalises each weight matrix as a whole:"
+    " DeepSpeed's ZeRO optimizers all-reduce every Muon matrix that spans partitions and build the update"
+    " from the full matrices, where the 8-bit reduce-scatter gives each rank its slice only)"
+)
+"""Why Muon's gradients take DeepSpeed's own path."""
+
+
+def check_optimizer_type(stage: int | None, name: str) -> None:
+    """Raise ``UnsupportedConfigError`` for DeepSpeed's Muon (``name``: the optimizer's type or class
+    name) above stage 0. At stage 0 the 8-bit all-reduce leaves whole matrices in ``param.grad`` and
+    Muon orthogonalises them in its own step, as without agoq (``stage`` None: ``BF16_Optimizer``,
+    whose flat partitions Muon cannot orthogonalise)."""
+    if "muon" in name.lower() and stage != 0:
+        raise _refusal("the Muon optimizer", MUON_REASON, stock_gradients_suffice=True)
 
 
 def check_moe(stage: int | None, reduce_scatter: bool) -> None:
@@ -191,7 +216,8 @@ def check_supported(ds_config_or_engine: Any, agoq_config: AgoqConfig) -> None:
     without fp32 gradient accumulation, with optimizer offload at ZeRO-1/2/3 (cpu) and parameter offload.
     Refused: ZeRO++ qgZ, optimizer offload at ZeRO-0 and to NVMe at ZeRO-3, MoE outside ZeRO-1/2's
     reduce-scatter (seen in the optimizer's arguments and by the engine), fp16 on CPU and fp16 at stage
-    0 (untested), ZenFlow, Muon, DeepCompile.
+    0 (untested), ZenFlow, Muon above stage 0, DeepCompile. All but qgZ, fp16 and DeepCompile leave the rest of agoq
+    working (``stock_gradients_suffice``): the default block then runs gradients on DeepSpeed's path.
     """
     if not agoq_config.gradient_on:
         return

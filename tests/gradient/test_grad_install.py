@@ -47,8 +47,16 @@ def test_unsupported_configs_name_the_setting(config: dict, names: str) -> None:
         check_supported(config, AgoqConfig())
     assert isinstance(info.value, ValueError)
     assert "agoq.gradient.enabled=false" in str(info.value)
-    # Offload alone leaves agoq's activations working: the default block falls back to stock gradients.
-    assert info.value.stock_gradients_suffice == ("offload" in names)
+    # These leave agoq's activations working: the default block falls back to stock gradients.
+    assert info.value.stock_gradients_suffice == any(k in names for k in ("offload", "Muon", "zenflow"))
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_muon_is_refused_above_stage0_only(stage: int) -> None:
+    muon = {"type": "Muon", "params": {}}
+    check_supported(_cfg(0, optimizer=muon), AgoqConfig())  # the 8-bit all-reduce leaves whole matrices
+    with pytest.raises(UnsupportedConfigError, match="Muon"):
+        check_supported(_cfg(stage, optimizer=muon), AgoqConfig())
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
