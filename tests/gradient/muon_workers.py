@@ -63,6 +63,7 @@ def muon_step(rank: int, world: int, config: dict[str, Any]) -> dict[str, Any]:
 
     handle = muon.register_step_pre_hook(capture)
     magnitude = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in model.named_parameters()}
+
     def track(name: str):
         def hook(grad: torch.Tensor) -> None:
             magnitude[name].add_(grad.detach().double().abs())
