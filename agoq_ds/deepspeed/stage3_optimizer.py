@@ -276,6 +276,10 @@ class AgoqStage3Optimizer(OptimizerHost, DeepSpeedZeroOptimizer_Stage3):
             values = torch.cat([part.reshape(-1) for _, part in kept]) if kept else None
         if values is not None and values.numel():
             self._agoq_partition.add_(values, positions, seed=self.agoq_store.seed(3))
+            link = self._agoq_host_link
+            if link is not None and self.is_gradient_accumulation_boundary():
+                # Offload: the groups now final cross to the host while backward runs on.
+                link.written(_PARTITION, self._agoq_partition, self._agoq_host_flat, positions)
         synchronized = get_accelerator().is_synchronized_device()
         for param in params_to_release:
             if not synchronized and param.grad is not None:

@@ -233,9 +233,13 @@ class AgoqZeroOptimizer(OptimizerHost, DeepSpeedZeroOptimizer):
         if isinstance(owned, torch.Tensor):
             starts = accumulate((n for _, _, n in layout.local), initial=0)
             owned = [owned.narrow(0, s, n) for s, (_, _, n) in zip(starts, layout.local, strict=False)]
+        link = self._agoq_host_link if self.is_gradient_accumulation_boundary() else None
         for group, (indices, positions) in layout.local_by_group().items():
             values = [owned[k] for k in indices]
-            self.agoq_store.step_accumulator(group).add_(values, positions, seed=self.agoq_store.seed(3, group))
+            acc = self.agoq_store.step_accumulator(group)
+            acc.add_(values, positions, seed=self.agoq_store.seed(3, group))
+            if link is not None:  # offload: the groups now final cross to the host while backward runs on
+                link.written(group, acc, self.single_partition_of_fp32_groups[group].grad.view(-1), positions)
 
     def average_tensor(self, tensor: torch.Tensor, communication_data_type: torch.dtype):
         """Reduce a filled IPG bucket: 8-bit reduce-scatter into the partition accumulator."""

@@ -7,6 +7,11 @@ agoq keeps the partition's gradient in int8 on the device across micro-batches, 
 sends the int8 codes and the fp32 group scales (``1 + 4 / group_size`` bytes per element) and
 dequantizes them on the host, with the compiled host kernels, straight into DeepSpeed's fp32 buffer.
 
+The copies overlap the rest of backward, as DeepSpeed's own boundary copies do: in the boundary
+backward each reduced bucket reports the partition ranges it wrote (``HostLink.written``) and the
+quantization groups that became final are sent right away, on the stream that wrote them; the
+boundary epilogue sends what is left (padding, unused parameters) and waits once.
+
 ``HostLink`` owns the host staging buffers (pinned when DeepSpeed pins its own) and the meter:
 ``OffloadMeter`` counts the gradient bytes that cross device<->host per step, and what DeepSpeed's own
 offload path moves for the same gradients, which each host works out from DeepSpeed's code
@@ -33,19 +38,25 @@ class OffloadMeter:
         """Gradient bytes agoq moved between device and host in the step in progress."""
         self.baseline_bytes = 0
         """Bytes DeepSpeed's own offload path moves for the same gradients."""
+        self.copies = 0
+        """Device-to-host copy calls (codes and scales of one range count once) in the step in progress."""
+        self.early_bytes = 0
+        """Of ``sent_bytes``, those sent while backward was still running (``HostLink.written``)."""
 
     def figures(self) -> dict[str, float]:
-        """``offload_bytes``, ``offload_bytes_baseline`` and their ratio (0 without offload)."""
+        """``offload_bytes``, ``offload_bytes_baseline`` and their ratio (0 without offload), and
+        ``offload_bytes_during_backward``: the part sent before the boundary backward ended."""
         ratio = self.sent_bytes / self.baseline_bytes if self.baseline_bytes else 0.0
         return {
             "offload_bytes": float(self.sent_bytes),
+            "offload_bytes_during_backward": float(self.early_bytes),
             "offload_bytes_baseline": float(self.baseline_bytes),
             "offload_bytes_ratio": ratio,
         }
 
     def reset(self) -> None:
         """Start the next step's count."""
-        self.sent_bytes = self.baseline_bytes = 0
+        self.sent_bytes = self.baseline_bytes = self.copies = self.early_bytes = 0
 
 
 def stock_zero12_bytes(
@@ -79,6 +90,71 @@ def stock_zero3_bytes(*, numel: int, accumulation_element_size: int, micro_steps
     return (2 * max(micro_steps, 1) * accumulation_element_size + 4) * numel
 
 
+Interval = tuple[int, int]
+"""A half-open range ``[start, end)``."""
+
+
+def _union(intervals: list[Interval], new: list[Interval]) -> list[Interval]:
+    """The sorted, merged union of two interval lists (touching intervals merge)."""
+    out: list[Interval] = []
+    for lo, hi in sorted(intervals + [iv for iv in new if iv[1] > iv[0]]):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def _subtract(intervals: list[Interval], remove: list[Interval]) -> list[Interval]:
+    """``intervals`` (sorted, disjoint) without the points of ``remove``."""
+    out = list(intervals)
+    for r_lo, r_hi in remove:
+        kept: list[Interval] = []
+        for lo, hi in out:
+            if hi <= r_lo or lo >= r_hi:
+                kept.append((lo, hi))
+                continue
+            if lo < r_lo:
+                kept.append((lo, r_lo))
+            if hi > r_hi:
+                kept.append((r_hi, hi))
+        out = kept
+    return out
+
+
+class ReadyGroups:
+    """Which quantization groups of one partition are final in the boundary backward, and which of
+    them were sent. A group is final once every element in it was written; a write to a group already
+    sent (a second backward before the step) makes it due again."""
+
+    def __init__(self, numel: int, group_size: int) -> None:
+        self.numel = numel
+        """Elements of the partition."""
+        self.group_size = group_size
+        """Elements per quantization group (1 for an fp32 accumulator)."""
+        self.groups = num_groups(numel, group_size)
+        """Groups of the partition."""
+        self.written: list[Interval] = []
+        """Element ranges written in this boundary backward (merged)."""
+        self.sent: list[Interval] = []
+        """Group ranges sent since (merged)."""
+
+    def write(self, positions: list[tuple[int, int]]) -> list[Interval]:
+        """Record writes of ``(offset, numel)`` pieces; returns the group ranges to send now."""
+        gs = self.group_size
+        pieces = [(off, off + n) for off, n in positions if n > 0]
+        self.sent = _subtract(self.sent, [(lo // gs, num_groups(hi, gs)) for lo, hi in pieces])
+        self.written = _union(self.written, pieces)
+        complete = [(-(-lo // gs), self.groups if hi >= self.numel else hi // gs) for lo, hi in self.written]
+        due = _subtract([iv for iv in complete if iv[1] > iv[0]], self.sent)
+        self.sent = _union(self.sent, due)
+        return due
+
+    def remaining(self) -> list[Interval]:
+        """The group ranges not sent yet."""
+        return _subtract([(0, self.groups)], self.sent)
+
+
 class HostLink:
     """Host staging for the per-step partition accumulators of one gradient host."""
 
@@ -92,7 +168,8 @@ class HostLink:
         self.meter = meter
         """Bytes moved in the step in progress (the store's ``accounting.offload``)."""
         self._staging: dict[Hashable, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._source: torch.device | None = None
+        self._ready: dict[Hashable, ReadyGroups] = {}
+        self._streams: dict[int, torch.Stream] = {}
 
     def _buffers(self, key: Hashable, acc: Int8Accumulator) -> tuple[torch.Tensor, torch.Tensor]:
         staged = self._staging.get(key)
@@ -104,27 +181,57 @@ class HostLink:
             staged = self._staging[key] = (codes, scales)
         return staged
 
+    def written(
+        self, key: Hashable, acc: Accumulator, destination: torch.Tensor, positions: list[tuple[int, int]]
+    ) -> None:
+        """The boundary backward wrote ``positions`` of ``acc``: start copying the groups that are now
+        final to the host (asynchronously, on the current stream, so after the writes)."""
+        ready = self._ready.get(key)
+        if ready is None:
+            ready = self._ready[key] = ReadyGroups(acc.numel, self._granule(acc))
+        before = self.meter.sent_bytes
+        for g0, g1 in ready.write(positions):
+            self._copy(key, acc, destination, g0, g1)
+        self.meter.early_bytes += self.meter.sent_bytes - before
+
     def send(self, key: Hashable, acc: Accumulator, destination: torch.Tensor) -> None:
-        """Start copying ``acc``'s value to the host (asynchronously): the int8 codes and scales into
-        staging buffers of ``key``, or an fp32 accumulator's value straight into ``destination``."""
+        """Start copying what ``written`` has not sent of ``acc``'s value to the host (asynchronously):
+        the int8 codes and scales into staging buffers of ``key``, or an fp32 accumulator's value
+        straight into ``destination``."""
+        ready = self._ready.pop(key, None)
         if not acc.has_value:
             return
-        self._source = acc.device
+        ranges = ready.remaining() if ready is not None else [(0, num_groups(acc.numel, self._granule(acc)))]
+        for g0, g1 in ranges:
+            self._copy(key, acc, destination, g0, g1)
+
+    @staticmethod
+    def _granule(acc: Accumulator) -> int:
+        return 1 if isinstance(acc, Fp32Accumulator) else acc.group_size
+
+    def _copy(self, key: Hashable, acc: Accumulator, destination: torch.Tensor, g0: int, g1: int) -> None:
+        """Copy groups ``[g0, g1)`` of ``acc`` to the host."""
+        if acc.device.type != "cpu":
+            stream = torch.accelerator.current_stream(acc.device)
+            self._streams[id(stream)] = stream
         if isinstance(acc, Fp32Accumulator):
-            destination.copy_(acc.dequantize(), non_blocking=True)
-            self.meter.sent_bytes += 4 * acc.numel
+            destination[g0:g1].copy_(acc.dequantize()[g0:g1], non_blocking=True)
+            self.meter.sent_bytes += 4 * (g1 - g0)
+            self.meter.copies += 1
             return
         codes, scales = self._buffers(key, acc)
-        codes.copy_(acc.codes, non_blocking=True)
-        scales.copy_(acc.scales, non_blocking=True)
-        self.meter.sent_bytes += codes.numel() + 4 * scales.numel()
+        lo, hi = g0 * acc.group_size, min(g1 * acc.group_size, acc.numel)
+        codes[lo:hi].copy_(acc.codes[lo:hi], non_blocking=True)
+        scales[g0:g1].copy_(acc.scales[g0:g1], non_blocking=True)
+        self.meter.sent_bytes += (hi - lo) + 4 * (g1 - g0)
+        self.meter.copies += 1
 
     def wait(self) -> None:
-        """Wait for the copies ``send`` started: one host wait per step for all partitions (the copies
-        were queued on the source device's current stream, after the reduction that wrote them)."""
-        source, self._source = self._source, None
-        if source is not None and source.type != "cpu":
-            torch.accelerator.current_stream(source).synchronize()
+        """Wait for the copies started since the last wait: one host wait per stream they were queued
+        on (each after the reduction that wrote what it copies)."""
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream.synchronize()
 
     def receive(self, key: Hashable, acc: Accumulator, destination: torch.Tensor) -> None:
         """After the copies of ``send`` completed: write ``acc``'s value into the fp32 host buffer

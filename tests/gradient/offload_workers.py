@@ -237,4 +237,69 @@ def world2(rank: int, world: int, directory: str) -> dict[str, Any]:
         "bytes": bytes_checks(rank, world),
         "overflow": overflow_checks(rank, world),
         "checkpoint": checkpoint_checks(rank, world, directory),
+        "overlap": overlap_checks(rank, world),
     }
+
+
+class BackwardOrder(TorchDispatchMode):
+    """Logs, in order, the matrix products and the bytes of the non-blocking copies to the host (as
+    ``NonBlockingCopies`` counts them) that run while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[tuple[str, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            self.events.append(("mm", 0))
+        elif func is torch.ops.aten.copy_.default:
+            non_blocking = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
+            if non_blocking and not _device_local():
+                self.events.append(("copy", args[1].numel() * args[1].element_size()))
+        return func(*args, **kwargs)
+
+    def share_before_last_mm(self) -> tuple[int, int]:
+        """(bytes copied before the last matrix product, bytes copied)."""
+        last_mm = max(i for i, (kind, _) in enumerate(self.events) if kind == "mm")
+        copies = [(i, n) for i, (kind, n) in enumerate(self.events) if kind == "copy"]
+        return sum(n for i, n in copies if i < last_mm), sum(n for _, n in copies)
+
+
+WIDTH = 64
+"""Width of ``deep_mlp``: a weight holds ``WIDTH**2 / 2`` elements per rank, 16 quantization groups."""
+
+
+def deep_mlp(seed: int = 0) -> nn.Module:
+    """Six layers; with ``reduce_bucket_size`` ``WIDTH**2`` each weight fills its own bucket, so
+    buckets are reduced while backward still has layers to go."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [nn.Linear(7, WIDTH), nn.Tanh()]
+    for _ in range(4):
+        layers += [nn.Linear(WIDTH, WIDTH), nn.Tanh()]
+    return nn.Sequential(*layers, nn.Linear(WIDTH, 3))
+
+
+def overlap_checks(rank: int, world: int) -> dict[str, Any]:
+    """Per stage, stock and agoq: of the bytes copied to the host in the boundary backward, those copied
+    before its last matrix product (while gradients of earlier layers were still being computed)."""
+    out: dict[str, Any] = {}
+    for stage in (1, 2, 3):
+        for label, agoq in (("stock", None), ("agoq", {})):
+            config = offload_config(stage, 1, params=False)
+            config["zero_optimization"]["reduce_bucket_size"] = WIDTH**2
+            engine = make_engine(deep_mlp(), config, agoq)
+            x, y = _mlp_batch(torch.Generator().manual_seed(5 + rank))
+            loss = nn.functional.mse_loss(engine(x), y)
+            order = BackwardOrder()
+            with order:
+                engine.backward(loss)
+            engine.step()
+            early, total = order.share_before_last_mm()
+            row = {"early": early, "total": total}
+            if agoq is not None:
+                stats = engine.optimizer.agoq_stats()
+                row.update(offload_bytes=stats["offload_bytes"], during_backward=stats["offload_bytes_during_backward"])
+            out[f"s{stage}_{label}"] = row
+            engine.destroy()
+    return out

@@ -9,6 +9,9 @@ The update of every parameter against an fp64 replay is checked by the parity ma
   agoq sends the int8 partition and its scales once per step: ``1 + 4/128`` bytes per element against
   stock's 4 (fp32) at the boundary, and against stock ZeRO-2's whole-parameter round trip per
   micro-step with accumulation.
+* **Overlap.** In the boundary backward the int8 groups a reduced bucket completes cross to the
+  host at once, while earlier layers' gradients are still being computed (as DeepSpeed's own
+  boundary copies do); the epilogue sends only the rest.
 * **Overflow.** Inf/NaN injected on one rank: the same skipped steps and flags as stock offload.
 * **Checkpoints.** Resume exactly with offload (error-feedback residuals restored), load the same
   checkpoint without offload, and a stock offload checkpoint with agoq.
@@ -62,6 +65,25 @@ def test_gradients_cross_to_the_host_once_per_step_in_8_bits(ws2: list[dict], ca
             # running sum twice per micro-step.
             assert ratio <= (0.1 if (stage > 1 and ga == 8) else 0.55), (rank, case, ratio)
             assert math.isfinite(agoq["loss"])
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_partition_crosses_to_the_host_while_backward_runs_as_stocks_copies_do(ws2: list[dict], stage: int) -> None:
+    """Share of the boundary backward's host-bound bytes copied before its last matrix product: agoq's
+    at least stock's, less what waits for a group straddling a parameter reduced later (at most one
+    group, ``group_size + 4`` bytes, per parameter boundary). ZeRO-1 reduces after backward in both."""
+    from tests.gradient.offload_workers import deep_mlp
+
+    slack_bytes = sum(1 for _ in deep_mlp().parameters()) * (128 + 4)
+    for rank, result in enumerate(ws2):
+        stock, agoq = result["overlap"][f"s{stage}_stock"], result["overlap"][f"s{stage}_agoq"]
+        assert agoq["total"] == agoq["offload_bytes"] > 0, (rank, agoq)
+        stock_share = stock["early"] / stock["total"]
+        assert agoq["early"] / agoq["total"] >= stock_share - slack_bytes / agoq["total"], (rank, stock, agoq)
+        if stage == 1:
+            assert stock["early"] == agoq["early"] == 0, (rank, stock, agoq)
+        else:
+            assert agoq["early"] > 0 and agoq["during_backward"] >= agoq["early"], (rank, agoq)
 
 
 @pytest.mark.parametrize("case", ["s2_fp32_inf", "s1_bf16_nan", "s3_bf16_inf"])
