@@ -2,8 +2,9 @@
 without a CUDA device, run by ``scripts/gpu_check.sh``).
 
 Round-to-nearest must be bit-exact with the reference (codes, scales and the dequantized tensor) for
-every input dtype, width, group size and symmetry, including non-finite and tiny groups and sizes
-that end inside a group; the fused in-place accumulation ops must equal dequantize + add.
+every input dtype, width, group size and symmetry, with fp32 scales and, for symmetric codes, the
+bf16 scales the activation path stores by default, including non-finite and tiny groups and sizes
+that end inside a group (and a single element); the fused in-place accumulation ops must equal dequantize + add.
 """
 
 from __future__ import annotations
@@ -38,15 +39,18 @@ def _gpu_backends() -> list[str]:
     return [n for n in ("cuda", "triton") if backends.status(n).available]
 
 
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16], ids=["fp32-scales", "bf16-scales"])
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize(("dtype", "bits", "group", "symmetric"), CASES)
-def test_round_to_nearest_bit_exact_with_reference(backend, dtype, bits, group, symmetric) -> None:
+def test_round_to_nearest_bit_exact_with_reference(backend, dtype, bits, group, symmetric, scale_dtype) -> None:
     if backend not in _gpu_backends():
         pytest.skip(f"{backend}: {backends.status(backend).detail}")
+    if scale_dtype == torch.bfloat16 and not symmetric:
+        pytest.skip("bf16 scales are symmetric only (min/max codes keep fp32 scales and zeros)")
     for n in SIZES:
         x = _input(n, dtype)
-        ref = quantize(x, bits, group, symmetric=symmetric, backend="torch")
-        got = quantize(x.cuda(), bits, group, symmetric=symmetric, backend=backend)
+        ref = quantize(x, bits, group, symmetric=symmetric, scale_dtype=scale_dtype, backend="torch")
+        got = quantize(x.cuda(), bits, group, symmetric=symmetric, scale_dtype=scale_dtype, backend=backend)
         exact = {"rtol": 0, "atol": 0, "equal_nan": True, "msg": lambda m, n=n: f"n={n}: {m}"}
         torch.testing.assert_close(got.codes.cpu(), ref.codes, **exact)
         torch.testing.assert_close(got.scales.cpu(), ref.scales, **exact)
