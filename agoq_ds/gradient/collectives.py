@@ -4,7 +4,8 @@
 ``flat`` that rank ``d`` owns (DeepSpeed's bucket owner map). Every rank concatenates each
 destination's slices into one segment, quantizes it blockwise (int8 codes, one fp32 scale per
 ``group_size`` consecutive elements of the segment), packs scales and codes into one byte buffer and
-sends all segments in one exchange (``exchange_bytes``). The receiver dequantizes
+sends all segments in one exchange (``exchange_bytes``); shares above ``ROUND_ELEMENTS`` go in rounds
+of that size, so no send or receive buffer grows with the bucket. The receiver dequantizes
 what each peer sent and sums in fp32, adding its own contribution unquantized. Nothing is summed in
 8 bits, so the error of the result is at most the sum over senders of their per-group quantization
 bound (``agoq_ds.quant.bound``) — unlike an int8 sum with a shared scale, whose codes overflow.
@@ -160,6 +161,32 @@ def _round_up(n: int, k: int) -> int:
     return -(-n // k) * k
 
 
+ROUND_ELEMENTS = 1 << 24
+"""Elements of each destination's share one exchange round of ``reduce_scatter_8bit`` carries at most
+(rounded down to whole quantization groups): 16M elements, 16.5 MB of packed codes and scales per peer
+and round. A bucket share up to this size goes in one exchange, as before rounds existed."""
+
+
+def _round_seed(seed: int, dest: int, start: int) -> int:
+    """The stochastic-rounding seed of the segment for ``dest`` that starts ``start`` elements into its
+    share (the first round keeps the seed of a single exchange)."""
+    base = (seed * 65599 + dest) % (2**31)
+    return base if start == 0 else (base * 1000003 + start // ROUND_ELEMENTS) % (2**31)
+
+
+def _sub_slices(slices: Sequence[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
+    """The parts of ``slices`` (concatenated) from element ``start`` to ``end``, as ``(offset, numel)``."""
+    out, position = [], 0
+    for off, n in slices:
+        lo, hi = max(start, position), min(end, position + n)
+        if lo < hi:
+            out.append((off + lo - position, hi - lo))
+        position += n
+        if position >= end:
+            break
+    return out
+
+
 def gather_slices(flat: torch.Tensor, slices: Sequence[tuple[int, int]]) -> torch.Tensor:
     """The ``(offset, numel)`` slices of a 1-D tensor, concatenated (a view when there is one)."""
     if len(slices) == 1:
@@ -277,45 +304,58 @@ def reduce_scatter_8bit(
         values = own.float().mul_(scale) if scale != 1.0 else own
         return ReduceScatterResult(values, values.new_zeros(num_groups(mine, group_size), dtype=torch.float32), 0, 0)
     own = gather_slices(flat, owner_map[rank]).float()
-
-    send_parts = []
-    send_splits = []
-    for dest in range(world):
-        if dest == rank or lengths[dest] == 0:
-            send_splits.append(0)
-            continue
-        segment = gather_slices(flat, owner_map[dest])
-        q = quantize(
-            segment, 8, group_size, stochastic=stochastic, seed=(seed * 65599 + dest) % (2**31), kernels=kernels
-        )
-        packed = _pack(q)
-        send_parts.append(packed)
-        send_splits.append(packed.numel())
-    recv_one = packed_segment_bytes(mine, group_size)
-    recv_splits = [0 if src == rank else recv_one for src in range(world)]
-    if len(send_parts) == 1:  # two ranks: the one packed segment is the send buffer, no copy
-        send = send_parts[0]
-    else:
-        send = torch.cat(send_parts) if send_parts else flat.new_empty(0, dtype=torch.uint8)
-    recv = torch.empty(sum(recv_splits), dtype=torch.uint8, device=flat.device)
-    exchange_bytes(recv, send, recv_splits, send_splits, group=group)
-
     # Summed in place: ``own`` is a fresh fp32 copy unless ``flat`` was fp32 and the slices one run
     # (then a view of it); a second copy of a fresh one would be one more bucket share per rank.
     total = own.clone() if flat.dtype == torch.float32 and len(owner_map[rank]) <= 1 else own
     group_bound = own.new_zeros(num_groups(mine, group_size))
-    offset = 0
-    for src in range(world):  # fixed order: the result does not depend on arrival order
-        if recv_splits[src] == 0:
+    sent = received = 0
+    # Exchange rounds of at most ``ROUND_ELEMENTS`` elements of each destination's share (a multiple of
+    # the group size, so every quantization group is the one a single exchange would use): the packed
+    # send and receive buffers stay below one round whatever the bucket; the fp32 share ``total`` is
+    # the one bucket-share-sized temporary. Every rank derives the same rounds from the owner map.
+    step = max(ROUND_ELEMENTS // group_size, 1) * group_size
+    for start in range(0, max(lengths), step):
+        send_parts, send_splits = [], []
+        for dest in range(world):
+            n = min(max(lengths[dest] - start, 0), step)
+            if dest == rank or n == 0:
+                send_splits.append(0)
+                continue
+            segment = gather_slices(flat, _sub_slices(owner_map[dest], start, start + n))
+            q = quantize(
+                segment, 8, group_size, stochastic=stochastic, seed=_round_seed(seed, dest, start), kernels=kernels
+            )
+            packed = _pack(q)
+            send_parts.append(packed)
+            send_splits.append(packed.numel())
+        n_mine = min(max(mine - start, 0), step)
+        recv_one = packed_segment_bytes(n_mine, group_size)
+        recv_splits = [0 if src == rank else recv_one for src in range(world)]
+        if len(send_parts) == 1:  # two ranks: the one packed segment is the send buffer, no copy
+            send = send_parts[0]
+        else:
+            send = torch.cat(send_parts) if send_parts else flat.new_empty(0, dtype=torch.uint8)
+        del send_parts
+        recv = torch.empty(sum(recv_splits), dtype=torch.uint8, device=flat.device)
+        exchange_bytes(recv, send, recv_splits, send_splits, group=group)
+        sent, received = sent + int(send.numel()), received + int(recv.numel())
+        del send
+        if n_mine == 0:  # nothing of this rank's share in this round: nothing was received
             continue
-        q = _unpack(recv.narrow(0, offset, recv_splits[src]), mine, group_size, torch.float32)
-        dequantize_add_(total, q, kernels=kernels)
-        group_bound += bound(q)
-        offset += recv_splits[src]
+        part = total.narrow(0, start, n_mine)
+        part_bound = group_bound.narrow(0, start // group_size, num_groups(n_mine, group_size))
+        offset = 0
+        for src in range(world):  # fixed order: the result does not depend on arrival order
+            if recv_splits[src] == 0:
+                continue
+            q = _unpack(recv.narrow(0, offset, recv_splits[src]), n_mine, group_size, torch.float32)
+            dequantize_add_(part, q, kernels=kernels)
+            part_bound += bound(q)
+            offset += recv_splits[src]
+        del recv
     if scale != 1.0:
         total.mul_(scale)
         group_bound *= abs(scale)
-    sent, received = int(send.numel()), int(recv.numel())
     result = ReduceScatterResult(total, group_bound, sent, received)
     if counter is not None:
         counter.sent_bytes += sent

@@ -139,6 +139,8 @@ def collective_checks(rank: int, world: int) -> dict[str, Any]:
             "fp32_ring": 2 * (world - 1) / world * n * 4,
         }
 
+    out["rounds"] = round_checks(rank, world)
+
     # The point-to-point exchange gloo uses and all_to_all_single deliver the same bytes, with
     # uneven and empty splits (rank r sends r + d + 1 bytes to d, none to itself or to rank 1).
     send_splits = [0 if d in (rank, 1) else rank + d + 1 for d in range(world)]
@@ -168,6 +170,47 @@ def collective_checks(rank: int, world: int) -> dict[str, Any]:
         "identical_on_all_ranks": all(torch.equal(g, full) for g in gathered),
     }
     return out
+
+
+def round_checks(rank: int, world: int) -> dict[str, Any]:
+    """Shares larger than ``collectives.ROUND_ELEMENTS`` (set to ``3 G`` here) go in several exchange
+    rounds: round to nearest gives the single exchange's result bit for bit (the quantization groups
+    are the same), the bytes are the rounds' packed segments, and no packed buffer exceeds a round."""
+    from agoq_ds.gradient import collectives
+
+    n, seed = 40_000, 5
+    owner_map = random_owner_map(n, world, seed)
+    lengths = [sum(m for _, m in s) for s in owner_map]
+    x = rank_data(n, seed, rank).to(torch.bfloat16)
+    whole = collectives.reduce_scatter_8bit(x, owner_map, group_size=G, scale=0.5)
+    saved_round, saved_exchange = collectives.ROUND_ELEMENTS, collectives.exchange_bytes
+    exchanges: list[int] = []
+
+    def counted(recv, send, *args, **kwargs):
+        exchanges.append(max(recv.numel(), send.numel()))
+        return saved_exchange(recv, send, *args, **kwargs)
+
+    collectives.ROUND_ELEMENTS, collectives.exchange_bytes = 3 * G, counted
+    try:
+        rounds = collectives.reduce_scatter_8bit(x, owner_map, group_size=G, scale=0.5)
+    finally:
+        collectives.ROUND_ELEMENTS, collectives.exchange_bytes = saved_round, saved_exchange
+    step = 3 * G
+    expected_sent = sum(
+        collectives.packed_segment_bytes(min(m - start, step), G)
+        for d, m in enumerate(lengths)
+        if d != rank
+        for start in range(0, m, step)
+    )
+    return {
+        "identical": torch.equal(whole.values, rounds.values) and torch.equal(whole.group_bound, rounds.group_bound),
+        "exchanges": len(exchanges),
+        "expected_exchanges": -(-max(lengths) // step),
+        "largest_buffer": max(exchanges),
+        "round_limit": (world - 1) * collectives.packed_segment_bytes(step, G),
+        "sent": rounds.sent_bytes,
+        "expected_sent": expected_sent,
+    }
 
 
 # --- DeepSpeed engines -------------------------------------------------------------------------

@@ -97,6 +97,15 @@ def test_uneven_and_empty_owner_maps(collectives: list[dict]) -> None:
             assert res["main"]["mine"] == 0  # owns no slice, still takes part
 
 
+def test_large_shares_go_in_rounds_bit_identical_to_one_exchange(collectives: list[dict]) -> None:
+    for rank, res in enumerate(collectives):
+        r = res["rounds"]
+        assert r["identical"], (rank, r)
+        assert r["exchanges"] == r["expected_exchanges"] > 1, (rank, r)  # every rank takes part in every round
+        assert 0 < r["largest_buffer"] <= r["round_limit"], (rank, r)
+        assert r["sent"] == r["expected_sent"], (rank, r)
+
+
 def test_point_to_point_exchange_matches_all_to_all(collectives: list[dict]) -> None:
     for rank, res in enumerate(collectives):
         assert res["exchange"] == {"p2p_ok": True, "a2a_ok": True}, rank
