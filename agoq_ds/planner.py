@@ -12,12 +12,15 @@ parallelism divides weights and the attention/MLP-internal activations by ``tp``
 parallelism). The peak is the larger of backward's (gradients, stored activations, and agoq's
 working set: one decoder block's or the loss head's saved tensors at full width, quantized as they
 are saved and dequantized or rebuilt as backward reaches them) and the accumulation boundary's
-(agoq's int8 state beside the fp32 buffer it is reduced into, as large as stock's). ZeRO-Offload
+(agoq's int8 state beside the fp32 buffer it is reduced into, as large as stock's); a gradient bucket
+reduction in flight adds agoq's temporaries to the phase it runs in (``reduction_working_set``).
+ZeRO-Offload
 (``offload_optimizer``/``offload_param``: ``Parallelism``) moves the optimizer state, the fp32
 gradient partition and (ZeRO-3) the bf16 weight shards to host memory, reported per rank beside the
 device figures (``StageMemory.host_total``). Tests check the activation and gradient predictions
-against a real run (< 5%), the ZeRO-3 and offload figures against the bytes a run allocates, and
-that the working set covers what a measured step holds beyond its stored activations.
+against a real run (< 5%), the ZeRO-3 and offload figures against the bytes a run allocates, that
+the working set covers what a measured step holds beyond its stored activations, and that the bucket
+reduction's figure covers the live bytes a real reduction allocates.
 """
 
 from __future__ import annotations
@@ -130,6 +133,9 @@ class Parallelism:
     offload_param: str = "none"
     """``zero_optimization.offload_param.device``: ``"none"`` or ``"cpu"`` (ZeRO-3 only): the bf16 weight
     shards live in host memory and are gathered to the device as layers run."""
+    reduce_bucket_size: int = 500_000_000
+    """``zero_optimization.reduce_bucket_size`` (DeepSpeed's default): elements per gradient bucket, the
+    unit agoq's 8-bit reduce-scatter reduces at once (``StageMemory.reduction``)."""
 
     def __post_init__(self) -> None:
         if self.zero not in (0, 1, 2, 3):
@@ -269,6 +275,11 @@ class StageMemory:
     """Unquantized working set beside the stored activations: agoq packs a layer's tensors as they are
     saved and unpacks or rebuilds them in backward, so one decoder block's (or the loss head's) saved
     tensors exist at full width at a time. Stock: 0 (its saved tensors are counted in full)."""
+    reduction: dict[str, int] = field(default_factory=dict)
+    """Temporaries of reducing one gradient bucket beyond the bucket itself (``reduction_working_set``):
+    stock reduces in the bucket (0); agoq's 8-bit reduce-scatter holds the rank's share of the bucket
+    in fp32 and one exchange round's and one store chunk's buffers. ZeRO-2/3 reduce while backward
+    runs; ZeRO-1 at the accumulation boundary."""
     step_gradients: dict[str, int] = field(default_factory=dict)
     """Gradient bytes at the accumulation boundary (the activations are freed by then): agoq reduces
     its int8 state into an fp32 buffer the size of stock's (ZeRO-2/3: the partition; ZeRO-0/1: every
@@ -286,20 +297,29 @@ class StageMemory:
     host_staging: int = 0
     """Of agoq's host gradient bytes: the staging buffers its int8 partition crosses into once per step
     (codes + fp32 scales, ``gradient.offload.HostLink``)."""
+    reduces_in_backward: bool = True
+    """ZeRO-2/3 reduce gradient buckets while backward runs; ZeRO-0/1 at the accumulation boundary."""
 
     def backward(self, variant: str) -> int:
         """Beyond weights and optimizer states, what backward holds at its peak: gradients, stored
-        activations and their working set."""
-        return self.gradients[variant] + self.activations[variant] + self.transient[variant]
+        activations, their working set and a bucket reduction in flight (ZeRO-2/3)."""
+        reducing = self.reduction.get(variant, 0) if self.reduces_in_backward else 0
+        return self.gradients[variant] + self.activations[variant] + self.transient[variant] + reducing
+
+    def boundary(self, variant: str) -> int:
+        """Beyond weights and optimizer states, what the accumulation boundary holds: the gradients
+        there and, at ZeRO-0/1, a bucket reduction in flight."""
+        reducing = 0 if self.reduces_in_backward else self.reduction.get(variant, 0)
+        return self.step_gradients[variant] + reducing
 
     def peaks_at_boundary(self, variant: str) -> bool:
         """Whether the accumulation boundary, not backward, sets the peak."""
-        return self.step_gradients[variant] > self.backward(variant)
+        return self.boundary(variant) > self.backward(variant)
 
     def total(self, variant: str) -> int:
         """Peak on one GPU of this stage for ``baseline`` or ``agoq``: the larger of backward's and the
         accumulation boundary's."""
-        return self.weights + self.optimizer + max(self.backward(variant), self.step_gradients[variant])
+        return self.weights + self.optimizer + max(self.backward(variant), self.boundary(variant))
 
     def host_total(self, variant: str) -> int:
         """Host memory of one rank of this stage for ``baseline`` or ``agoq`` (0 without offload)."""
@@ -344,7 +364,8 @@ def device_gradients(params: int, par: Parallelism, cfg: AgoqConfig) -> tuple[di
       at ZeRO-2/3; at ZeRO-1 the int8 partition accumulator (``params / dp``) beside the boundary
       micro-batch's fp32 gradients (``4 g``). Without an 8-bit gradient path agoq holds what stock does.
 
-    Not counted: the reduce buckets, ZeRO-3's gathered (in-flight) parameters and the step's
+    Not counted: the reduce buckets themselves (stock's and agoq's alike; agoq's temporaries beyond
+    them are ``StageMemory.reduction``), ZeRO-3's gathered (in-flight) parameters and the step's
     per-sub-group fp32 copy of the partition; ZeRO-3 parameters below
     ``stage3_param_persistence_threshold`` (the norms) are counted as partitioned.
     """
@@ -392,6 +413,37 @@ def host_memory(params: int, par: Parallelism, cfg: AgoqConfig) -> tuple[int, in
     fp32 = 4 * n * (2 if par.zero == 3 else 1)
     staging = n + 4 * math.ceil(n / cfg.gradient.group_size) if gradients_quantized(cfg) else 0
     return weights, 12 * n, {"baseline": fp32, "agoq": fp32 + staging}, staging
+
+
+REDUCTION_CHUNK_BYTES = 20
+"""Bytes per element of one exchange round or store chunk that a bucket reduction holds at most beside
+the fp32 share: the store's requantize with error feedback keeps up to five fp32 temporaries of a chunk
+(addend, dequantized value, difference, its finite copy, the new residual), more than a round's packed
+send and receive buffers (``1 + 4 / group_size`` bytes per element and peer). Checked against live
+bytes on CPU (``tests/gradient/test_bucket_copy.py``)."""
+
+
+def reduction_working_set(bucket: int, share: int, world: int, cfg: AgoqConfig) -> int:
+    """agoq's temporaries while one bucket of ``bucket`` elements is reduced, of which this rank owns
+    ``share``, over ``world`` ranks: the share's fp32 sum (``4 share``; on one rank the store reads the
+    bucket itself) plus ``REDUCTION_CHUNK_BYTES`` per element of one exchange round / store chunk
+    (``collectives.ROUND_ELEMENTS``, ``accumulator.SPAN_CHUNK``). 0 without the 8-bit path."""
+    if not cfg.gradient_quantized or bucket == 0:
+        return 0
+    from .gradient.accumulator import SPAN_CHUNK
+    from .gradient.collectives import ROUND_ELEMENTS
+
+    chunk = min(bucket, max(ROUND_ELEMENTS, SPAN_CHUNK))
+    return (4 * share if world > 1 else 0) + REDUCTION_CHUNK_BYTES * chunk
+
+
+def _largest_bucket_share(dims: ModelDims, par: Parallelism, params: int) -> tuple[int, int]:
+    """``(bucket, share)``: the largest bucket DeepSpeed fills on a rank holding ``params`` parameters
+    (``reduce_bucket_size``, or a single larger parameter, the embedding, which gets a bucket of its
+    own) and the most of it one rank can own (ZeRO-1/2/3 partitions are contiguous: all of it, up to
+    one partition)."""
+    bucket = min(max(par.reduce_bucket_size, dims.vocab * dims.hidden // par.tp), params)
+    return bucket, min(bucket, -(-params // par.dp))
 
 
 def working_set(dims: ModelDims, par: Parallelism, stage: int, layers: int, cfg: AgoqConfig) -> int:
@@ -442,6 +494,12 @@ def plan(dims: ModelDims, par: Parallelism, cfg: AgoqConfig | None = None) -> li
             "agoq": holds * sum(stored_bytes(t, table[str(t.cls.value)], cfg) for t in saved),
         }
         stage.transient = {"baseline": 0, "agoq": working_set(dims, par, s, n_layers, cfg)}
+        stage.reduces_in_backward = par.zero >= 2
+        if par.zero >= 1:
+            bucket, share = _largest_bucket_share(dims, par, params)
+            stage.reduction = {"baseline": 0, "agoq": reduction_working_set(bucket, share, par.dp, cfg)}
+        else:  # ZeRO-0 all-reduces in chunks of ``allreduce.CHUNK_ELEMENTS`` (not counted)
+            stage.reduction = {"baseline": 0, "agoq": 0}
         stages.append(stage)
     return stages
 
@@ -470,7 +528,7 @@ def format_plan(dims: ModelDims, par: Parallelism, stages: list[StageMemory]) ->
         f"{par.micro_batches} micro-batches | TP{par.tp} PP{par.pp} DP{par.dp} ZeRO-{par.zero}{_offload_label(par)}"
     )
     cols = f"{'stage':>5} {'layers':>6} {'held':>4} {'weights':>8} {'optim':>8} {'grad':>15} {'activations':>17}"
-    cols += f" {'working':>7} {'peak':>17} {'saved':>6}"
+    cols += f" {'working':>7} {'reduce':>7} {'peak':>17} {'saved':>6}"
     if par.offloads:
         cols += f" {'host':>17}"
     lines = [head, cols]
@@ -480,7 +538,8 @@ def format_plan(dims: ModelDims, par: Parallelism, stages: list[StageMemory]) ->
         line = (
             f"{st.stage:>5} {st.layers:>6} {st.holds:>4} {st.weights / GIB:>8.2f} {st.optimizer / GIB:>8.2f} "
             f"{g['baseline'] / GIB:>6.2f}->{g['agoq'] / GIB:<6.2f} {a['baseline'] / GIB:>7.2f}->{a['agoq'] / GIB:<7.2f}"
-            f" {st.transient['agoq'] / GIB:>7.2f} {tb / GIB:>7.2f}->{ta / GIB:<7.2f} {1 - ta / tb if tb else 0:>6.1%}"
+            f" {st.transient['agoq'] / GIB:>7.2f} {st.reduction['agoq'] / GIB:>7.2f}"
+            f" {tb / GIB:>7.2f}->{ta / GIB:<7.2f} {1 - ta / tb if tb else 0:>6.1%}"
         )
         if par.offloads:
             line += f" {st.host_total('baseline') / GIB:>7.2f}->{st.host_total('agoq') / GIB:<7.2f}"
@@ -517,7 +576,11 @@ def plan_json(dims: ModelDims, par: Parallelism, stages: list[StageMemory]) -> d
     }
 
 
-LABELS = {"transient": "agoq working set", "step_gradients": "gradients at the boundary (int8 + fp32)"}
+LABELS = {
+    "transient": "agoq working set",
+    "step_gradients": "gradients at the boundary (int8 + fp32)",
+    "reduction": "bucket reduction temporaries",
+}
 """Chart legend names of ``StageMemory`` fields that differ from the field name."""
 
 
@@ -536,6 +599,7 @@ def plot(stages: list[StageMemory], path: Path, title: str) -> None:
         "activations": "tab:blue",
         "transient": "tab:cyan",
         "step_gradients": "tab:red",
+        "reduction": "tab:pink",
     }
     labelled: set[str] = set()
     for i, st in enumerate(stages):
@@ -543,7 +607,9 @@ def plot(stages: list[StageMemory], path: Path, title: str) -> None:
             bottom = 0.0
             # The bar shows the phase that sets the peak: backward, or the accumulation boundary.
             at_boundary = st.peaks_at_boundary(variant)
-            parts = ("weights", "optimizer", *(("step_gradients",) if at_boundary else tuple(colors)[2:5]))
+            phase = ("step_gradients",) if at_boundary else ("gradients", "activations", "transient")
+            reducing = ("reduction",) if at_boundary != st.reduces_in_backward else ()
+            parts = ("weights", "optimizer", *phase, *reducing)
             for part in parts:
                 color = colors[part]
                 value = getattr(st, part)
@@ -581,6 +647,7 @@ def _run(args: argparse.Namespace) -> int:
             zero=args.zero,
             offload_optimizer=args.offload_optimizer,
             offload_param=args.offload_param,
+            reduce_bucket_size=args.reduce_bucket_size,
         )
     except ValueError as exc:
         args.parser.error(str(exc))
@@ -618,6 +685,12 @@ def add_plan_command(sub: Any) -> None:
         choices=OFFLOAD_DEVICES,
         default="none",
         help="bf16 weight shards in host memory (ZeRO-3 only)",
+    )
+    p.add_argument(
+        "--reduce-bucket-size",
+        type=int,
+        default=500_000_000,
+        help="zero_optimization.reduce_bucket_size in elements (DeepSpeed's default 5e8)",
     )
     p.add_argument("--ds-config", help="take the agoq block from this ds_config.json (default: agoq defaults)")
     p.add_argument("--json", help="write the plan as JSON")

@@ -14,8 +14,9 @@ A second table varies the pipeline x data-parallel layout (up to the paper's 64 
 What the planner counts and leaves out is in ``agoq_ds/planner.py``'s docstring: bf16 weights, fp32
 master weights + Adam moments (ZeRO-1: divided by DP), an fp32 gradient accumulation buffer (ZeRO-1:
 not partitioned) versus int8 codes + scales, every activation autograd saves without activation
-checkpointing, agoq's working set (one block at full width) and the step's fp32 partition; no CUDA
-context, allocator fragmentation or communication buffers.
+checkpointing, agoq's working set (one block at full width), the temporaries of agoq's bucket
+reduction (``planner.reduction_working_set``) and the step's fp32 partition; no CUDA context,
+allocator fragmentation or communication buffers.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from benchmarks._machine import ROOT
 PAPER_REDUCTION = 0.52
 """The paper's headline: "up to 52%" less memory (versus Megatron-LM/DeepSpeed baselines)."""
 MODELS = ("llama-8b", "llama-13b", "llama-32b")
-PARTS = ("weights", "optimizer", "gradients", "activations", "transient")
+PARTS = ("weights", "optimizer", "gradients", "activations", "transient", "reduction")
 
 
 def _part(stage: StageMemory, part: str, variant: str) -> int:
@@ -89,8 +90,8 @@ def main_table(rows: list[dict]) -> str:
         "",
         "| model | params | stock GiB/GPU | agoq GiB/GPU | predicted reduction | paper | "
         "vs bf16-gradient stock | weights | optimizer | gradients stock→agoq | activations stock→agoq | "
-        "agoq working set | agoq peak at |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "agoq working set | agoq bucket reduction | agoq peak at |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         p = {k: {v: b / GIB for v, b in d.items()} for k, d in r["parts"].items()}
@@ -101,7 +102,7 @@ def main_table(rows: list[dict]) -> str:
             f"{p['weights']['baseline']:.1f} | {p['optimizer']['baseline']:.1f} | "
             f"{p['gradients']['baseline']:.1f}→{p['gradients']['agoq']:.1f} | "
             f"{p['activations']['baseline']:.1f}→{p['activations']['agoq']:.1f} | {p['transient']['agoq']:.1f} | "
-            f"{r['agoq_peak_phase']} |"
+            f"{p['reduction']['agoq']:.1f} | {r['agoq_peak_phase']} |"
         )
     return "\n".join(lines)
 

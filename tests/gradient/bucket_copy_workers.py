@@ -87,3 +87,41 @@ def reduce_largest_temporary(rank: int, world: int, span_chunk: int | None) -> d
         engine.step()
     record["params"] = [p.detach().float().numpy().tobytes() for p in engine.module.parameters()]
     return record
+
+
+def reduction_temporaries(rank: int, world: int, round_elements: int | None) -> list[dict[str, int]]:
+    """Two ZeRO-2 steps; per bucket reduction the live bytes it allocated at its peak beyond what it
+    leaves behind (the partition accumulator's first allocation), and the planner's figure for it
+    (``planner.reduction_working_set``, computed here, where the round and chunk sizes are set)."""
+    from agoq_ds.config import parse_agoq_config
+    from agoq_ds.deepspeed.layout import bucket_layout
+    from agoq_ds.gradient import accumulator, collectives
+    from agoq_ds.planner import reduction_working_set
+    from agoq_ds.testing.live_bytes import LiveBytes
+
+    if round_elements is not None:
+        collectives.ROUND_ELEMENTS = accumulator.SPAN_CHUNK = round_elements
+    block = {"gradient": {"group_size": GROUP}}
+    engine = w.make_engine(_mlp(), w.ds_config(2, micro=4, reduce_bucket_size=BUCKET), block)
+    opt = engine.optimizer
+    inner = opt._agoq_reduce
+    rows: list[dict[str, int]] = []
+
+    def measured(flat, dtype, stock):
+        layout = bucket_layout(opt, opt.ipg_buckets[dtype].params, world, rank)
+        share = sum(n for _, n in layout.owner_map[rank])
+        with LiveBytes() as live:
+            inner(flat, dtype, stock)
+        planned = reduction_working_set(flat.numel(), share, world, parse_agoq_config(block))
+        rows.append(
+            {"bucket": flat.numel(), "share": share, "temporaries": live.peaks[-1] - live.live, "planned": planned}
+        )
+
+    opt._agoq_reduce = measured
+    gen = torch.Generator().manual_seed(1 + rank)
+    for _ in range(2):
+        x, y = torch.randn(4, 24, generator=gen), torch.randn(4, 30, generator=gen)
+        loss = ((engine(x) - y) ** 2).mean()
+        engine.backward(loss)
+        engine.step()
+    return rows

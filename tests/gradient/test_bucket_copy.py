@@ -44,3 +44,19 @@ def test_chunked_store_is_bit_identical(world: int) -> None:
     whole = run_ranks(bw.reduce_largest_temporary, world, (None,))
     for a, b in zip(chunked, whole, strict=True):
         assert a["params"] == b["params"]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("round_elements", [None, CHUNK], ids=["one-round", "rounds"])
+def test_planner_counts_the_reduction_temporaries(world: int, round_elements: int | None) -> None:
+    """``agoq-ds plan`` charges each bucket reduction ``planner.reduction_working_set``: at least the live
+    bytes it allocates beyond what it keeps, measured on CPU, and not a bound that could not fail (the
+    largest reduction on a rank owning a share reaches half of it). With exchange rounds and store
+    chunks far below the bucket, what remains is the rank's fp32 share."""
+    results = run_ranks(bw.reduction_temporaries, world, (round_elements,))
+    for rank, rows in enumerate(results):
+        assert rows, rank
+        for row in rows:
+            assert row["temporaries"] <= row["planned"], (world, rank, row)
+        owning = [r for r in rows if r["share"] > 0]
+        assert max(r["temporaries"] / r["planned"] for r in owning) >= 0.5, (world, rank, owning)
