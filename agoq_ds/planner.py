@@ -277,9 +277,8 @@ class StageMemory:
     tensors exist at full width at a time. Stock: 0 (its saved tensors are counted in full)."""
     reduction: dict[str, int] = field(default_factory=dict)
     """Temporaries of reducing one gradient bucket beyond the bucket itself (``reduction_working_set``):
-    stock reduces in the bucket (0); agoq's 8-bit reduce-scatter holds the rank's share of the bucket
-    in fp32 and one exchange round's and one store chunk's buffers. ZeRO-2/3 reduce while backward
-    runs; ZeRO-1 at the accumulation boundary."""
+    stock reduces in the bucket (0); agoq's 8-bit reduce-scatter holds one exchange round's and one
+    store chunk's buffers. ZeRO-2/3 reduce while backward runs; ZeRO-1 at the accumulation boundary."""
     step_gradients: dict[str, int] = field(default_factory=dict)
     """Gradient bytes at the accumulation boundary (the activations are freed by then): agoq reduces
     its int8 state into an fp32 buffer the size of stock's (ZeRO-2/3: the partition; ZeRO-0/1: every
@@ -423,10 +422,11 @@ send and receive buffers (``1 + 4 / group_size`` bytes per element and peer). Ch
 bytes on CPU (``tests/gradient/test_bucket_copy.py``)."""
 
 
-def reduction_working_set(bucket: int, share: int, world: int, cfg: AgoqConfig) -> int:
+def reduction_working_set(bucket: int, share: int, world: int, cfg: AgoqConfig, *, stored_by_round: bool) -> int:
     """agoq's temporaries while one bucket of ``bucket`` elements is reduced, of which this rank owns
-    ``share``, over ``world`` ranks: the share's fp32 sum (``4 share``; on one rank the store reads the
-    bucket itself) plus ``REDUCTION_CHUNK_BYTES`` per element of one exchange round / store chunk
+    ``share``, over ``world`` ranks: the fp32 sum of the share (``4 share``; stored round by round,
+    ``stored_by_round``, as ZeRO-1/2/3 do: one round's; on one rank the store reads the bucket) plus
+    ``REDUCTION_CHUNK_BYTES`` per element of one exchange round / store chunk
     (``collectives.ROUND_ELEMENTS``, ``accumulator.SPAN_CHUNK``). 0 without the 8-bit path."""
     if not cfg.gradient_quantized or bucket == 0:
         return 0
@@ -434,7 +434,8 @@ def reduction_working_set(bucket: int, share: int, world: int, cfg: AgoqConfig) 
     from .gradient.collectives import ROUND_ELEMENTS
 
     chunk = min(bucket, max(ROUND_ELEMENTS, SPAN_CHUNK))
-    return (4 * share if world > 1 else 0) + REDUCTION_CHUNK_BYTES * chunk
+    summed = min(share, ROUND_ELEMENTS) if stored_by_round else share
+    return (4 * summed if world > 1 else 0) + REDUCTION_CHUNK_BYTES * chunk
 
 
 def _largest_bucket_share(dims: ModelDims, par: Parallelism, params: int) -> tuple[int, int]:
@@ -497,7 +498,8 @@ def plan(dims: ModelDims, par: Parallelism, cfg: AgoqConfig | None = None) -> li
         stage.reduces_in_backward = par.zero >= 2
         if par.zero >= 1:
             bucket, share = _largest_bucket_share(dims, par, params)
-            stage.reduction = {"baseline": 0, "agoq": reduction_working_set(bucket, share, par.dp, cfg)}
+            working = reduction_working_set(bucket, share, par.dp, cfg, stored_by_round=True)
+            stage.reduction = {"baseline": 0, "agoq": working}
         else:  # ZeRO-0 all-reduces in chunks of ``allreduce.CHUNK_ELEMENTS`` (not counted)
             stage.reduction = {"baseline": 0, "agoq": 0}
         stages.append(stage)

@@ -42,13 +42,15 @@ from deepspeed.utils import logger
 
 from ..config import AgoqConfig
 from ..gradient.accumulator import Int8Accumulator
-from ..gradient.collectives import reduce_scatter_8bit, reduction_args
+from ..gradient.collectives import reduce_scatter_8bit_rounds, reduction_args, sub_slices
 from ..gradient.offload import HostLink, stock_zero3_bytes
 from ..gradient.paths import Path, largest_bucket, path, reduction_exact
 from .optimizer_host import OptimizerHost
 
 _MANGLED = "_DeepSpeedZeroOptimizer_Stage3__"
 _PARTITION = "partition"
+_STORED = "stored"
+"""``_agoq_owned`` after ``_agoq_scatter``: the bucket's reduced slices are in the partition already."""
 
 
 class AgoqStage3Optimizer(OptimizerHost, DeepSpeedZeroOptimizer_Stage3):
@@ -60,7 +62,7 @@ class AgoqStage3Optimizer(OptimizerHost, DeepSpeedZeroOptimizer_Stage3):
 
     def __init__(self, *args: Any, agoq_config: AgoqConfig | None = None, **kwargs: Any) -> None:
         self._agoq_begin(DeepSpeedZeroOptimizer_Stage3.__init__, args, kwargs, agoq_config, "zero3")
-        self._agoq_owned: tuple[torch.Tensor, list[tuple[int, int]]] | None = None
+        self._agoq_owned: str | None = None
         super().__init__(*args, **kwargs)
         self._agoq_setup()
 
@@ -197,7 +199,8 @@ class AgoqStage3Optimizer(OptimizerHost, DeepSpeedZeroOptimizer_Stage3):
     def _agoq_scatter(
         self, params: list[torch.nn.Parameter], communication_data_type: torch.dtype, *, contiguous: bool = False
     ) -> list:
-        """8-bit reduce-scatter of a bucket; this rank's averaged slices are kept for ``partition_grads``.
+        """8-bit reduce-scatter of a bucket; this rank's averaged slices go into the partition accumulator
+        round by round (``partition_grads`` then only frees the gradients).
 
         Averaged as DeepSpeed averages that path: by the averaging world size (the whole data-parallel
         group for AutoEP experts), and on the all-reduce path (``contiguous``) over the sequence-parallel
@@ -226,8 +229,15 @@ class AgoqStage3Optimizer(OptimizerHost, DeepSpeedZeroOptimizer_Stage3):
         args = reduction_args(
             self.agoq_gradient, scale=1.0 / divisor, seed=store.seed(2), counter=counter, kernels=store.kernels
         )
-        result = reduce_scatter_8bit(flat, [[(o, n) for _, o, n in own] for own in slices], group=group, **args)
-        self._agoq_owned = (result.values, [(where, n) for where, _, n in slices[rank]])
+        positions = [(where, n) for where, _, n in slices[rank]]
+        start = 0
+        # Stored round by round: no fp32 copy of this rank's whole share of the bucket.
+        owner_map = [[(o, n) for _, o, n in own] for own in slices]
+        for part in reduce_scatter_8bit_rounds(flat, owner_map, group=group, **args):
+            end = start + part.values.numel()
+            self._agoq_store(part.values, sub_slices(positions, start, end))
+            start = end
+        self._agoq_owned = _STORED
         return []
 
     def _DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads(self, params_to_reduce, communication_data_type):
@@ -259,12 +269,22 @@ class AgoqStage3Optimizer(OptimizerHost, DeepSpeedZeroOptimizer_Stage3):
         counter.add_baseline(numel, world, reduce_scatter=True)
         counter.add_stock(numel, world, communication_data_type.itemsize, all_reduce=not reduce_scatter)
 
+    def _agoq_store(self, values: torch.Tensor, positions: list[tuple[int, int]]) -> None:
+        """Add reduced values (concatenated in ``positions`` order) to the partition accumulator; with
+        offload, the groups now final cross to the host while backward runs on."""
+        if not values.numel():
+            return
+        self._agoq_partition.add_(values, positions, seed=self.agoq_store.seed(3))
+        link = self._agoq_host_link
+        if link is not None and self.is_gradient_accumulation_boundary():
+            link.written(_PARTITION, self._agoq_partition, self._agoq_host_flat, positions)
+
     def partition_grads(self, params_to_release: list[torch.nn.Parameter], grad_partitions: list[torch.Tensor]):
         """Add this rank's reduced slices to the partition accumulator and free the bucket's gradients."""
         if not self._agoq_active:
             return super().partition_grads(params_to_release, grad_partitions)
-        if self._agoq_owned is not None:
-            values, positions = self._agoq_owned
+        if self._agoq_owned is _STORED:  # ``_agoq_scatter`` stored the reduced slices already
+            values, positions = None, []
             self._agoq_owned = None
         else:  # DeepSpeed reduced (communication_bits: 32): its padded per-parameter partitions
             kept = [
@@ -274,12 +294,8 @@ class AgoqStage3Optimizer(OptimizerHost, DeepSpeedZeroOptimizer_Stage3):
             ]
             positions = [(self._agoq_offsets[p.ds_id], part.numel()) for p, part in kept]
             values = torch.cat([part.reshape(-1) for _, part in kept]) if kept else None
-        if values is not None and values.numel():
-            self._agoq_partition.add_(values, positions, seed=self.agoq_store.seed(3))
-            link = self._agoq_host_link
-            if link is not None and self.is_gradient_accumulation_boundary():
-                # Offload: the groups now final cross to the host while backward runs on.
-                link.written(_PARTITION, self._agoq_partition, self._agoq_host_flat, positions)
+        if values is not None:
+            self._agoq_store(values, positions)
         synchronized = get_accelerator().is_synchronized_device()
         for param in params_to_release:
             if not synchronized and param.grad is not None:

@@ -9,7 +9,8 @@ What changes relative to ``DeepSpeedZeroOptimizer`` (everything else is DeepSpee
   keep fp16 sums from overflowing and cancels out of the result).
 * **The owned partition.** The reduced slices a rank owns go straight into a per-param-group
   partition accumulator instead of ``grads_in_partition``/``all_grad_tensors``/the compact fp32
-  buffer. Stage 2: int8 + per-block scales (+ 8-bit error-feedback residual) across micro-batches
+  buffer, one exchange round at a time (``reduce_scatter_8bit_rounds``: no fp32 copy of the rank's
+  whole share of a bucket). Stage 2: int8 + per-block scales (+ 8-bit error-feedback residual) across micro-batches
   (``storage_bits: 8``), or fp32. Stage 1 reduces only at the accumulation boundary, so its
   partition accumulator is fp32 and lives from the reduction to ``step()``.
 * **Stage 1 accumulation.** With ``storage_bits: 8`` a post-accumulate-grad hook folds every
@@ -28,7 +29,6 @@ What changes relative to ``DeepSpeedZeroOptimizer`` (everything else is DeepSpee
 
 from __future__ import annotations
 
-from itertools import accumulate
 from typing import Any
 
 import torch
@@ -39,7 +39,7 @@ from deepspeed.utils import logger
 
 from ..config import AgoqConfig
 from ..gradient.accumulator import Int8Accumulator
-from ..gradient.collectives import all_reduce_8bit, reduce_scatter_8bit, reduction_args
+from ..gradient.collectives import all_reduce_8bit, reduce_scatter_8bit_rounds, reduction_args
 from ..gradient.offload import HostLink, stock_zero12_bytes
 from ..gradient.paths import Path, largest_bucket, path, reduction_exact
 from .layout import BucketLayout, bucket_layout, reduction_groups
@@ -49,6 +49,20 @@ from .optimizer_host import OptimizerHost
 def _slices(flat: torch.Tensor, slices) -> list[torch.Tensor]:
     """Views of the ``(offset, numel)`` slices of a 1-D tensor."""
     return [flat.narrow(0, off, n) for off, n in slices]
+
+
+def _local_pieces(layout: BucketLayout, start: int, end: int) -> list[tuple[int, int, int, int]]:
+    """The parts of this rank's slices (``layout.local``, concatenated) from element ``start`` to
+    ``end``: ``(index into local, offset from start, partition offset, numel)``."""
+    out, position = [], 0
+    for k, (_, offset, n) in enumerate(layout.local):
+        lo, hi = max(start, position), min(end, position + n)
+        if lo < hi:
+            out.append((k, lo - start, offset + lo - position, hi - lo))
+        position += n
+        if position >= end:
+            break
+    return out
 
 
 class AgoqZeroOptimizer(OptimizerHost, DeepSpeedZeroOptimizer):
@@ -220,24 +234,37 @@ class AgoqZeroOptimizer(OptimizerHost, DeepSpeedZeroOptimizer):
                 # (reduce_scatter_8bit would concatenate them: a copy of the bucket).
                 owned = _slices(flat, layout.owner_map[rank])
             elif self.reduce_scatter:
-                owned = reduce_scatter_8bit(flat, layout.owner_map, **kwargs).values
+                # Stored round by round: no fp32 copy of this rank's whole share of the bucket.
+                start = 0
+                for part in reduce_scatter_8bit_rounds(flat, layout.owner_map, **kwargs):
+                    self._agoq_store_owned(part.values, layout, start)
+                    start += part.values.numel()
+                return
             else:  # one data-parallel group here: MoE with reduce_scatter=false is refused
                 full = all_reduce_8bit(flat, **kwargs)
                 flat.copy_(full)  # DeepSpeed's all-reduce path leaves the whole bucket reduced
                 owned = _slices(full, layout.owner_map[rank])
             self._agoq_store_owned(owned, layout)
 
-    def _agoq_store_owned(self, owned: torch.Tensor | list[torch.Tensor], layout: BucketLayout) -> None:
-        """Add this rank's slices (concatenated, or one view per slice) to the partition accumulators,
-        one view per slice: nothing bucket-sized is concatenated."""
+    def _agoq_store_owned(self, owned: torch.Tensor | list[torch.Tensor], layout: BucketLayout, start: int = 0) -> None:
+        """Add this rank's slices to the partition accumulators, one view per slice: ``owned`` is one
+        view per slice, or consecutive values of the slices concatenated starting ``start`` elements
+        into them (one exchange round). Nothing bucket-sized is concatenated."""
         if isinstance(owned, torch.Tensor):
-            starts = accumulate((n for _, _, n in layout.local), initial=0)
-            owned = [owned.narrow(0, s, n) for s, (_, _, n) in zip(starts, layout.local, strict=False)]
+            owned_pieces = _local_pieces(layout, start, start + owned.numel())
+            values = {k: owned.narrow(0, at, n) for k, at, _, n in owned_pieces}
+            by_group: dict[int, tuple[list[int], list[tuple[int, int]]]] = {}
+            for k, _, offset, n in owned_pieces:
+                idx, pos = by_group.setdefault(layout.local[k][0], ([], []))
+                idx.append(k)
+                pos.append((offset, n))
+        else:
+            values = dict(enumerate(owned))
+            by_group = layout.local_by_group()
         link = self._agoq_host_link if self.is_gradient_accumulation_boundary() else None
-        for group, (indices, positions) in layout.local_by_group().items():
-            values = [owned[k] for k in indices]
+        for group, (indices, positions) in by_group.items():
             acc = self.agoq_store.step_accumulator(group)
-            acc.add_(values, positions, seed=self.agoq_store.seed(3, group))
+            acc.add_([values[k] for k in indices], positions, seed=self.agoq_store.seed(3, group))
             if link is not None:  # offload: the groups now final cross to the host while backward runs on
                 link.written(group, acc, self.single_partition_of_fp32_groups[group].grad.view(-1), positions)
 

@@ -22,7 +22,7 @@ reduce-scatter, ``(N-1) / N * numel * element_size``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import TYPE_CHECKING, Any
@@ -174,7 +174,7 @@ def _round_seed(seed: int, dest: int, start: int) -> int:
     return base if start == 0 else (base * 1000003 + start // ROUND_ELEMENTS) % (2**31)
 
 
-def _sub_slices(slices: Sequence[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
+def sub_slices(slices: Sequence[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
     """The parts of ``slices`` (concatenated) from element ``start`` to ``end``, as ``(offset, numel)``."""
     out, position = [], 0
     for off, n in slices:
@@ -263,7 +263,32 @@ def _global_rank(group, group_rank: int) -> int:
     return group_rank if group is None else torch.distributed.get_global_rank(group, group_rank)
 
 
-def reduce_scatter_8bit(
+def reduce_scatter_8bit(flat: torch.Tensor, owner_map: OwnerMap, **kwargs: Any) -> ReduceScatterResult:
+    """Sum ``flat`` over the ranks of ``group``, each rank receiving only the slices it owns: every
+    round of ``reduce_scatter_8bit_rounds`` (same arguments) at once.
+
+    ``flat`` is 1-D (fp32, bf16 or fp16) with the same layout on every rank; ``owner_map`` must be
+    identical on every rank. Returns this rank's slices of ``scale * sum_r flat_r`` in fp32, in
+    ``owner_map[rank]`` order (on a single rank with ``scale`` 1: ``flat``'s own values and dtype,
+    a view when the slices are contiguous). One exchange per round (none when ``flat`` is empty), so
+    every rank must call this with the same owner map. Fewer than ``exact_below`` elements are summed
+    exactly instead (one fp32 all-reduce; the error bound is 0).
+    """
+    rounds = list(reduce_scatter_8bit_rounds(flat, owner_map, **kwargs))
+    if len(rounds) == 1:
+        return rounds[0]
+    if not rounds:  # the owner map covers nothing
+        empty = torch.zeros(0, dtype=torch.float32, device=flat.device)
+        return ReduceScatterResult(empty, empty.clone(), 0, 0)
+    return ReduceScatterResult(
+        torch.cat([r.values for r in rounds]),
+        torch.cat([r.group_bound for r in rounds]),
+        sum(r.sent_bytes for r in rounds),
+        sum(r.received_bytes for r in rounds),
+    )
+
+
+def reduce_scatter_8bit_rounds(
     flat: torch.Tensor,
     owner_map: OwnerMap,
     *,
@@ -275,16 +300,11 @@ def reduce_scatter_8bit(
     counter: CommCounter | None = None,
     exact_below: int = 0,
     kernels: Kernels | None = None,
-) -> ReduceScatterResult:
-    """Sum ``flat`` over the ranks of ``group``, each rank receiving only the slices it owns.
-
-    ``flat`` is 1-D (fp32, bf16 or fp16) with the same layout on every rank; ``owner_map`` must be
-    identical on every rank. Returns this rank's slices of ``scale * sum_r flat_r`` in fp32, in
-    ``owner_map[rank]`` order (on a single rank with ``scale`` 1: ``flat``'s own values and dtype,
-    a view when the slices are contiguous). Exactly one exchange is issued (none when ``flat`` is empty), so every
-    rank must call this with the same owner map. Fewer than ``exact_below`` elements are summed
-    exactly instead (one fp32 all-reduce; the error bound is 0).
-    """
+) -> Iterator[ReduceScatterResult]:
+    """``reduce_scatter_8bit`` round by round: yields this rank's reduced values of each exchange round
+    in order (consecutive pieces of its share, each at most ``ROUND_ELEMENTS`` long, a multiple of the
+    group size), so a caller that stores each round before taking the next never holds more than one
+    round in fp32. Every rank must consume every round (each is a collective)."""
     world = dist.get_world_size(group=group)
     rank = dist.get_rank(group=group)
     if flat.dim() != 1:
@@ -295,24 +315,19 @@ def reduce_scatter_8bit(
     if 0 < flat.numel() < exact_below and world > 1:
         full = _exact_all_reduce(flat, group, scale, counter)
         values = gather_slices(full, owner_map[rank])
-        return ReduceScatterResult(values, values.new_zeros(num_groups(mine, group_size)), 0, 0)
+        yield ReduceScatterResult(values, values.new_zeros(num_groups(mine, group_size)), 0, 0)
+        return
     if flat.numel() == 0 or world == 1:
         # Nothing to exchange: the rank's own values, without a full-size fp32 copy of the bucket
         # (with scale 1 a view of ``flat``, in its dtype, when the slices are one run; callers consume
         # them before the bucket is reused). Two such copies were 2x4 bytes per element on one GPU.
         own = gather_slices(flat, owner_map[rank])
         values = own.float().mul_(scale) if scale != 1.0 else own
-        return ReduceScatterResult(values, values.new_zeros(num_groups(mine, group_size), dtype=torch.float32), 0, 0)
-    own = gather_slices(flat, owner_map[rank]).float()
-    # Summed in place: ``own`` is a fresh fp32 copy unless ``flat`` was fp32 and the slices one run
-    # (then a view of it); a second copy of a fresh one would be one more bucket share per rank.
-    total = own.clone() if flat.dtype == torch.float32 and len(owner_map[rank]) <= 1 else own
-    group_bound = own.new_zeros(num_groups(mine, group_size))
-    sent = received = 0
+        yield ReduceScatterResult(values, values.new_zeros(num_groups(mine, group_size), dtype=torch.float32), 0, 0)
+        return
     # Exchange rounds of at most ``ROUND_ELEMENTS`` elements of each destination's share (a multiple of
-    # the group size, so every quantization group is the one a single exchange would use): the packed
-    # send and receive buffers stay below one round whatever the bucket; the fp32 share ``total`` is
-    # the one bucket-share-sized temporary. Every rank derives the same rounds from the owner map.
+    # the group size, so every quantization group is the one a single exchange would use): no send,
+    # receive or fp32 buffer grows with the bucket. Every rank derives the same rounds from the owner map.
     step = max(ROUND_ELEMENTS // group_size, 1) * group_size
     for start in range(0, max(lengths), step):
         send_parts, send_splits = [], []
@@ -321,7 +336,7 @@ def reduce_scatter_8bit(
             if dest == rank or n == 0:
                 send_splits.append(0)
                 continue
-            segment = gather_slices(flat, _sub_slices(owner_map[dest], start, start + n))
+            segment = gather_slices(flat, sub_slices(owner_map[dest], start, start + n))
             q = quantize(
                 segment, 8, group_size, stochastic=stochastic, seed=_round_seed(seed, dest, start), kernels=kernels
             )
@@ -338,32 +353,35 @@ def reduce_scatter_8bit(
         del send_parts
         recv = torch.empty(sum(recv_splits), dtype=torch.uint8, device=flat.device)
         exchange_bytes(recv, send, recv_splits, send_splits, group=group)
-        sent, received = sent + int(send.numel()), received + int(recv.numel())
+        sent, received = int(send.numel()), int(recv.numel())
         del send
-        if n_mine == 0:  # nothing of this rank's share in this round: nothing was received
-            continue
-        part = total.narrow(0, start, n_mine)
-        part_bound = group_bound.narrow(0, start // group_size, num_groups(n_mine, group_size))
+        mine_slices = sub_slices(owner_map[rank], start, start + n_mine)
+        own = gather_slices(flat, mine_slices).float()
+        # Summed in place: ``own`` is a fresh fp32 copy unless ``flat`` was fp32 and the slices one run
+        # (then a view of it, which must not change). Empty when this round holds none of the share.
+        total = own.clone() if flat.dtype == torch.float32 and len(mine_slices) <= 1 else own
+        group_bound = total.new_zeros(num_groups(n_mine, group_size))
         offset = 0
         for src in range(world):  # fixed order: the result does not depend on arrival order
             if recv_splits[src] == 0:
                 continue
             q = _unpack(recv.narrow(0, offset, recv_splits[src]), n_mine, group_size, torch.float32)
-            dequantize_add_(part, q, kernels=kernels)
-            part_bound += bound(q)
+            dequantize_add_(total, q, kernels=kernels)
+            group_bound += bound(q)
             offset += recv_splits[src]
         del recv
-    if scale != 1.0:
-        total.mul_(scale)
-        group_bound *= abs(scale)
-    result = ReduceScatterResult(total, group_bound, sent, received)
+        if scale != 1.0:
+            total.mul_(scale)
+            group_bound *= abs(scale)
+        result = ReduceScatterResult(total, group_bound, sent, received)
+        if counter is not None:
+            counter.sent_bytes += sent
+            counter.received_bytes += received
+            counter.error_bound_sq = counter.error_bound_sq + result.error_bound_sq(group_size)
+            counter.reduced_sq = counter.reduced_sq + torch.dot(total, total)
+        yield result
     if counter is not None:
-        counter.sent_bytes += sent
-        counter.received_bytes += received
         counter.calls += 1
-        counter.error_bound_sq = counter.error_bound_sq + result.error_bound_sq(group_size)
-        counter.reduced_sq = counter.reduced_sq + torch.dot(total, total)
-    return result
 
 
 def _exact_all_reduce(flat: torch.Tensor, group, scale: float, counter: CommCounter | None) -> torch.Tensor:

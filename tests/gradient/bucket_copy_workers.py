@@ -112,7 +112,7 @@ def reduction_temporaries(rank: int, world: int, round_elements: int | None) -> 
         share = sum(n for _, n in layout.owner_map[rank])
         with LiveBytes() as live:
             inner(flat, dtype, stock)
-        planned = reduction_working_set(flat.numel(), share, world, parse_agoq_config(block))
+        planned = reduction_working_set(flat.numel(), share, world, parse_agoq_config(block), stored_by_round=True)
         rows.append(
             {"bucket": flat.numel(), "share": share, "temporaries": live.peaks[-1] - live.live, "planned": planned}
         )
@@ -125,3 +125,22 @@ def reduction_temporaries(rank: int, world: int, round_elements: int | None) -> 
         engine.backward(loss)
         engine.step()
     return rows
+
+
+def partition_after_reduction(rank: int, world: int, round_elements: int | None, stage: int = 2) -> list[float]:
+    """One ZeRO-2 (or 3) micro-batch, round to nearest: this rank's int8 gradient partition,
+    dequantized, after the boundary reduction (exchanged and stored in rounds of ``round_elements``, or
+    in one)."""
+    from agoq_ds.gradient import collectives
+
+    if round_elements is not None:
+        collectives.ROUND_ELEMENTS = round_elements
+    block = {"gradient": {"group_size": GROUP, "rounding": "nearest"}}
+    zero = {"stage3_param_persistence_threshold": 0} if stage == 3 else {}
+    engine = w.make_engine(_mlp(), w.ds_config(stage, micro=4, reduce_bucket_size=BUCKET, **zero), block)
+    gen = torch.Generator().manual_seed(1 + rank)
+    x, y = torch.randn(4, 24, generator=gen), torch.randn(4, 30, generator=gen)
+    engine.backward(((engine(x) - y) ** 2).mean())
+    opt = engine.optimizer
+    partition = opt._agoq_partition if stage == 3 else opt.agoq_store.step_accumulator(0)
+    return partition.dequantize().tolist()

@@ -60,3 +60,21 @@ def test_planner_counts_the_reduction_temporaries(world: int, round_elements: in
             assert row["temporaries"] <= row["planned"], (world, rank, row)
         owning = [r for r in rows if r["share"] > 0]
         assert max(r["temporaries"] / r["planned"] for r in owning) >= 0.5, (world, rank, owning)
+
+
+@pytest.mark.parametrize(("stage", "world"), [(2, 2), (2, 3), (3, 2)])
+def test_stored_by_round_matches_one_exchange(stage: int, world: int) -> None:
+    """ZeRO-2/3 store the reduced share round by round (rounds of ``CHUNK`` elements here). The
+    exchange's groups are the same, so a partition group differs from the one-exchange result only where
+    a round boundary falls inside it and it is requantized twice: at most one such group per boundary,
+    by at most two int8 steps (``2 absmax / 127``)."""
+    one = run_ranks(bw.partition_after_reduction, world, (None, stage))
+    rounds = run_ranks(bw.partition_after_reduction, world, (CHUNK, stage))
+    for rank in range(world):
+        a, b = one[rank], rounds[rank]
+        assert len(a) == len(b) > 2 * CHUNK, rank
+        differ = [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y]
+        boundaries = len(a) // CHUNK
+        assert len(differ) <= boundaries * bw.GROUP, (rank, len(differ))
+        step = max(abs(x) for x in a) / 127
+        assert all(abs(a[i] - b[i]) <= 2 * step for i in differ), rank
