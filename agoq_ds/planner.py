@@ -422,10 +422,10 @@ send and receive buffers (``1 + 4 / group_size`` bytes per element and peer). Ch
 bytes on CPU (``tests/gradient/test_bucket_copy.py``)."""
 
 
-def reduction_working_set(bucket: int, share: int, world: int, cfg: AgoqConfig, *, stored_by_round: bool) -> int:
+def reduction_working_set(bucket: int, share: int, world: int, cfg: AgoqConfig) -> int:
     """agoq's temporaries while one bucket of ``bucket`` elements is reduced, of which this rank owns
-    ``share``, over ``world`` ranks: the fp32 sum of the share (``4 share``; stored round by round,
-    ``stored_by_round``, as ZeRO-1/2/3 do: one round's; on one rank the store reads the bucket) plus
+    ``share``, over ``world`` ranks: the fp32 sum of one round of the share (ZeRO-1/2/3 store the
+    share round by round: ``4 min(share, ROUND_ELEMENTS)``; on one rank the store reads the bucket) plus
     ``REDUCTION_CHUNK_BYTES`` per element of one exchange round / store chunk
     (``collectives.ROUND_ELEMENTS``, ``accumulator.SPAN_CHUNK``). 0 without the 8-bit path."""
     if not cfg.gradient_quantized or bucket == 0:
@@ -434,8 +434,7 @@ def reduction_working_set(bucket: int, share: int, world: int, cfg: AgoqConfig, 
     from .gradient.collectives import ROUND_ELEMENTS
 
     chunk = min(bucket, max(ROUND_ELEMENTS, SPAN_CHUNK))
-    summed = min(share, ROUND_ELEMENTS) if stored_by_round else share
-    return (4 * summed if world > 1 else 0) + REDUCTION_CHUNK_BYTES * chunk
+    return (4 * min(share, ROUND_ELEMENTS) if world > 1 else 0) + REDUCTION_CHUNK_BYTES * chunk
 
 
 def _largest_bucket_share(dims: ModelDims, par: Parallelism, params: int) -> tuple[int, int]:
@@ -498,7 +497,7 @@ def plan(dims: ModelDims, par: Parallelism, cfg: AgoqConfig | None = None) -> li
         stage.reduces_in_backward = par.zero >= 2
         if par.zero >= 1:
             bucket, share = _largest_bucket_share(dims, par, params)
-            working = reduction_working_set(bucket, share, par.dp, cfg, stored_by_round=True)
+            working = reduction_working_set(bucket, share, par.dp, cfg)
             stage.reduction = {"baseline": 0, "agoq": working}
         else:  # ZeRO-0 all-reduces in chunks of ``allreduce.CHUNK_ELEMENTS`` (not counted)
             stage.reduction = {"baseline": 0, "agoq": 0}

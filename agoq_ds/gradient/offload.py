@@ -38,8 +38,6 @@ class OffloadMeter:
         """Gradient bytes agoq moved between device and host in the step in progress."""
         self.baseline_bytes = 0
         """Bytes DeepSpeed's own offload path moves for the same gradients."""
-        self.copies = 0
-        """Device-to-host copy calls (codes and scales of one range count once) in the step in progress."""
         self.early_bytes = 0
         """Of ``sent_bytes``, those sent while backward was still running (``HostLink.written``)."""
 
@@ -56,7 +54,7 @@ class OffloadMeter:
 
     def reset(self) -> None:
         """Start the next step's count."""
-        self.sent_bytes = self.baseline_bytes = self.copies = self.early_bytes = 0
+        self.sent_bytes = self.baseline_bytes = self.early_bytes = 0
 
 
 def stock_zero12_bytes(
@@ -217,14 +215,12 @@ class HostLink:
         if isinstance(acc, Fp32Accumulator):
             destination[g0:g1].copy_(acc.dequantize()[g0:g1], non_blocking=True)
             self.meter.sent_bytes += 4 * (g1 - g0)
-            self.meter.copies += 1
             return
         codes, scales = self._buffers(key, acc)
         lo, hi = g0 * acc.group_size, min(g1 * acc.group_size, acc.numel)
         codes[lo:hi].copy_(acc.codes[lo:hi], non_blocking=True)
         scales[g0:g1].copy_(acc.scales[g0:g1], non_blocking=True)
         self.meter.sent_bytes += (hi - lo) + 4 * (g1 - g0)
-        self.meter.copies += 1
 
     def wait(self) -> None:
         """Wait for the copies started since the last wait: one host wait per stream they were queued

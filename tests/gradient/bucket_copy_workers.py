@@ -23,6 +23,16 @@ def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(24, 40), nn.Tanh(), nn.Linear(40, 40), nn.Tanh(), nn.Linear(40, 30))
 
 
+def _train(engine, rank: int, steps: int) -> None:
+    """``steps`` optimizer steps of ``_mlp`` on this rank's random batches."""
+    gen = torch.Generator().manual_seed(1 + rank)
+    for _ in range(steps):
+        x, y = torch.randn(4, 24, generator=gen), torch.randn(4, 30, generator=gen)
+        loss = ((engine(x) - y) ** 2).mean()
+        engine.backward(loss)
+        engine.step()
+
+
 class _LargestNew(TorchDispatchMode):
     """Records the tensors aten ops create (outputs that alias no input); ``largest_temporary`` is
     the numel of the largest one no longer alive (what the int8 store keeps, its codes and scales,
@@ -79,12 +89,7 @@ def reduce_largest_temporary(rank: int, world: int, span_chunk: int | None) -> d
         record["slices"] = max(record["slices"], layout_slices)
 
     opt._agoq_reduce = measured
-    gen = torch.Generator().manual_seed(1 + rank)
-    for _ in range(3):
-        x, y = torch.randn(4, 24, generator=gen), torch.randn(4, 30, generator=gen)
-        loss = ((engine(x) - y) ** 2).mean()
-        engine.backward(loss)
-        engine.step()
+    _train(engine, rank, 3)
     record["params"] = [p.detach().float().numpy().tobytes() for p in engine.module.parameters()]
     return record
 
@@ -112,18 +117,13 @@ def reduction_temporaries(rank: int, world: int, round_elements: int | None) -> 
         share = sum(n for _, n in layout.owner_map[rank])
         with LiveBytes() as live:
             inner(flat, dtype, stock)
-        planned = reduction_working_set(flat.numel(), share, world, parse_agoq_config(block), stored_by_round=True)
+        planned = reduction_working_set(flat.numel(), share, world, parse_agoq_config(block))
         rows.append(
             {"bucket": flat.numel(), "share": share, "temporaries": live.peaks[-1] - live.live, "planned": planned}
         )
 
     opt._agoq_reduce = measured
-    gen = torch.Generator().manual_seed(1 + rank)
-    for _ in range(2):
-        x, y = torch.randn(4, 24, generator=gen), torch.randn(4, 30, generator=gen)
-        loss = ((engine(x) - y) ** 2).mean()
-        engine.backward(loss)
-        engine.step()
+    _train(engine, rank, 2)
     return rows
 
 
